@@ -1,0 +1,206 @@
+//! The command line (clap): `run`, `check`, `explain`. Each command is a function returning
+//! an exit code; `main.rs` only parses and dispatches.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::policy::{Decision, Policy, Target};
+use crate::proxy::target::parse_authority;
+use crate::proxy::upstream::DnsResolver;
+
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about = "Egress gateway for AI agents")]
+pub struct Cli {
+    /// Config file; without it the built-in default is used (explicit proxy on
+    /// 127.0.0.1:3128, admin on 127.0.0.1:9090, rules from ./rules).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default command).
+    Run,
+    /// Validate the config and the rules, print a summary; exit 1 with every error.
+    Check,
+    /// Show the verdict for an agent and a target, and the rule behind it.
+    Explain {
+        #[arg(long)]
+        agent: String,
+        /// `https://host/...`, `http://host:port/...` or `host:port`.
+        target: String,
+    },
+}
+
+pub fn load_config(path: Option<&Path>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        None => Ok(Config::builtin()),
+    }
+}
+
+fn load_policy(config: &Config) -> Result<Policy, String> {
+    Policy::load(&config.rules_dir, &config.default_ports, 1).map_err(|e| e.to_string())
+}
+
+pub fn check(config_path: Option<&Path>) -> i32 {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    match load_policy(&config) {
+        Ok(policy) => {
+            println!(
+                "config: {}",
+                config
+                    .source
+                    .as_deref()
+                    .map_or("<built-in>".into(), |p| p.display().to_string())
+            );
+            println!("rules:  {}", config.rules_dir.display());
+            for (_, a) in policy.agents() {
+                let rules: usize = a.allow.iter().map(|s| s.len()).sum();
+                let denies: usize = a.deny.iter().map(|s| s.len()).sum();
+                println!(
+                    "agent {:<20} sources {:<3} allow {:<5} deny {:<4} allow_cidrs {}",
+                    a.name,
+                    a.sources.len(),
+                    rules,
+                    denies,
+                    a.allow_cidrs.len()
+                );
+            }
+            println!("ok");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// Parse an `explain` target: a URL (scheme decides the default port) or `host:port`.
+pub fn parse_explain_target(s: &str) -> Result<Target, String> {
+    let (default_port, rest) = if let Some(r) = s.strip_prefix("https://") {
+        (Some(443), r)
+    } else if let Some(r) = s.strip_prefix("http://") {
+        (Some(80), r)
+    } else {
+        (None, s)
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    parse_authority(authority, default_port).map_err(|r| format!("cannot parse target `{s}`: {r}"))
+}
+
+pub fn explain(config_path: Option<&Path>, agent: &str, target: &str) -> i32 {
+    let result = (|| {
+        let config = load_config(config_path)?;
+        let policy = load_policy(&config)?;
+        let target = parse_explain_target(target)?;
+        let id = policy.agent_by_name(agent);
+        if id.is_none() && agent != crate::policy::UNKNOWN_AGENT {
+            return Err(format!(
+                "no agent `{agent}` in {}",
+                config.rules_dir.display()
+            ));
+        }
+        let v = policy.evaluate(id, &target);
+        let verdict = match v.decision {
+            Decision::Allow => "allow".to_owned(),
+            Decision::Deny(r) => format!("deny ({r})"),
+        };
+        println!("agent:   {agent}");
+        println!("target:  {target}");
+        println!("verdict: {verdict}");
+        println!("rule:    {}", v.rule.as_deref().unwrap_or("(default deny)"));
+        if v.is_allow() {
+            println!(
+                "note:    resolved addresses are checked at connect time (private ranges need allow_cidrs)"
+            );
+        }
+        Ok(i32::from(!v.is_allow()))
+    })();
+    result.unwrap_or_else(|e| {
+        eprintln!("{e}");
+        2
+    })
+}
+
+pub async fn run(config_path: Option<&Path>) -> i32 {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    // Fail closed: without a valid policy nothing starts listening.
+    let policy = match load_policy(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("rules invalid, not starting:\n{e}");
+            return 1;
+        }
+    };
+    let resolver = match DnsResolver::new(&config.resolver_upstreams, config.resolver_timeout) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("resolver: {e}");
+            return 1;
+        }
+    };
+    let drain = config.drain_timeout;
+    let running = match crate::gateway::start(config, policy, resolver).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    if let Some(a) = running.explicit_addr {
+        tracing::info!(%a, "explicit proxy listening");
+    }
+    if let Some(a) = running.admin_addr {
+        tracing::info!(%a, "admin listening");
+    }
+    crate::gateway::terminated().await;
+    tracing::info!("shutting down: draining live connections");
+    running.shutdown(drain).await;
+    0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_targets() {
+        assert_eq!(
+            parse_explain_target("https://x.test/a")
+                .unwrap()
+                .to_string(),
+            "x.test:443"
+        );
+        assert_eq!(
+            parse_explain_target("http://x.test:8080")
+                .unwrap()
+                .to_string(),
+            "x.test:8080"
+        );
+        assert_eq!(
+            parse_explain_target("x.test:22").unwrap().to_string(),
+            "x.test:22"
+        );
+        assert!(parse_explain_target("x.test").is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! `portcullis.toml`: the process configuration (DESIGN §4).
+//!
+//! Owns the raw serde struct (unknown keys are errors, every key has a default, so the
+//! built-in default config is the empty file) and its compilation into [`Config`]. Relative
+//! paths are resolved against the config file's directory (the working directory for the
+//! built-in default). Rules are not read here: see `policy`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::rules::{SourceError, SourceFile};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    rules_dir: PathBuf,
+    state_dir: PathBuf,
+    default_ports: Vec<u16>,
+    listen: RawListen,
+    log: RawLog,
+    resolver: RawResolver,
+    timeouts: RawTimeouts,
+    caps: RawCaps,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            rules_dir: PathBuf::from("rules"),
+            state_dir: PathBuf::from("state"),
+            default_ports: vec![80, 443],
+            listen: RawListen::default(),
+            log: RawLog::default(),
+            resolver: RawResolver::default(),
+            timeouts: RawTimeouts::default(),
+            caps: RawCaps::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    explicit: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        Self {
+            explicit: Some(SocketAddr::from(([127, 0, 0, 1], 3128))),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    /// `"stdout"` or a file path (appended to).
+    destination: String,
+    /// Lines buffered between the data path and the writer; beyond it lines are dropped
+    /// and counted, never waited for.
+    queue: usize,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            destination: "stdout".into(),
+            queue: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawResolver {
+    /// Upstream DNS servers as `ip` or `ip:port`; empty means the system's resolv.conf.
+    upstreams: Vec<String>,
+    timeout_ms: u64,
+}
+
+impl Default for RawResolver {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTimeouts {
+    /// Agent must send its request head / ClientHello within this.
+    handshake_ms: u64,
+    connect_ms: u64,
+    idle_secs: u64,
+    /// On SIGTERM, how long live connections may drain before they are cut.
+    drain_secs: u64,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self {
+            handshake_ms: 5_000,
+            connect_ms: 5_000,
+            idle_secs: 300,
+            drain_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCaps {
+    max_connections: usize,
+    max_connections_per_source: usize,
+    max_request_head_bytes: usize,
+}
+
+impl Default for RawCaps {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_connections_per_source: 1_024,
+            max_request_head_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Where connection log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogDestination {
+    Stdout,
+    File(PathBuf),
+}
+
+/// The validated process configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Option<PathBuf>,
+    pub rules_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub default_ports: Vec<u16>,
+    pub explicit_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub log_destination: LogDestination,
+    pub log_queue: usize,
+    pub resolver_upstreams: Vec<SocketAddr>,
+    pub resolver_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    pub max_request_head_bytes: usize,
+}
+
+impl Config {
+    /// The built-in default: explicit proxy on 127.0.0.1:3128, admin on 127.0.0.1:9090,
+    /// rules from `./rules`.
+    #[expect(
+        clippy::expect_used,
+        reason = "the defaults are constants, checked by a unit test"
+    )]
+    pub fn builtin() -> Self {
+        let file = SourceFile {
+            path: PathBuf::from("<built-in>"),
+            text: String::new(),
+        };
+        compile(RawConfig::default(), &file, Path::new("."))
+            .expect("built-in default config is valid")
+    }
+
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, SourceError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SourceError {
+            file: path.to_path_buf(),
+            line: 0,
+            key: String::new(),
+            message: e.to_string(),
+        })?;
+        Self::from_source(&SourceFile {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    pub fn from_source(file: &SourceFile) -> Result<Self, SourceError> {
+        let raw: RawConfig = file.parse()?;
+        let base = file
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut cfg = compile(raw, file, base)?;
+        cfg.source = Some(file.path.clone());
+        Ok(cfg)
+    }
+}
+
+fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, SourceError> {
+    let key_error = |key: &str, message: String| {
+        let offset = file
+            .text
+            .find(key.rsplit('.').next().unwrap_or(key))
+            .unwrap_or(0);
+        file.error_at(offset, key, message)
+    };
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+    if raw.default_ports.is_empty() || raw.default_ports.contains(&0) {
+        return Err(key_error(
+            "default_ports",
+            "must list at least one port, none of them 0".into(),
+        ));
+    }
+    let mut upstreams = Vec::new();
+    for u in &raw.resolver.upstreams {
+        let addr = u
+            .parse::<SocketAddr>()
+            .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map_err(|_| {
+                key_error(
+                    "resolver.upstreams",
+                    format!("`{u}` is not an ip or ip:port"),
+                )
+            })?;
+        upstreams.push(addr);
+    }
+    for (key, v) in [
+        ("timeouts.handshake_ms", raw.timeouts.handshake_ms),
+        ("timeouts.connect_ms", raw.timeouts.connect_ms),
+        ("timeouts.idle_secs", raw.timeouts.idle_secs),
+        ("resolver.timeout_ms", raw.resolver.timeout_ms),
+        ("caps.max_connections", raw.caps.max_connections as u64),
+        (
+            "caps.max_connections_per_source",
+            raw.caps.max_connections_per_source as u64,
+        ),
+        (
+            "caps.max_request_head_bytes",
+            raw.caps.max_request_head_bytes as u64,
+        ),
+        ("log.queue", raw.log.queue as u64),
+    ] {
+        if v == 0 {
+            return Err(key_error(key, "must be greater than 0".into()));
+        }
+    }
+    let log_destination = match raw.log.destination.as_str() {
+        "stdout" | "-" => LogDestination::Stdout,
+        "" => {
+            return Err(key_error(
+                "log.destination",
+                "must be \"stdout\" or a path".into(),
+            ));
+        }
+        p => LogDestination::File(resolve(PathBuf::from(p))),
+    };
+    Ok(Config {
+        source: None,
+        rules_dir: resolve(raw.rules_dir),
+        state_dir: resolve(raw.state_dir),
+        default_ports: raw.default_ports,
+        explicit_listen: raw.listen.explicit,
+        admin_listen: raw.listen.admin,
+        log_destination,
+        log_queue: raw.log.queue,
+        resolver_upstreams: upstreams,
+        resolver_timeout: Duration::from_millis(raw.resolver.timeout_ms),
+        handshake_timeout: Duration::from_millis(raw.timeouts.handshake_ms),
+        connect_timeout: Duration::from_millis(raw.timeouts.connect_ms),
+        idle_timeout: Duration::from_secs(raw.timeouts.idle_secs),
+        drain_timeout: Duration::from_secs(raw.timeouts.drain_secs),
+        max_connections: raw.caps.max_connections,
+        max_connections_per_source: raw.caps.max_connections_per_source,
+        max_request_head_bytes: raw.caps.max_request_head_bytes,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, SourceError> {
+        Config::from_source(&SourceFile {
+            path: PathBuf::from("/etc/portcullis/portcullis.toml"),
+            text: text.into(),
+        })
+    }
+
+    #[test]
+    fn builtin_default_serves_explicit_and_admin_on_loopback() {
+        let c = Config::builtin();
+        assert_eq!(c.explicit_listen, Some("127.0.0.1:3128".parse().unwrap()));
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.rules_dir, PathBuf::from("./rules"));
+        assert_eq!(c.default_ports, vec![80, 443]);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = parse("rules_dir = \"r\"\n[timeouts]\nidle_sec = 3\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert_eq!(e.key, "idle_sec");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/portcullis/portcullis.toml:3: key `idle_sec`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = parse("rules_dir = \"rules\"\n").unwrap();
+        assert_eq!(c.rules_dir, PathBuf::from("/etc/portcullis/rules"));
+    }
+
+    #[test]
+    fn zero_values_are_rejected() {
+        let e = parse("[timeouts]\nconnect_ms = 0\n").unwrap_err();
+        assert_eq!(e.key, "timeouts.connect_ms");
+        assert_eq!(e.line, 2);
+    }
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.toml");
+        Config::load(&path).unwrap();
+    }
+}

@@ -1,0 +1,142 @@
+//! The running process: shared state, listeners, and the shutdown sequence.
+//!
+//! Owns start-up order (policy loaded before any listener opens: until then nothing passes),
+//! the atomic policy handle, and the cancellation tree: `stop_accepting` ends accept loops;
+//! `cut` ends live tunnels once the drain grace period is over.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::proxy::ConnectionCaps;
+use crate::proxy::upstream::Resolve;
+use crate::telemetry::{LogWriter, LogWriterError, Telemetry};
+
+/// State shared by every listener and connection task.
+pub struct Shared {
+    pub config: Config,
+    pub policy: ArcSwap<Policy>,
+    pub resolver: Arc<dyn Resolve>,
+    pub telemetry: Telemetry,
+    pub caps: Arc<ConnectionCaps>,
+    /// Fired on SIGTERM: listeners stop accepting.
+    pub stop_accepting: CancellationToken,
+    /// Fired when draining is over: live tunnels close.
+    pub cut: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Log(#[from] LogWriterError),
+}
+
+/// A started gateway. Drop it only after [`Running::shutdown`].
+pub struct Running {
+    pub shared: Arc<Shared>,
+    pub explicit_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    log: Option<LogWriter>,
+}
+
+/// Bind every configured listener and start serving with `policy`.
+pub async fn start(
+    config: Config,
+    policy: Policy,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Running, StartError> {
+    let log = LogWriter::start(&config.log_destination, config.log_queue)?;
+    let telemetry = Telemetry::new(&log);
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let explicit = match config.explicit_listen {
+        Some(a) => Some(bind("explicit", a).await?),
+        None => None,
+    };
+    let admin = match config.admin_listen {
+        Some(a) => Some(bind("admin", a).await?),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
+        config,
+        policy: ArcSwap::from_pointee(policy),
+        resolver,
+        telemetry,
+        stop_accepting: CancellationToken::new(),
+        cut: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    let explicit_addr = explicit.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(l) = explicit {
+        shared
+            .tracker
+            .spawn(crate::proxy::explicit::serve(shared.clone(), l));
+    }
+    if let Some(l) = admin {
+        shared.tracker.spawn(crate::admin::serve(shared.clone(), l));
+    }
+    Ok(Running {
+        shared,
+        explicit_addr,
+        admin_addr,
+        log: Some(log),
+    })
+}
+
+impl Running {
+    /// Stop accepting, let live connections drain for up to `drain`, cut the rest, flush
+    /// the log.
+    pub async fn shutdown(mut self, drain: Duration) {
+        let s = &self.shared;
+        s.stop_accepting.cancel();
+        s.tracker.close();
+        if tokio::time::timeout(drain, s.tracker.wait()).await.is_err() {
+            s.cut.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.tracker.wait()).await;
+        }
+        s.cut.cancel();
+        if let Some(log) = self.log.take() {
+            // Other Telemetry clones may still be alive in detached tasks; do not wait on
+            // them forever.
+            let _ = tokio::task::spawn_blocking(move || log.finish()).await;
+        }
+    }
+}
+
+/// Wait for SIGTERM or SIGINT.
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,28 @@
+//! portcullis: the egress gateway of an AI-agent network.
+//!
+//! The path of one explicit-proxy connection through the modules:
+//!
+//! ```text
+//! gateway::start ─ binds listeners after the policy is loaded (fail closed)
+//!   proxy::explicit::serve      accept; proxy::caps bounds total and per-source slots
+//!   proxy::explicit::handle     one HTTP request:
+//!     policy::Policy::identify      source CIDR or Proxy-Authorization → agent
+//!     proxy::target::parse_request  CONNECT authority / absolute URI + Host (THREATS A3)
+//!     policy::Policy::evaluate      pure decision: deny rules, allow rules, default deny
+//!     proxy::upstream::connect      resolve (injected Resolve), check_address every
+//!                                   address (THREATS B5), dial the checked address
+//!     proxy::relay::relay           bytes both ways, counted, idle timeout, cancellable
+//!   telemetry::Telemetry::record    one ConnectionRecord → one JSON log line (bounded queue)
+//! ```
+//!
+//! `config` is the process configuration, `policy::rules` the raw rules files and
+//! `policy::compile` turns them into a `Policy` that cannot be invalid. `admin` serves the
+//! management API. `cli` holds the commands.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod policy;
+pub mod proxy;
+pub mod telemetry;

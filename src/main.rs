@@ -1,0 +1,29 @@
+//! The `portcullis` binary: parse the command line, call into the library.
+
+use clap::Parser;
+use portcullis::cli::{self, Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    // Diagnostics go to stderr; stdout is the connection log's by default.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = cli.config.as_deref();
+    let code = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(cli::run(config)),
+            Err(e) => {
+                eprintln!("cannot start runtime: {e}");
+                1
+            }
+        },
+        Command::Check => cli::check(config),
+        Command::Explain { agent, target } => cli::explain(config, &agent, &target),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,426 @@
+//! Raw rules → [`Policy`]. Every check of the rules happens here, once; errors are collected
+//! (not just the first) and each names file, line and key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::pattern::{DomainPattern, DomainSet, Rule};
+use super::rules::{
+    RawAgent, RawCredentials, RawLimits, RawList, RulesSources, SourceError, SourceFile,
+};
+use super::{AgentId, AgentPolicy, CidrRule, Credentials, Limits, Policy, UNKNOWN_AGENT, address};
+
+/// All errors found while compiling; never empty.
+#[derive(Debug, Clone)]
+pub struct CompileErrors(pub Vec<SourceError>);
+
+impl fmt::Display for CompileErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CompileErrors {}
+
+struct CompiledList {
+    allow: Arc<DomainSet>,
+    deny: Arc<DomainSet>,
+}
+
+/// Compile read rules files into a policy with the given generation number.
+pub fn compile(
+    sources: &RulesSources,
+    default_ports: &[u16],
+    generation: u64,
+) -> Result<Policy, CompileErrors> {
+    let mut errors = Vec::new();
+    let mut lists: HashMap<String, CompiledList> = HashMap::new();
+    for file in &sources.lists {
+        let Some(raw) = parse_or_push::<RawList>(file, &mut errors) else {
+            continue;
+        };
+        let stem = file_stem(file);
+        let label = rel_label(file);
+        let allow = compile_patterns(file, &label, "allow", &raw.allow, &mut errors);
+        let deny = compile_patterns(file, &label, "deny", &raw.deny, &mut errors);
+        let _ = raw.description;
+        lists.insert(
+            stem,
+            CompiledList {
+                allow: Arc::new(allow),
+                deny: Arc::new(deny),
+            },
+        );
+    }
+
+    let mut policy = Policy::deny_all(generation);
+    policy.default_ports = default_ports.into();
+    let mut source_owner: Vec<(IpNet, Arc<str>, &SourceFile, usize)> = Vec::new();
+    for file in &sources.agents {
+        let Some(raw) = parse_or_push::<RawAgent>(file, &mut errors) else {
+            continue;
+        };
+        let label = rel_label(file);
+        let name = raw.name.get_ref().clone();
+        if !valid_agent_name(&name) {
+            errors.push(file.error_at(
+                raw.name.span().start,
+                "name",
+                format!("agent name `{name}` must be 1-64 of [a-z0-9_-], start alphanumeric, and not be `{UNKNOWN_AGENT}`"),
+            ));
+            continue;
+        }
+        let name: Arc<str> = Arc::from(name.as_str());
+        if policy.by_name.contains_key(&name) {
+            errors.push(file.error_at(
+                raw.name.span().start,
+                "name",
+                format!("agent `{name}` is defined twice"),
+            ));
+            continue;
+        }
+
+        let mut allow = vec![Arc::new(compile_patterns(
+            file,
+            &label,
+            "allow",
+            &raw.allow,
+            &mut errors,
+        ))];
+        let mut deny = vec![Arc::new(compile_patterns(
+            file,
+            &label,
+            "deny",
+            &raw.deny,
+            &mut errors,
+        ))];
+        for inc in &raw.include {
+            match lists.get(inc.get_ref().as_str()) {
+                Some(list) => {
+                    allow.push(list.allow.clone());
+                    deny.push(list.deny.clone());
+                }
+                None => errors.push(file.error_at(
+                    inc.span().start,
+                    "include",
+                    format!("no list `{}` in rules/lists/", inc.get_ref()),
+                )),
+            }
+        }
+        allow.retain(|s| !s.is_empty());
+        deny.retain(|s| !s.is_empty());
+
+        let mut sources_nets = Vec::new();
+        for s in &raw.sources {
+            match parse_net(s.get_ref()) {
+                Some(net) => sources_nets.push(net),
+                None => errors.push(file.error_at(
+                    s.span().start,
+                    "sources",
+                    format!("`{}` is not an address or CIDR", s.get_ref()),
+                )),
+            }
+        }
+        for (net, s) in sources_nets.iter().zip(&raw.sources) {
+            if let Some((_, owner, _, _)) = source_owner
+                .iter()
+                .find(|(other, ..)| nets_overlap(net, other))
+            {
+                errors.push(file.error_at(
+                    s.span().start,
+                    "sources",
+                    format!("`{net}` overlaps a source of agent `{owner}`: an address must identify one agent"),
+                ));
+            } else {
+                source_owner.push((*net, name.clone(), file, s.span().start));
+            }
+        }
+
+        let mut allow_cidrs = Vec::new();
+        for c in &raw.allow_cidrs {
+            match parse_cidr_rule(c.get_ref()) {
+                Some((net, port)) => allow_cidrs.push(CidrRule {
+                    net,
+                    port,
+                    rule: Arc::from(format!("{label}:allow_cidrs:{}", c.get_ref())),
+                }),
+                None => errors.push(file.error_at(
+                    c.span().start,
+                    "allow_cidrs",
+                    format!("`{}` is not a CIDR (optionally with :port)", c.get_ref()),
+                )),
+            }
+        }
+        let limits = raw
+            .limits
+            .as_ref()
+            .map(|l| compile_limits(file, l, &mut errors))
+            .unwrap_or_default();
+        let credentials = raw
+            .credentials
+            .as_ref()
+            .and_then(|c| compile_credentials(file, c, &mut errors));
+        if let Some(c) = &credentials
+            && policy.by_username.contains_key(&c.username)
+        {
+            errors.push(
+                file.error_at(
+                    raw.credentials
+                        .as_ref()
+                        .map(|c| c.span().start)
+                        .unwrap_or(0),
+                    "credentials.username",
+                    format!("username `{}` is used by another agent", c.username),
+                ),
+            );
+        }
+
+        let id = AgentId(policy.agents.len() as u32);
+        policy.by_name.insert(name.clone(), id);
+        for net in &sources_nets {
+            if net.prefix_len() == net.max_prefix_len() {
+                policy.by_host_source.insert(net.addr(), id);
+            } else {
+                policy.by_net_source.push((*net, id));
+            }
+        }
+        if let Some(c) = &credentials {
+            policy.by_username.entry(c.username.clone()).or_insert(id);
+        }
+        policy.agents.push(AgentPolicy {
+            name,
+            sources: sources_nets,
+            allow,
+            deny,
+            allow_cidrs,
+            deny_ech: raw.deny_ech,
+            allow_missing_sni: raw.allow_missing_sni,
+            limits,
+            credentials,
+        });
+    }
+    if errors.is_empty() {
+        Ok(policy)
+    } else {
+        Err(CompileErrors(errors))
+    }
+}
+
+fn parse_or_push<T: serde::de::DeserializeOwned>(
+    file: &SourceFile,
+    errors: &mut Vec<SourceError>,
+) -> Option<T> {
+    match file.parse::<T>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    }
+}
+
+fn file_stem(file: &SourceFile) -> String {
+    file.path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `agents/coder-1.toml` / `lists/github.toml`: short enough for a log field.
+fn rel_label(file: &SourceFile) -> String {
+    let dir = file
+        .path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = file
+        .path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{dir}/{name}")
+}
+
+fn compile_patterns(
+    file: &SourceFile,
+    label: &str,
+    key: &str,
+    patterns: &[Spanned<String>],
+    errors: &mut Vec<SourceError>,
+) -> DomainSet {
+    let mut set = DomainSet::default();
+    for p in patterns {
+        match DomainPattern::parse(p.get_ref()) {
+            Ok(pattern) => set.insert(
+                &pattern,
+                Rule {
+                    name: Arc::from(format!("{label}:{key}:{}", p.get_ref())),
+                },
+            ),
+            Err(e) => {
+                errors.push(file.error_at(p.span().start, key, format!("`{}`: {e}", p.get_ref())))
+            }
+        }
+    }
+    set
+}
+
+fn valid_agent_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != UNKNOWN_AGENT
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// An address (host route) or a CIDR; host bits must be zero, so `10.0.0.1/8` is an error.
+fn parse_net(s: &str) -> Option<IpNet> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(IpNet::from(address::canonical(ip)));
+    }
+    let net: IpNet = s.parse().ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+/// `cidr` or `cidr:port` (the port after the prefix length, so v6 colons do not confuse it).
+fn parse_cidr_rule(s: &str) -> Option<(IpNet, Option<u16>)> {
+    if let Some((net, rest)) = s.split_once('/')
+        && let Some((len, port)) = rest.split_once(':')
+    {
+        let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+        return Some((parse_net(&format!("{net}/{len}"))?, Some(port)));
+    }
+    Some((parse_net(s)?, None))
+}
+
+fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn compile_limits(file: &SourceFile, raw: &RawLimits, errors: &mut Vec<SourceError>) -> Limits {
+    let mut size = |v: &Option<Spanned<String>>, key: &str, per_second: bool| -> Option<u64> {
+        let v = v.as_ref()?;
+        match parse_size(v.get_ref(), per_second) {
+            Some(n) => Some(n),
+            None => {
+                errors.push(file.error_at(
+                    v.span().start,
+                    key,
+                    format!(
+                        "`{}` is not a size like \"50 MiB{}\"",
+                        v.get_ref(),
+                        if per_second { "/s" } else { "" }
+                    ),
+                ));
+                None
+            }
+        }
+    };
+    Limits {
+        bandwidth_bytes_per_second: size(&raw.bandwidth, "limits.bandwidth", true),
+        daily_bytes: size(&raw.daily_bytes, "limits.daily_bytes", false),
+        new_connections_per_second: raw
+            .new_connections_per_second
+            .as_ref()
+            .map(|v| *v.get_ref()),
+        burst: raw.burst.as_ref().map(|v| *v.get_ref()),
+        max_concurrent: raw.max_concurrent.as_ref().map(|v| *v.get_ref()),
+    }
+}
+
+/// `"50 MiB"`, `"1.5GB"`, `"1024"`; with `per_second`, a `/s` suffix is required.
+pub(crate) fn parse_size(s: &str, per_second: bool) -> Option<u64> {
+    let s = s.trim();
+    let s = if per_second {
+        s.strip_suffix("/s")?.trim_end()
+    } else {
+        s
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let v = num * mult;
+    (v.is_finite() && v >= 1.0 && v < u64::MAX as f64).then_some(v as u64)
+}
+
+fn compile_credentials(
+    file: &SourceFile,
+    raw: &Spanned<RawCredentials>,
+    errors: &mut Vec<SourceError>,
+) -> Option<Credentials> {
+    let c = raw.get_ref();
+    let mut hash = [0u8; 32];
+    if c.username.is_empty() || c.username.contains(':') {
+        errors.push(file.error_at(
+            raw.span().start,
+            "credentials.username",
+            "must be non-empty and contain no `:`",
+        ));
+        return None;
+    }
+    if hex::decode_to_slice(&c.password_sha256, &mut hash).is_err() {
+        errors.push(file.error_at(
+            raw.span().start,
+            "credentials.password_sha256",
+            "must be 64 hex digits: printf %s \"$PASSWORD\" | sha256sum",
+        ));
+        return None;
+    }
+    Some(Credentials {
+        username: c.username.clone(),
+        password_sha256: hash,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("50 MiB/s", true), Some(50 * 1024 * 1024));
+        assert_eq!(parse_size("20 GiB", false), Some(20 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("20 GiB", true), None);
+        assert_eq!(parse_size("lots", false), None);
+    }
+
+    #[test]
+    fn cidr_rules() {
+        assert_eq!(parse_cidr_rule("10.0.0.0/8").unwrap().1, None);
+        assert_eq!(parse_cidr_rule("10.0.0.5/32:5432").unwrap().1, Some(5432));
+        assert_eq!(parse_cidr_rule("fd00::/64:443").unwrap().1, Some(443));
+        assert!(parse_cidr_rule("10.0.0.1/8").is_none());
+        assert!(parse_cidr_rule("127.0.0.1").is_some());
+    }
+}

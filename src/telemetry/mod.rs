@@ -1,0 +1,66 @@
+//! What happened, told once: every connection ends in one [`ConnectionRecord`], and the log
+//! line (and, later, the metrics) are derived from it here, in one place.
+//!
+//! Must never block the data path: [`Telemetry::record`] hands the record to a bounded queue
+//! and counts what does not fit.
+
+mod log;
+mod record;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use log::LogItem;
+pub use log::{LogWriter, LogWriterError};
+pub use record::{ConnectionRecord, Mode};
+
+/// The shared handle the data path records through.
+#[derive(Clone)]
+pub struct Telemetry {
+    log: Option<std::sync::mpsc::SyncSender<LogItem>>,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    log_dropped: AtomicU64,
+    records: AtomicU64,
+}
+
+impl Telemetry {
+    /// Telemetry that writes log lines through `writer`'s queue.
+    pub fn new(writer: &LogWriter) -> Self {
+        Self {
+            log: Some(writer.sender()),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Telemetry with no log sink (tools such as `explain`).
+    pub fn disabled() -> Self {
+        Self {
+            log: None,
+            counters: Arc::default(),
+        }
+    }
+
+    /// Record one finished connection. Never blocks.
+    pub fn record(&self, record: ConnectionRecord) {
+        self.counters.records.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = &self.log
+            && tx.try_send(LogItem::Record(record)).is_err()
+        {
+            self.counters.log_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Log lines dropped because the queue was full.
+    pub fn log_dropped(&self) -> u64 {
+        self.counters.log_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Connections recorded since start.
+    pub fn records(&self) -> u64 {
+        self.counters.records.load(Ordering::Relaxed)
+    }
+}
