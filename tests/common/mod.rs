@@ -1,0 +1,380 @@
+//! Test harness shared by the integration tests: upstream servers that record what they
+//! receive (so "no byte reached the upstream" is proven from the upstream's side), a test
+//! CA, an in-process gateway on port 0, and real `curl`.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use portcullis::config::{Config, LogDestination};
+use portcullis::gateway::{self, Running};
+use portcullis::policy::Policy;
+use portcullis::proxy::upstream::StaticResolver;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What an upstream saw: one entry per accepted TCP connection, with every byte received.
+#[derive(Clone, Default)]
+pub struct Seen(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Seen {
+    pub fn connections(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    pub fn all_bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().concat()
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.all_bytes()).into_owned()
+    }
+    fn open(&self) -> usize {
+        let mut v = self.0.lock().unwrap();
+        v.push(Vec::new());
+        v.len() - 1
+    }
+    fn push(&self, i: usize, data: &[u8]) {
+        self.0.lock().unwrap()[i].extend_from_slice(data);
+    }
+}
+
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub seen: Seen,
+}
+
+/// A plain HTTP/1.1 server: reads one request head, answers `body` and closes.
+pub async fn http_upstream(body: &'static str) -> TestUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let i = s.open();
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            s.push(i, &buf[..n]);
+                            head.extend_from_slice(&buf[..n]);
+                        }
+                        _ => return,
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    TestUpstream { addr, seen }
+}
+
+/// A TCP server that records raw bytes and never answers (for "nothing reached it").
+pub async fn silent_upstream() -> TestUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let i = s.open();
+                let mut buf = [0u8; 4096];
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        return;
+                    }
+                    s.push(i, &buf[..n]);
+                }
+            });
+        }
+    });
+    TestUpstream { addr, seen }
+}
+
+/// A test CA and a server certificate for `names`, signed by it.
+pub struct TestPki {
+    pub ca_pem: PathBuf,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+pub fn pki(dir: &Path, names: &[&str]) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "portcullis test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone(), ca_cert.der().clone()], key)
+    .unwrap();
+    TestPki {
+        ca_pem,
+        server: Arc::new(server),
+    }
+}
+
+/// A TLS server: records raw TCP bytes per connection, reads one request, answers `body`.
+pub async fn tls_upstream(config: Arc<rustls::ServerConfig>, body: &'static str) -> TestUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let i = s.open();
+                let recorder = Recorder {
+                    inner: sock,
+                    seen: s,
+                    index: i,
+                };
+                let Ok(Ok(mut tls)) =
+                    tokio::time::timeout(Duration::from_secs(5), acceptor.accept(recorder)).await
+                else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+                // Keep reading to EOF so every byte the client sent is recorded.
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    TestUpstream { addr, seen }
+}
+
+/// Records every raw byte read from the socket.
+struct Recorder {
+    inner: tokio::net::TcpStream,
+    seen: Seen,
+    index: usize,
+}
+
+impl tokio::io::AsyncRead for Recorder {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let new = buf.filled()[before..].to_vec();
+        if !new.is_empty() {
+            self.seen.push(self.index, &new);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Recorder {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A running gateway with its rules in a temp dir and its log in a file.
+pub struct TestGateway {
+    pub running: Option<Running>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub log_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+/// Start a gateway with the given agent files and lists (file stem, contents).
+pub async fn gateway(
+    agents: &[(&str, &str)],
+    lists: &[(&str, &str)],
+    resolver: StaticResolver,
+) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(rules.join("agents")).unwrap();
+    std::fs::create_dir_all(rules.join("lists")).unwrap();
+    for (name, text) in agents {
+        std::fs::write(rules.join("agents").join(format!("{name}.toml")), text).unwrap();
+    }
+    for (name, text) in lists {
+        std::fs::write(rules.join("lists").join(format!("{name}.toml")), text).unwrap();
+    }
+    let log_path = dir.path().join("connections.log");
+    let mut config = Config::builtin();
+    config.rules_dir = rules.clone();
+    config.state_dir = dir.path().join("state");
+    config.explicit_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.log_destination = LogDestination::File(log_path.clone());
+    config.handshake_timeout = Duration::from_secs(2);
+    let policy = Policy::load(&rules, &config.default_ports, 1).unwrap();
+    let running = gateway::start(config, policy, Arc::new(resolver))
+        .await
+        .unwrap();
+    TestGateway {
+        proxy: running.explicit_addr.unwrap(),
+        admin: running.admin_addr.unwrap(),
+        running: Some(running),
+        log_path,
+        dir,
+    }
+}
+
+impl TestGateway {
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy)
+    }
+
+    /// Wait (bounded) until the log holds at least `n` lines, then return them all.
+    pub async fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("log line is JSON"))
+                .collect();
+            if lines.len() >= n || tokio::time::Instant::now() >= deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+pub fn localhost_resolver(names: &[&str]) -> StaticResolver {
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    names
+        .iter()
+        .fold(StaticResolver::new(), |r, n| r.with(n, &[lo]))
+}
+
+pub struct CurlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run real curl (bounded by --max-time).
+pub async fn curl(args: &[&str]) -> CurlOutput {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--noproxy",
+            "",
+        ])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .output()
+        .await
+        .expect("curl is installed (tests/run.sh installs it)");
+    CurlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Send raw bytes to the proxy and read the reply until close or `wait`.
+pub async fn raw_exchange(proxy: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
