@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+use crate::nft::{self, RulesetSpec};
 use crate::policy::{Decision, Policy, Target};
 use crate::proxy::target::parse_authority;
 use crate::proxy::upstream::DnsResolver;
@@ -29,6 +30,10 @@ pub enum Command {
     /// Validate the config and the rules, print a summary; exit 1 with every error.
     Check,
     /// Show the verdict for an agent and a target, and the rule behind it.
+    /// Print the nftables ruleset for this config.
+    PrintRuleset,
+    /// Apply the nftables ruleset atomically (one `nft -f` batch, table replaced whole).
+    ApplyRuleset,
     Explain {
         #[arg(long)]
         agent: String,
@@ -46,6 +51,76 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, String> {
 
 fn load_policy(config: &Config) -> Result<Policy, String> {
     Policy::load(&config.rules_dir, &config.default_ports, 1).map_err(|e| e.to_string())
+}
+
+/// The ruleset spec for this config and policy: agent networks default to every agent's
+/// sources; the listeners give the ports.
+pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, String> {
+    let transparent = config
+        .transparent_listen
+        .first()
+        .ok_or("the ruleset needs a transparent listener (listen.transparent)")?;
+    let mut networks = config.nft_agent_networks.clone();
+    if networks.is_empty() {
+        networks = policy
+            .agents()
+            .flat_map(|(_, a)| a.sources.iter().copied())
+            .collect();
+    }
+    let mut intercepted: Vec<u16> = config.transparent_tls_ports.clone();
+    intercepted.extend(&config.transparent_http_ports);
+    Ok(RulesetSpec {
+        agent_interfaces: config.nft_agent_interfaces.clone(),
+        agent_sources: networks,
+        interception: match config.interception {
+            crate::sys::Interception::Redirect => nft::Interception::Redirect,
+            crate::sys::Interception::Tproxy => nft::Interception::Tproxy,
+        },
+        transparent_port: transparent.port(),
+        intercepted_ports: intercepted,
+        explicit_port: config
+            .explicit_listen
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| a.port()),
+        dns_port: None,
+        ipv6: config.nft_ipv6,
+        tproxy_mark: config.nft_tproxy_mark,
+        killed: Vec::new(),
+    })
+}
+
+fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
+    let config = load_config(config_path)?;
+    let policy = load_policy(&config)?;
+    let spec = ruleset_spec(&config, &policy)?;
+    nft::render(&spec).map_err(|e| e.to_string())
+}
+
+pub fn print_ruleset(config_path: Option<&Path>) -> i32 {
+    match render_ruleset(config_path) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+pub fn apply_ruleset(config_path: Option<&Path>) -> i32 {
+    match render_ruleset(config_path).and_then(|text| nft::apply(&text).map_err(|e| e.to_string()))
+    {
+        Ok(()) => {
+            println!("applied table inet {}", nft::TABLE);
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
 }
 
 pub fn check(config_path: Option<&Path>) -> i32 {
@@ -77,6 +152,18 @@ pub fn check(config_path: Option<&Path>) -> i32 {
                     denies,
                     a.allow_cidrs.len()
                 );
+            }
+            if !config.transparent_listen.is_empty() {
+                let checked = ruleset_spec(&config, &policy)
+                    .and_then(|spec| nft::render(&spec).map_err(|e| e.to_string()))
+                    .and_then(|text| nft::check(&text).map_err(|e| e.to_string()));
+                match checked {
+                    Ok(()) => println!("ruleset: ok (nft -c)"),
+                    Err(e) => {
+                        eprintln!("ruleset: {e}");
+                        return 1;
+                    }
+                }
             }
             println!("ok");
             0

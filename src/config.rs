@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::policy::rules::{SourceError, SourceFile};
+use crate::sys::Interception;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -20,6 +21,8 @@ struct RawConfig {
     state_dir: PathBuf,
     default_ports: Vec<u16>,
     listen: RawListen,
+    transparent: RawTransparent,
+    nftables: RawNftables,
     log: RawLog,
     resolver: RawResolver,
     timeouts: RawTimeouts,
@@ -33,6 +36,8 @@ impl Default for RawConfig {
             state_dir: PathBuf::from("state"),
             default_ports: vec![80, 443],
             listen: RawListen::default(),
+            transparent: RawTransparent::default(),
+            nftables: RawNftables::default(),
             log: RawLog::default(),
             resolver: RawResolver::default(),
             timeouts: RawTimeouts::default(),
@@ -46,6 +51,8 @@ impl Default for RawConfig {
 struct RawListen {
     explicit: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    /// Where nftables sends the agents' TCP 80/443 (none by default).
+    transparent: Vec<SocketAddr>,
 }
 
 impl Default for RawListen {
@@ -53,6 +60,52 @@ impl Default for RawListen {
         Self {
             explicit: Some(SocketAddr::from(([127, 0, 0, 1], 3128))),
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            transparent: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTransparent {
+    /// "redirect" (nftables NAT redirect, SO_ORIGINAL_DST) or "tproxy".
+    interception: String,
+    /// Original destination ports whose first bytes must be a TLS ClientHello.
+    tls_ports: Vec<u16>,
+    /// Original destination ports whose first bytes must be an HTTP/1.x request head.
+    http_ports: Vec<u16>,
+}
+
+impl Default for RawTransparent {
+    fn default() -> Self {
+        Self {
+            interception: "redirect".into(),
+            tls_ports: vec![443],
+            http_ports: vec![80],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNftables {
+    /// Interfaces the agents' traffic arrives on (e.g. "vlan66").
+    agent_interfaces: Vec<String>,
+    /// Agent networks; empty means every agent's `sources` from the rules.
+    agent_networks: Vec<String>,
+    /// Intercept agents' IPv6 like IPv4 (true) or drop it all (false).
+    ipv6: bool,
+    /// fwmark for TPROXY's policy routing.
+    tproxy_mark: u32,
+}
+
+impl Default for RawNftables {
+    fn default() -> Self {
+        Self {
+            agent_interfaces: Vec::new(),
+            agent_networks: Vec::new(),
+            ipv6: false,
+            tproxy_mark: 1,
         }
     }
 }
@@ -149,6 +202,14 @@ pub struct Config {
     pub default_ports: Vec<u16>,
     pub explicit_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    pub transparent_listen: Vec<SocketAddr>,
+    pub interception: Interception,
+    pub transparent_tls_ports: Vec<u16>,
+    pub transparent_http_ports: Vec<u16>,
+    pub nft_agent_interfaces: Vec<String>,
+    pub nft_agent_networks: Vec<ipnet::IpNet>,
+    pub nft_ipv6: bool,
+    pub nft_tproxy_mark: u32,
     pub log_destination: LogDestination,
     pub log_queue: usize,
     pub resolver_upstreams: Vec<SocketAddr>,
@@ -253,6 +314,34 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
             return Err(key_error(key, "must be greater than 0".into()));
         }
     }
+    let interception = match raw.transparent.interception.as_str() {
+        "redirect" => Interception::Redirect,
+        "tproxy" => Interception::Tproxy,
+        other => {
+            return Err(key_error(
+                "transparent.interception",
+                format!("`{other}`: expected \"redirect\" or \"tproxy\""),
+            ));
+        }
+    };
+    let t = &raw.transparent;
+    if t.tls_ports
+        .iter()
+        .any(|p| t.http_ports.contains(p) || *p == 0)
+        || t.http_ports.contains(&0)
+    {
+        return Err(key_error(
+            "transparent.tls_ports",
+            "a port is TLS or HTTP, not both, and never 0".into(),
+        ));
+    }
+    let mut nft_agent_networks = Vec::new();
+    for n in &raw.nftables.agent_networks {
+        let net = n
+            .parse::<ipnet::IpNet>()
+            .map_err(|_| key_error("nftables.agent_networks", format!("`{n}` is not a CIDR")))?;
+        nft_agent_networks.push(net);
+    }
     let log_destination = match raw.log.destination.as_str() {
         "stdout" | "-" => LogDestination::Stdout,
         "" => {
@@ -270,6 +359,14 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         default_ports: raw.default_ports,
         explicit_listen: raw.listen.explicit,
         admin_listen: raw.listen.admin,
+        transparent_listen: raw.listen.transparent,
+        interception,
+        transparent_tls_ports: raw.transparent.tls_ports,
+        transparent_http_ports: raw.transparent.http_ports,
+        nft_agent_interfaces: raw.nftables.agent_interfaces,
+        nft_agent_networks,
+        nft_ipv6: raw.nftables.ipv6,
+        nft_tproxy_mark: raw.nftables.tproxy_mark,
         log_destination,
         log_queue: raw.log.queue,
         resolver_upstreams: upstreams,

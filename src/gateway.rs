@@ -50,6 +50,7 @@ pub struct Running {
     pub shared: Arc<Shared>,
     pub explicit_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    pub transparent_addrs: Vec<SocketAddr>,
     log: Option<LogWriter>,
 }
 
@@ -70,10 +71,25 @@ pub async fn start(
         Some(a) => Some(bind("explicit", a).await?),
         None => None,
     };
+    let mut transparent = Vec::new();
+    for addr in &config.transparent_listen {
+        let l = crate::proxy::transparent::bind(*addr, config.interception).map_err(|source| {
+            StartError::Bind {
+                what: "transparent",
+                addr: *addr,
+                source,
+            }
+        })?;
+        transparent.push(l);
+    }
     let admin = match config.admin_listen {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
     };
+    telemetry
+        .metrics
+        .policy_generation
+        .set(policy.generation() as i64);
     let shared = Arc::new(Shared {
         caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
         config,
@@ -86,6 +102,15 @@ pub async fn start(
     });
     let explicit_addr = explicit.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let transparent_addrs = transparent
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    for l in transparent {
+        shared
+            .tracker
+            .spawn(crate::proxy::transparent::serve(shared.clone(), l));
+    }
     if let Some(l) = explicit {
         shared
             .tracker
@@ -98,6 +123,7 @@ pub async fn start(
         shared,
         explicit_addr,
         admin_addr,
+        transparent_addrs,
         log: Some(log),
     })
 }

@@ -23,6 +23,8 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod nft;
 pub mod policy;
 pub mod proxy;
+pub mod sys;
 pub mod telemetry;

@@ -23,6 +23,8 @@ fn main() {
             }
         },
         Command::Check => cli::check(config),
+        Command::PrintRuleset => cli::print_ruleset(config),
+        Command::ApplyRuleset => cli::apply_ruleset(config),
         Command::Explain { agent, target } => cli::explain(config, &agent, &target),
     };
     std::process::exit(code);

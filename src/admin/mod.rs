@@ -56,6 +56,16 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             });
             json(StatusCode::OK, body.to_string())
         }
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(shared.telemetry.metrics.encode())));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
         _ => json(StatusCode::NOT_FOUND, "{\"error\":\"not found\"}".into()),
     }
 }

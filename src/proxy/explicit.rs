@@ -7,19 +7,14 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
@@ -32,13 +27,10 @@ use crate::proxy::peek::read_client_hello;
 use crate::proxy::relay::{RelayCounters, RelayEnd, relay};
 use crate::proxy::sni::ClientHello;
 use crate::proxy::target::{self, domain_of};
-use crate::proxy::upstream::{self, Upstream};
-use crate::telemetry::{ConnectionRecord, Mode};
+use crate::proxy::upstream;
+use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
-
-/// Header naming the deny reason on every refusal.
-pub const REASON_HEADER: &str = "x-portcullis-reason";
+use crate::proxy::forward::{ProxyBody, empty, forward, refusal};
 
 /// Accept loop: bounded, never stalls on one client, stops on `stop_accepting`.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
@@ -160,7 +152,13 @@ async fn handle(
         rec.url = Some(req.uri().to_string());
     }
 
+    let decided = Instant::now();
     let verdict = policy.evaluate(agent, &target);
+    shared
+        .telemetry
+        .metrics
+        .decision_duration
+        .observe(decided.elapsed().as_secs_f64());
     rec.rule = verdict.rule.clone();
     if let Some(reason) = verdict.deny_reason() {
         return deny(rec, reason);
@@ -281,6 +279,7 @@ async fn tunnel(
         .await
         .map_err(|f| f.reason)?;
         rec.destination_ip = Some(up.addr.ip());
+        let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
         up.stream
             .write_all(&peeked)
             .await
@@ -308,172 +307,6 @@ async fn tunnel(
     shared.telemetry.record(rec);
 }
 
-/// Forward one plain-HTTP request over a fresh upstream connection; the record is written
-/// when the response body ends (or is dropped).
-async fn forward(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-    upstream: Upstream,
-    authority: String,
-    path: String,
-    rec: ConnectionRecord,
-    started: Instant,
-) -> Response<ProxyBody> {
-    let counters = Arc::new(RelayCounters::default());
-    let finish = RecordOnDrop {
-        rec: Some(rec),
-        counters: counters.clone(),
-        shared: shared.clone(),
-        started,
-    };
-    let (parts, body) = req.into_parts();
-    let mut out = Request::builder().method(parts.method).uri(path);
-    if let Some(h) = out.headers_mut() {
-        copy_end_to_end_headers(&parts.headers, h);
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            h.insert(header::HOST, v);
-        }
-    }
-    let body = Counted {
-        inner: body,
-        counters: counters.clone(),
-        upstream_direction: true,
-        finish: None,
-    };
-    let Ok(out) = out.body(body) else {
-        return finish.fail(Reason::Malformed);
-    };
-    let io = TokioIo::new(upstream.stream);
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(io).await else {
-        return finish.fail(Reason::UpstreamFailed);
-    };
-    let cut = shared.cut.clone();
-    shared.tracker.spawn(async move {
-        tokio::select! {
-            _ = conn => {}
-            () = cut.cancelled() => {}
-        }
-    });
-    let response =
-        match tokio::time::timeout(shared.config.idle_timeout, sender.send_request(out)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => return finish.fail(Reason::UpstreamFailed),
-            Err(_) => return finish.fail(Reason::Timeout),
-        };
-    let (mut parts, body) = response.into_parts();
-    let mut headers = HeaderMap::new();
-    copy_end_to_end_headers(&parts.headers, &mut headers);
-    parts.headers = headers;
-    let body = Counted {
-        inner: body,
-        counters,
-        upstream_direction: false,
-        finish: Some(finish),
-    };
-    Response::from_parts(parts, body.boxed())
-}
-
-/// Emits the record of a forwarded request exactly once, when dropped.
-struct RecordOnDrop {
-    rec: Option<ConnectionRecord>,
-    counters: Arc<RelayCounters>,
-    shared: Arc<Shared>,
-    started: Instant,
-}
-
-impl RecordOnDrop {
-    fn fail(mut self, reason: Reason) -> Response<ProxyBody> {
-        if let Some(rec) = self.rec.as_mut() {
-            rec.reason = Some(reason);
-        }
-        refusal(reason)
-    }
-}
-
-impl Drop for RecordOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
-            rec.bytes_from_agent = self.counters.from_agent.load(Ordering::Relaxed);
-            rec.bytes_to_agent = self.counters.to_agent.load(Ordering::Relaxed);
-            rec.duration = self.started.elapsed();
-            self.shared.telemetry.record(rec);
-        }
-    }
-}
-
-/// A body that counts its data bytes into the relay counters.
-struct Counted {
-    inner: Incoming,
-    counters: Arc<RelayCounters>,
-    upstream_direction: bool,
-    finish: Option<RecordOnDrop>,
-}
-
-impl Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let n = data.len() as u64;
-            let c = if self.upstream_direction {
-                &self.counters.from_agent
-            } else {
-                &self.counters.to_agent
-            };
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-        if let Poll::Ready(None) = &polled {
-            // Body complete: write the record now rather than when hyper drops the body.
-            self.finish.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy's own are not forwarded; neither is
-/// anything the client listed in `Connection`.
-fn copy_end_to_end_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    const HOP: [&str; 9] = [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    let listed: Vec<HeaderName> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for (name, value) in from {
-        if name == header::HOST || HOP.contains(&name.as_str()) || listed.contains(name) {
-            continue;
-        }
-        to.append(name.clone(), value.clone());
-    }
-}
-
 /// `Proxy-Authorization: Basic base64(user:password)`; anything malformed is `None` with a
 /// placeholder user, so it fails authentication rather than falling back to the source IP.
 fn proxy_basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
@@ -491,57 +324,11 @@ fn proxy_basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some(parsed.unwrap_or_default())
 }
 
-fn status_for(reason: Reason) -> StatusCode {
-    match reason {
-        Reason::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-        Reason::Malformed => StatusCode::BAD_REQUEST,
-        Reason::RateLimited | Reason::BudgetExceeded => StatusCode::TOO_MANY_REQUESTS,
-        Reason::ResolveFailed | Reason::UpstreamFailed => StatusCode::BAD_GATEWAY,
-        Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        Reason::Overloaded | Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::FORBIDDEN,
-    }
-}
-
-/// The refusal: a status, a one-line body and the reason header.
-pub fn refusal(reason: Reason) -> Response<ProxyBody> {
-    let body = format!("portcullis: denied ({reason})\n");
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status_for(reason);
-    let h = resp.headers_mut();
-    h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if reason == Reason::AuthRequired {
-        h.insert(
-            header::PROXY_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"portcullis\""),
-        );
-    }
-    if matches!(reason, Reason::Malformed | Reason::AuthRequired) {
-        // The connection's framing can no longer be trusted / the client must retry.
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
-}
-
-fn empty(status: StatusCode) -> Response<ProxyBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn basic_credentials_parse_and_fail_closed() {
@@ -563,24 +350,5 @@ mod tests {
             Some((String::new(), String::new()))
         );
         assert_eq!(proxy_basic_credentials(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut from = HeaderMap::new();
-        from.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("x-secret, keep-alive"),
-        );
-        from.insert("x-secret", HeaderValue::from_static("1"));
-        from.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic x"),
-        );
-        from.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        let mut to = HeaderMap::new();
-        copy_end_to_end_headers(&from, &mut to);
-        assert_eq!(to.len(), 1);
-        assert!(to.contains_key(header::ACCEPT));
     }
 }

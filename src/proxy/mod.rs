@@ -6,11 +6,13 @@
 
 mod caps;
 pub mod explicit;
+pub mod forward;
 pub mod http_head;
 pub mod peek;
 pub mod relay;
 pub mod sni;
 pub mod target;
+pub mod transparent;
 pub mod upstream;
 
 pub use caps::{ConnectionCaps, ConnectionSlot};

@@ -5,6 +5,8 @@
 //! and counts what does not fit.
 
 mod log;
+pub mod metrics;
+mod process;
 mod record;
 
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::LogItem;
 pub use log::{LogWriter, LogWriterError};
+pub use metrics::{Metrics, TunnelGauge};
 pub use record::{ConnectionRecord, Mode};
 
 /// The shared handle the data path records through.
@@ -19,6 +22,7 @@ pub use record::{ConnectionRecord, Mode};
 pub struct Telemetry {
     log: Option<std::sync::mpsc::SyncSender<LogItem>>,
     counters: Arc<Counters>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -33,6 +37,7 @@ impl Telemetry {
         Self {
             log: Some(writer.sender()),
             counters: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -41,16 +46,20 @@ impl Telemetry {
         Self {
             log: None,
             counters: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
-    /// Record one finished connection. Never blocks.
+    /// Record one finished connection: metrics and the log line both come from `record`,
+    /// here and nowhere else. Never blocks.
     pub fn record(&self, record: ConnectionRecord) {
         self.counters.records.fetch_add(1, Ordering::Relaxed);
+        self.metrics.observe(&record);
         if let Some(tx) = &self.log
             && tx.try_send(LogItem::Record(record)).is_err()
         {
             self.counters.log_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.log_dropped.inc();
         }
     }
 

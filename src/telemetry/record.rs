@@ -43,6 +43,9 @@ pub struct ConnectionRecord {
     pub destination_port: Option<u16>,
     /// Transparent mode: where the agent's packets were addressed.
     pub original_destination: Option<SocketAddr>,
+    /// Transparent mode: the original destination is not among the addresses the name
+    /// resolved to (THREATS A1). We dialled the name's address anyway.
+    pub destination_mismatch: bool,
     pub server_name: Option<String>,
     pub ech: bool,
     pub http_method: Option<String>,
@@ -69,6 +72,7 @@ impl ConnectionRecord {
             destination_ip: None,
             destination_port: None,
             original_destination: None,
+            destination_mismatch: false,
             server_name: None,
             ech: false,
             http_method: None,
@@ -103,6 +107,7 @@ impl ConnectionRecord {
             destination_port: self.destination_port,
             original_ip: self.original_destination.map(|a| a.ip()),
             original_port: self.original_destination.map(|a| a.port()),
+            mismatch: self.destination_mismatch.then_some(true),
             server_name: self.server_name.as_deref(),
             ech: self.ech.then_some(true),
             http_method: self.http_method.as_deref(),
@@ -156,6 +161,11 @@ struct Line<'a> {
         skip_serializing_if = "Option::is_none"
     )]
     original_port: Option<u16>,
+    #[serde(
+        rename = "portcullis.original_destination.mismatch",
+        skip_serializing_if = "Option::is_none"
+    )]
+    mismatch: Option<bool>,
     #[serde(
         rename = "tls.client.server_name",
         skip_serializing_if = "Option::is_none"

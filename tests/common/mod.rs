@@ -3,6 +3,8 @@
 //! CA, an in-process gateway on port 0, and real `curl`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,9 @@ pub struct Seen(Arc<Mutex<Vec<Vec<u8>>>>);
 impl Seen {
     pub fn connections(&self) -> usize {
         self.0.lock().unwrap().len()
+    }
+    pub fn connection(&self, i: usize) -> Vec<u8> {
+        self.0.lock().unwrap()[i].clone()
     }
     pub fn all_bytes(&self) -> Vec<u8> {
         self.0.lock().unwrap().concat()
@@ -46,7 +51,11 @@ pub struct TestUpstream {
 
 /// A plain HTTP/1.1 server: reads one request head, answers `body` and closes.
 pub async fn http_upstream(body: &'static str) -> TestUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_upstream_on("127.0.0.1:0".parse().unwrap(), body).await
+}
+
+pub async fn http_upstream_on(addr: SocketAddr, body: &'static str) -> TestUpstream {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Seen::default();
     let s = seen.clone();
@@ -83,7 +92,11 @@ pub async fn http_upstream(body: &'static str) -> TestUpstream {
 
 /// A TCP server that records raw bytes and never answers (for "nothing reached it").
 pub async fn silent_upstream() -> TestUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    silent_upstream_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+pub async fn silent_upstream_on(addr: SocketAddr) -> TestUpstream {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Seen::default();
     let s = seen.clone();
@@ -153,7 +166,15 @@ pub fn pki(dir: &Path, names: &[&str]) -> TestPki {
 
 /// A TLS server: records raw TCP bytes per connection, reads one request, answers `body`.
 pub async fn tls_upstream(config: Arc<rustls::ServerConfig>, body: &'static str) -> TestUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tls_upstream_on("127.0.0.1:0".parse().unwrap(), config, body).await
+}
+
+pub async fn tls_upstream_on(
+    addr: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    body: &'static str,
+) -> TestUpstream {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Seen::default();
     let s = seen.clone();

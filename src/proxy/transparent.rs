@@ -1,0 +1,475 @@
+//! The transparent listener: connections nftables diverted from the agents' TCP 80/443.
+//!
+//! Phases: original destination (redirect or tproxy) → identify by source → peek the TLS
+//! ClientHello (SNI) or HTTP request head (Host) under a deadline and a cap → evaluate →
+//! resolve the *name* ourselves and dial that address, never the agent's original
+//! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
+//! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
+//! Port 80 connections are then served request by request (hyper); a later request on the
+//! same connection naming another host is refused and the connection closed.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::gateway::Shared;
+use crate::policy::{AgentId, Host, Policy, Reason, Target};
+use crate::proxy::ConnectionSlot;
+use crate::proxy::forward::{ProxyBody, forward, refusal};
+use crate::proxy::http_head::{HeadParse, parse_request_head};
+use crate::proxy::peek::read_client_hello;
+use crate::proxy::relay::{RelayCounters, RelayEnd, relay};
+use crate::proxy::target::{domain_of, parse_authority};
+use crate::proxy::upstream;
+use crate::sys::{self, Interception};
+use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
+
+/// Accept loop for one transparent listener.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.stop_accepting.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Some(slot) = shared.caps.try_acquire(peer.ip()) else {
+                    let policy = shared.policy.load();
+                    let agent = policy.agent_by_source(peer.ip());
+                    let mut rec = ConnectionRecord::begin(
+                        Mode::Transparent,
+                        peer,
+                        policy.agent_name(agent),
+                        policy.generation(),
+                    );
+                    rec.reason = Some(Reason::Overloaded);
+                    shared.telemetry.record(rec);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                shared
+                    .tracker
+                    .spawn(handle(shared.clone(), stream, peer, slot));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "transparent accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// What the original destination port says the agent must speak.
+enum Expect {
+    Tls,
+    Http,
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+) {
+    let started = Instant::now();
+    let policy = shared.policy.load_full();
+    let agent = policy.agent_by_source(peer.ip());
+    let mut rec = ConnectionRecord::begin(
+        Mode::Transparent,
+        peer,
+        policy.agent_name(agent),
+        policy.generation(),
+    );
+    let counters = Arc::new(RelayCounters::default());
+    let outcome = async {
+        let original = sys::original_destination(&stream, shared.config.interception)
+            .map_err(|_| Reason::Malformed)?;
+        rec.original_destination = Some(original);
+        rec.destination_port = Some(original.port());
+        if agent.is_none() {
+            return Err(Reason::UnknownAgent);
+        }
+        let cfg = &shared.config;
+        let expect = if cfg.transparent_tls_ports.contains(&original.port()) {
+            Expect::Tls
+        } else if cfg.transparent_http_ports.contains(&original.port()) {
+            Expect::Http
+        } else {
+            return Err(Reason::Malformed);
+        };
+        let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+        let mut peeked = Vec::new();
+        match expect {
+            Expect::Tls => {
+                let hello = read_client_hello(&mut stream, &mut peeked, deadline).await;
+                counters
+                    .from_agent
+                    .store(peeked.len() as u64, Ordering::Relaxed);
+                let hello = hello?;
+                rec.ech = hello.ech;
+                rec.server_name = hello.server_name.clone();
+                let a = agent.and_then(|id| policy.agent(id));
+                if hello.ech && a.is_some_and(|a| a.deny_ech) {
+                    return Err(Reason::EchDenied);
+                }
+                // Never fall back to the original destination: no SNI, no connection.
+                let sni = hello.server_name.as_deref().ok_or(Reason::NoSni)?;
+                let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
+                let target = Target {
+                    host: Host::Name(name),
+                    port: original.port(),
+                };
+                let up =
+                    check_and_dial(&shared, &policy, agent, &target, original, &mut rec).await?;
+                let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
+                tunnel(&shared, stream, up, &peeked, &counters).await
+            }
+            Expect::Http => {
+                let target = read_http_target(
+                    &mut stream,
+                    &mut peeked,
+                    deadline,
+                    original.port(),
+                    cfg.max_request_head_bytes,
+                )
+                .await;
+                counters
+                    .from_agent
+                    .store(peeked.len() as u64, Ordering::Relaxed);
+                let target = target?;
+                rec.destination_domain = domain_of(&target);
+                let verdict = policy.evaluate(agent, &target);
+                rec.rule = verdict.rule.clone();
+                if let Some(reason) = verdict.deny_reason() {
+                    return Err(reason);
+                }
+                // Hand over to per-request serving; each request writes its own record.
+                serve_http(
+                    shared.clone(),
+                    stream,
+                    peeked,
+                    peer,
+                    agent,
+                    target,
+                    original,
+                )
+                .await;
+                Ok(Handover::Http)
+            }
+        }
+    }
+    .await;
+    drop(slot);
+    let reason = match outcome {
+        Ok(Handover::Http) => return,
+        Ok(Handover::Done) => None,
+        Err(r) => Some(r),
+    };
+    rec.reason = reason;
+    rec.bytes_from_agent = counters.from_agent.load(Ordering::Relaxed);
+    rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
+    rec.duration = started.elapsed();
+    shared.telemetry.record(rec);
+}
+
+enum Handover {
+    /// The connection was relayed and ended; the caller writes its record.
+    Done,
+    /// Port 80: requests were served and recorded one by one.
+    Http,
+}
+
+/// Evaluate, resolve the name ourselves, check the addresses, dial one of them.
+async fn check_and_dial(
+    shared: &Shared,
+    policy: &Policy,
+    agent: Option<AgentId>,
+    target: &Target,
+    original: SocketAddr,
+    rec: &mut ConnectionRecord,
+) -> Result<upstream::Upstream, Reason> {
+    rec.destination_domain = domain_of(target);
+    let decided = Instant::now();
+    let verdict = policy.evaluate(agent, target);
+    shared
+        .telemetry
+        .metrics
+        .decision_duration
+        .observe(decided.elapsed().as_secs_f64());
+    rec.rule = verdict.rule.clone();
+    if let Some(reason) = verdict.deny_reason() {
+        return Err(reason);
+    }
+    let cfg = &shared.config;
+    let addrs = upstream::resolve_checked(
+        policy,
+        agent,
+        target,
+        shared.resolver.as_ref(),
+        cfg.resolver_timeout,
+    )
+    .await
+    .map_err(|f| {
+        rec.destination_ip = f.addr;
+        f.reason
+    })?;
+    let original_ip = crate::policy::address::canonical(original.ip());
+    if !addrs
+        .iter()
+        .any(|a| crate::policy::address::canonical(*a) == original_ip)
+    {
+        // THREATS A1: the agent aimed elsewhere than the name resolves to; we dial the name.
+        rec.destination_mismatch = true;
+    }
+    let up = upstream::dial(&addrs, target.port, cfg.connect_timeout)
+        .await
+        .map_err(|f| {
+            rec.destination_ip = f.addr;
+            f.reason
+        })?;
+    rec.destination_ip = Some(up.addr.ip());
+    Ok(up)
+}
+
+async fn tunnel(
+    shared: &Shared,
+    agent_io: TcpStream,
+    mut up: upstream::Upstream,
+    peeked: &[u8],
+    counters: &Arc<RelayCounters>,
+) -> Result<Handover, Reason> {
+    up.stream
+        .write_all(peeked)
+        .await
+        .map_err(|_| Reason::UpstreamFailed)?;
+    match relay(
+        agent_io,
+        up.stream,
+        shared.config.idle_timeout,
+        &shared.cut,
+        counters,
+    )
+    .await
+    {
+        RelayEnd::Cancelled => Err(Reason::ShuttingDown),
+        RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(Handover::Done),
+    }
+}
+
+/// Read the first HTTP request head and return the target its Host names. The Host port,
+/// if any, must equal the original destination port.
+async fn read_http_target(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+    port: u16,
+    cap: usize,
+) -> Result<Target, Reason> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse_request_head(buf) {
+            HeadParse::Done(head) => {
+                let target = parse_authority(&head.host, Some(port))?;
+                if target.port != port {
+                    return Err(Reason::Malformed);
+                }
+                return Ok(target);
+            }
+            HeadParse::Reject(r) => {
+                tracing::debug!(reject = ?r, "http head rejected");
+                return Err(Reason::Malformed);
+            }
+            HeadParse::NeedMore => {}
+        }
+        if buf.len() >= cap {
+            return Err(Reason::Malformed);
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return Err(Reason::Timeout),
+            Ok(Err(_)) | Ok(Ok(0)) => return Err(Reason::Malformed),
+            Ok(Ok(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+        }
+    }
+}
+
+/// Serve a port-80 connection request by request. Every request must name the same host as
+/// the first; each is checked and forwarded to our own resolution of that host.
+async fn serve_http(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peeked: Vec<u8>,
+    peer: SocketAddr,
+    agent: Option<AgentId>,
+    first: Target,
+    original: SocketAddr,
+) {
+    let io = Rewind {
+        prefix: peeked,
+        pos: 0,
+        inner: stream,
+    };
+    let first = Arc::new(first);
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let first = first.clone();
+        async move {
+            Ok::<_, Infallible>(http_request(shared, req, peer, agent, &first, original).await)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.handshake_timeout)
+        .max_buf_size(shared.config.max_request_head_bytes.max(8192))
+        .serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = conn => {}
+        () = shared.cut.cancelled() => {}
+    }
+}
+
+async fn http_request(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    agent: Option<AgentId>,
+    first: &Target,
+    original: SocketAddr,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let policy = shared.policy.load_full();
+    let mut rec = ConnectionRecord::begin(
+        Mode::Transparent,
+        peer,
+        policy.agent_name(agent),
+        policy.generation(),
+    );
+    rec.original_destination = Some(original);
+    rec.http_method = Some(req.method().as_str().to_owned());
+    rec.destination_port = Some(first.port);
+    let deny = |mut rec: ConnectionRecord, reason: Reason| {
+        rec.reason = Some(reason);
+        rec.duration = started.elapsed();
+        shared.telemetry.record(rec);
+        refusal(reason)
+    };
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return deny(rec, Reason::Malformed);
+    };
+    let target = match host
+        .to_str()
+        .map_err(|_| Reason::Malformed)
+        .and_then(|h| parse_authority(h.trim(), Some(first.port)))
+    {
+        Ok(t) => t,
+        Err(r) => return deny(rec, r),
+    };
+    rec.destination_domain = domain_of(&target);
+    if target != *first {
+        // A second request to another host on the same connection: refuse and close.
+        return deny(rec, Reason::Malformed);
+    }
+    if let Some(authority) = req.uri().authority()
+        && parse_authority(authority.as_str(), Some(first.port))
+            .ok()
+            .as_ref()
+            != Some(first)
+    {
+        return deny(rec, Reason::Malformed);
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    rec.url = Some(format!(
+        "http://{}{}",
+        host.to_str().unwrap_or_default(),
+        path
+    ));
+    let mut rec_for_dial = rec;
+    let up = match check_and_dial(
+        &shared,
+        &policy,
+        agent,
+        &target,
+        original,
+        &mut rec_for_dial,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(reason) => return deny(rec_for_dial, reason),
+    };
+    let authority = match (&target.host, target.port) {
+        (h, 80) => h.to_string(),
+        (h, p) => format!("{h}:{p}"),
+    };
+    forward(
+        shared.clone(),
+        req,
+        up,
+        authority,
+        path,
+        rec_for_dial,
+        started,
+    )
+    .await
+}
+
+/// An IO that first yields bytes already read from `inner`, then reads `inner`.
+struct Rewind {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(rest) = self.prefix.get(self.pos..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The interception mode's listener: `IP_TRANSPARENT` for tproxy.
+pub fn bind(addr: SocketAddr, interception: Interception) -> io::Result<TcpListener> {
+    sys::bind_listener(addr, interception == Interception::Tproxy, 4096)
+}

@@ -1,0 +1,337 @@
+//! Prometheus metrics (`prometheus-client`, OpenMetrics text at `/metrics`), DESIGN §7.
+//!
+//! Labels are bounded: `agent` (from the rules, plus `unknown`), `mode`, `verdict`,
+//! `reason`, `direction`, `result`, `scope` — never a domain or an address. Per-agent handles
+//! are created once and cached, so recording a connection is a handful of atomic adds, not
+//! label lookups by string.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use super::record::{ConnectionRecord, Mode};
+use crate::policy::Reason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    agent: String,
+    mode: &'static str,
+    verdict: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabel {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    agent: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    agent: String,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabel {
+    scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+const MODES: [Mode; 3] = [Mode::Explicit, Mode::Transparent, Mode::Dns];
+/// Outcome slots per mode: allow, then one per deny reason.
+const OUTCOMES: usize = 1 + Reason::ALL.len();
+
+/// Handles for one agent, created on first use and kept.
+pub struct AgentMetrics {
+    name: String,
+    connections: Family<ConnLabels, Counter>,
+    conn_slots: [OnceLock<Counter>; MODES.len() * OUTCOMES],
+    pub bytes_from_agent: Counter,
+    pub bytes_to_agent: Counter,
+    pub active_tunnels: Gauge,
+    pub dns_allowed: Counter,
+    pub dns_refused: Counter,
+    pub budget_remaining_bytes: Gauge,
+}
+
+impl AgentMetrics {
+    fn connection_counter(&self, mode: Mode, reason: Option<Reason>) -> &Counter {
+        let m = MODES.iter().position(|x| *x == mode).unwrap_or(0);
+        let r = reason
+            .and_then(|r| Reason::ALL.iter().position(|x| *x == r))
+            .map_or(0, |i| i + 1);
+        let slot = self
+            .conn_slots
+            .get(m * OUTCOMES + r)
+            .unwrap_or(&self.conn_slots[0]);
+        slot.get_or_init(|| {
+            self.connections
+                .get_or_create(&ConnLabels {
+                    agent: self.name.clone(),
+                    mode: mode.as_str(),
+                    verdict: if reason.is_some() { "deny" } else { "allow" },
+                    reason: reason.map_or("none", Reason::as_str),
+                })
+                .clone()
+        })
+    }
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<ConnLabels, Counter>,
+    active_tunnels: Family<AgentLabel, Gauge>,
+    bytes: Family<BytesLabels, Counter>,
+    dns_queries: Family<DnsLabels, Counter>,
+    budget_remaining: Family<AgentLabel, Gauge>,
+    connection_duration: Family<ModeLabel, Histogram>,
+    pub decision_duration: Histogram,
+    pub policy_generation: Gauge,
+    policy_reloads: Family<ResultLabel, Counter>,
+    kill_switch: Family<ScopeLabel, Gauge>,
+    pub log_dropped: Counter,
+    agents: RwLock<HashMap<String, Arc<AgentMetrics>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let connections = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Connections by agent, mode, verdict and reason",
+            connections.clone(),
+        );
+        let active_tunnels = Family::<AgentLabel, Gauge>::default();
+        registry.register(
+            "active_tunnels",
+            "Tunnels currently relaying",
+            active_tunnels.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register_with_unit(
+            "relayed",
+            "Bytes relayed, by agent and direction (from_agent, to_agent)",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        let dns_queries = Family::<DnsLabels, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries by agent and verdict",
+            dns_queries.clone(),
+        );
+        let budget_remaining = Family::<AgentLabel, Gauge>::default();
+        registry.register_with_unit(
+            "budget_remaining",
+            "Daily byte budget left per agent (agents with a budget)",
+            Unit::Bytes,
+            budget_remaining.clone(),
+        );
+        let connection_duration = Family::<ModeLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 4.0, 12))
+        });
+        registry.register_with_unit(
+            "connection_duration",
+            "Connection lifetime",
+            Unit::Seconds,
+            connection_duration.clone(),
+        );
+        let decision_duration = Histogram::new(exponential_buckets(1e-7, 4.0, 10));
+        registry.register_with_unit(
+            "decision_duration",
+            "Time to evaluate the policy for one target",
+            Unit::Seconds,
+            decision_duration.clone(),
+        );
+        let policy_generation = Gauge::default();
+        registry.register(
+            "policy_generation",
+            "Generation of the policy in force",
+            policy_generation.clone(),
+        );
+        let policy_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "policy_reload",
+            "Policy reloads by result",
+            policy_reloads.clone(),
+        );
+        let kill_switch = Family::<ScopeLabel, Gauge>::default();
+        registry.register(
+            "kill_switch_engaged",
+            "1 while the kill switch is engaged for the scope (all, or an agent name)",
+            kill_switch.clone(),
+        );
+        let log_dropped = Counter::default();
+        registry.register(
+            "log_dropped",
+            "Connection log lines dropped because the queue was full",
+            log_dropped.clone(),
+        );
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build_info);
+        registry.register_collector(Box::new(super::process::ProcessCollector));
+        Self {
+            registry,
+            connections,
+            active_tunnels,
+            bytes,
+            dns_queries,
+            budget_remaining,
+            connection_duration,
+            decision_duration,
+            policy_generation,
+            policy_reloads,
+            kill_switch,
+            log_dropped,
+            agents: RwLock::default(),
+        }
+    }
+
+    /// The cached handles of `agent`; created on first use. The number of agents is bounded
+    /// by the rules (plus `unknown`).
+    pub fn agent(&self, agent: &str) -> Arc<AgentMetrics> {
+        if let Some(m) = self.agents.read().ok().and_then(|a| a.get(agent).cloned()) {
+            return m;
+        }
+        // `get_or_create` returns a read guard on the family: clone each handle in its own
+        // statement so no guard is alive when the next call may need the write lock.
+        let label = AgentLabel {
+            agent: agent.to_owned(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    agent: agent.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        let dns = |verdict| {
+            self.dns_queries
+                .get_or_create(&DnsLabels {
+                    agent: agent.to_owned(),
+                    verdict,
+                })
+                .clone()
+        };
+        let bytes_from_agent = bytes("from_agent");
+        let bytes_to_agent = bytes("to_agent");
+        let dns_allowed = dns("allow");
+        let dns_refused = dns("deny");
+        let active_tunnels = self.active_tunnels.get_or_create(&label).clone();
+        let budget_remaining_bytes = self.budget_remaining.get_or_create(&label).clone();
+        let m = Arc::new(AgentMetrics {
+            name: agent.to_owned(),
+            connections: self.connections.clone(),
+            conn_slots: std::array::from_fn(|_| OnceLock::new()),
+            bytes_from_agent,
+            bytes_to_agent,
+            active_tunnels,
+            dns_allowed,
+            dns_refused,
+            budget_remaining_bytes,
+        });
+        if let Ok(mut agents) = self.agents.write() {
+            return agents.entry(agent.to_owned()).or_insert(m).clone();
+        }
+        m
+    }
+
+    /// Everything a finished connection changes, derived from its record.
+    pub fn observe(&self, rec: &ConnectionRecord) {
+        let a = self.agent(&rec.agent);
+        a.connection_counter(rec.mode, rec.reason).inc();
+        a.bytes_from_agent.inc_by(rec.bytes_from_agent);
+        a.bytes_to_agent.inc_by(rec.bytes_to_agent);
+        self.connection_duration
+            .get_or_create(&ModeLabel {
+                mode: rec.mode.as_str(),
+            })
+            .observe(rec.duration.as_secs_f64());
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.policy_reloads
+            .get_or_create(&ResultLabel {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    pub fn set_kill_switch(&self, scope: &str, engaged: bool) {
+        self.kill_switch
+            .get_or_create(&ScopeLabel {
+                scope: scope.to_owned(),
+            })
+            .set(i64::from(engaged));
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Keeps `portcullis_active_tunnels{agent}` raised while alive.
+pub struct TunnelGauge(Arc<AgentMetrics>);
+
+impl TunnelGauge {
+    pub fn open(agent: Arc<AgentMetrics>) -> Self {
+        agent.active_tunnels.inc();
+        Self(agent)
+    }
+}
+
+impl Drop for TunnelGauge {
+    fn drop(&mut self) {
+        self.0.active_tunnels.dec();
+    }
+}

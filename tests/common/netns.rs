@@ -1,0 +1,223 @@
+//! Network-namespace topology for end-to-end tests (root only):
+//!
+//! ```text
+//!  agent ns  10.66.0.11/24, fd66::11/64 ── gw ns 10.66.0.1, fd66::1 | 203.0.113.1, fd99::1 ── root ns ("internet")
+//!                                                                      203.0.113.10 (+ .66 "attacker"), fd99::10
+//! ```
+//! The agent's only route is the gateway. The gateway forwards (ip_forward=1) so that only
+//! the ruleset stands between the agent and the internet. 203.0.113.0/24 is TEST-NET-3 and
+//! fd99::/64 a ULA: traffic never leaves this machine. Everything is removed on drop.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+
+pub const GW_AGENT_SIDE: &str = "10.66.0.1";
+pub const AGENT_IP: &str = "10.66.0.11";
+pub const INTERNET: &str = "203.0.113.10";
+pub const ATTACKER: &str = "203.0.113.66";
+pub const INTERNET6: &str = "fd99::10";
+
+pub fn require_root() {
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test builds network namespaces and needs root: run `bash tests/run.sh` as root (CI does)"
+    );
+}
+
+/// Run a shell command with a time bound; panic with its output on failure.
+pub fn sh(cmd: &str) -> Output {
+    let out = sh_status(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a shell command with a time bound (60 s), returning its output whatever the status.
+pub fn sh_status(cmd: &str) -> Output {
+    Command::new("timeout")
+        .args(["60", "sh", "-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+pub struct Topology {
+    pub agent_ns: String,
+    pub gw_ns: String,
+    pub gw_agent_if: String,
+    root_if: String,
+}
+
+impl Topology {
+    pub fn new() -> Self {
+        require_root();
+        let id = std::process::id() % 100_000;
+        let t = Topology {
+            agent_ns: format!("pcl-agent-{id}"),
+            gw_ns: format!("pcl-gw-{id}"),
+            gw_agent_if: format!("pclg{id}"),
+            root_if: format!("pclr{id}"),
+        };
+        let (a, g, ga, r) = (&t.agent_ns, &t.gw_ns, &t.gw_agent_if, &t.root_if);
+        let ai = format!("pcla{id}");
+        let gi = format!("pcli{id}");
+        sh(&format!(
+            "set -e
+            ip netns add {a}; ip netns add {g}
+            ip link add {ai} type veth peer name {ga}
+            ip link set {ai} netns {a}; ip link set {ga} netns {g}
+            ip link add {gi} type veth peer name {r}
+            ip link set {gi} netns {g}
+            ip -n {a} link set lo up; ip -n {g} link set lo up
+            ip -n {a} addr add {AGENT_IP}/24 dev {ai}; ip -n {a} -6 addr add fd66::11/64 dev {ai} nodad
+            ip -n {a} link set {ai} up
+            ip -n {a} route add default via {GW_AGENT_SIDE}; ip -n {a} -6 route add default via fd66::1
+            ip -n {g} addr add {GW_AGENT_SIDE}/24 dev {ga}; ip -n {g} -6 addr add fd66::1/64 dev {ga} nodad
+            ip -n {g} addr add 203.0.113.1/24 dev {gi}; ip -n {g} -6 addr add fd99::1/64 dev {gi} nodad
+            ip -n {g} link set {ga} up; ip -n {g} link set {gi} up
+            ip netns exec {g} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+            ip addr add {INTERNET}/24 dev {r}; ip addr add {ATTACKER}/24 dev {r}; ip -6 addr add {INTERNET6}/64 dev {r} nodad
+            ip link set {r} up
+            ip route add 10.66.0.0/24 via 203.0.113.1 dev {r}; ip -6 route add fd66::/64 via fd99::1 dev {r}"
+        ));
+        t
+    }
+
+    /// A shell command inside the agent namespace.
+    pub fn agent(&self, cmd: &str) -> Output {
+        sh_status(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.agent_ns,
+            cmd.replace('\'', "'\\''")
+        ))
+    }
+
+    /// A shell command inside the gateway namespace.
+    pub fn gw(&self, cmd: &str) -> Output {
+        sh_status(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.gw_ns,
+            cmd.replace('\'', "'\\''")
+        ))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = sh_status(&format!(
+            "ip netns pids {g} | xargs -r kill -9; ip netns pids {a} | xargs -r kill -9;
+             ip netns del {a}; ip netns del {g}; ip link del {r} 2>/dev/null; true",
+            a = self.agent_ns,
+            g = self.gw_ns,
+            r = self.root_if
+        ));
+    }
+}
+
+/// A recording DNS server (UDP) with a fixed table of A records; every query it receives
+/// is remembered, so a test can prove what never reached it.
+#[derive(Clone, Default)]
+pub struct DnsLog(pub Arc<Mutex<Vec<(String, RecordType)>>>);
+
+impl DnsLog {
+    pub fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+pub async fn dns_server(addr: SocketAddr, table: &[(&str, &str)]) -> DnsLog {
+    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let table: Vec<(String, std::net::Ipv4Addr)> = table
+        .iter()
+        .map(|(n, ip)| (format!("{}.", n.to_ascii_lowercase()), ip.parse().unwrap()))
+        .collect();
+    let log = DnsLog::default();
+    let l = log.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut resp = Message::new(
+                query.metadata.id,
+                MessageType::Response,
+                query.metadata.op_code,
+            );
+            resp.metadata.recursion_desired = query.metadata.recursion_desired;
+            resp.metadata.recursion_available = true;
+            let mut found = false;
+            for q in &query.queries {
+                let name = q.name().to_ascii().to_ascii_lowercase();
+                l.0.lock().unwrap().push((name.clone(), q.query_type()));
+                resp.queries.push(q.clone());
+                if let Some((_, ip)) = table.iter().find(|(n, _)| *n == name) {
+                    found = true;
+                    if q.query_type() == RecordType::A {
+                        resp.answers.push(Record::from_rdata(
+                            q.name().clone(),
+                            30,
+                            RData::A(A(*ip)),
+                        ));
+                    }
+                }
+            }
+            if !found {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+            }
+            if let Ok(bytes) = resp.to_vec() {
+                let _ = socket.send_to(&bytes, from).await;
+            }
+        }
+    });
+    log
+}
+
+/// Counts UDP datagrams received on `addr`.
+pub async fn udp_recorder(addr: SocketAddr) -> Arc<Mutex<usize>> {
+    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let count = Arc::new(Mutex::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while socket.recv_from(&mut buf).await.is_ok() {
+            *c.lock().unwrap() += 1;
+        }
+    });
+    count
+}
+
+/// Poll `f` until it is true or `within` passes.
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
