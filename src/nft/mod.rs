@@ -1,563 +1,384 @@
-//! The nftables ruleset: rendered from the config as one `inet` table, applied atomically
-//! with one `nft -f` batch, and the kill switch's `kill_sources` sets edited in place.
+//! nftables ruleset for the portcullis egress gateway.
 //!
-//! Owns the text of the ruleset and the `nft` invocations. Must not decide policy: it only
-//! funnels agent traffic into portcullis and drops everything else from the agents. All
-//! values reaching the text are typed (addresses, ports) or validated (interface names), so
-//! nothing in a config can inject nft syntax.
+//! Owns: the single `table inet portcullis` — rendering it from a typed [`RulesetSpec`],
+//! checking and applying it atomically with `nft -f`, and editing the kill-switch sets
+//! (`kill_sources_v4` / `kill_sources_v6`) at run time.
+//!
+//! Must not: touch any other table or the host's routing (TPROXY routing commands are only
+//! *returned* for the operator, never run), break the gateway's own non-agent traffic (base
+//! chains use `policy accept` and only act on packets classified as agent traffic), or let any
+//! spec field inject nft syntax (interface names are validated, everything else is typed).
+//! Commands are always run without a shell and bounded by [`COMMAND_TIMEOUT`].
 
-use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+/// Name of the table (`table inet portcullis`).
 pub const TABLE: &str = "portcullis";
+/// Set of killed IPv4 agent addresses.
 pub const KILL_SET_V4: &str = "kill_sources_v4";
+/// Set of killed IPv6 agent addresses.
 pub const KILL_SET_V6: &str = "kill_sources_v6";
-/// Bound on one `nft` invocation.
-const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Named counter of agent packets dropped in the `input` hook.
+pub const COUNTER_INPUT_DROPPED: &str = "agent_input_dropped";
+/// Named counter of agent packets dropped in the `forward` hook.
+pub const COUNTER_FORWARD_DROPPED: &str = "agent_forward_dropped";
+/// Named counter of packets dropped by the kill switch.
+pub const COUNTER_KILLED_DROPPED: &str = "killed_dropped";
+/// Ports intercepted when the operator does not say otherwise.
+pub const DEFAULT_INTERCEPTED_PORTS: [u16; 2] = [80, 443];
+/// Environment variable naming the `nft` binary (default `nft`).
+pub const NFT_PROGRAM_ENV: &str = "PORTCULLIS_NFT";
+/// Upper bound for any single `nft` invocation: a wedged netlink call must not hang the gateway.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
+const SET_AGENT_INTERFACES: &str = "agent_interfaces";
+const SET_AGENT_NETS_V4: &str = "agent_nets_v4";
+const SET_AGENT_NETS_V6: &str = "agent_nets_v6";
+const DNS_PORT: u16 = 53;
+/// Linux IFNAMSIZ is 16 including the terminating NUL.
+const MAX_INTERFACE_NAME_LEN: usize = 15;
+
+/// How agents' TCP 80/443 reaches the transparent listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interception {
+    /// NAT `redirect` to the local port (listener reads the original destination via SO_ORIGINAL_DST).
     Redirect,
+    /// TPROXY (listener needs IP_TRANSPARENT; operator must add the policy routing).
     Tproxy,
 }
 
 /// Everything the ruleset depends on.
 #[derive(Debug, Clone)]
 pub struct RulesetSpec {
-    /// Interfaces agent traffic arrives on.
+    /// Interfaces the agents' traffic arrives on (e.g. "vlan66"); may be empty if sources are given.
     pub agent_interfaces: Vec<String>,
-    /// Agent networks (v4 and v6).
+    /// Agent networks (v4 and v6 CIDRs); may be empty if interfaces are given. At least one of the two must be non-empty.
     pub agent_sources: Vec<IpNet>,
     pub interception: Interception,
+    /// Port of portcullis' transparent listener (TCP 80/443 from agents go there).
     pub transparent_port: u16,
-    /// Destination ports diverted to the transparent listener.
+    /// Ports intercepted (default [80, 443]).
     pub intercepted_ports: Vec<u16>,
-    /// Explicit proxy port agents may use on the gateway.
+    /// The explicit proxy port agents may connect to on the gateway itself (None = not offered).
     pub explicit_port: Option<u16>,
-    /// DNS port of portcullis; agent DNS to any address is diverted there.
+    /// The DNS port portcullis listens on for agents (None = not offered). Agent DNS (udp+tcp 53) to ANY address is redirected to this port on the gateway.
     pub dns_port: Option<u16>,
-    /// Intercept agent IPv6 (true) or drop all of it (false).
+    /// Whether agents' IPv6 traffic is intercepted like IPv4 (true) or dropped entirely (false, default).
     pub ipv6: bool,
+    /// fwmark and routing table used for TPROXY (ignored for Redirect).
     pub tproxy_mark: u32,
-    /// Addresses currently killed, so a re-apply never reopens a killed agent.
+    /// Addresses currently killed (restored on apply, so a re-apply never reopens a killed agent).
     pub killed: Vec<IpAddr>,
 }
 
+/// Errors from rendering or running `nft`.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("ruleset spec: {0}")]
+    /// The spec cannot be rendered safely.
+    #[error("invalid ruleset spec: {0}")]
     Spec(String),
-    #[error("cannot run nft: {0}")]
+    /// `nft` (or `ip netns exec`) could not be started, fed, or finished within the timeout.
+    #[error("could not run nft: {0}")]
     Spawn(std::io::Error),
-    #[error("nft exited with {status}: {stderr}")]
+    /// `nft` ran and failed (status -1 = killed by a signal).
+    #[error("nft failed with status {status}: {stderr}")]
     Nft { status: i32, stderr: String },
+    /// `nft -j` output was not what this module writes into the kill sets.
+    #[error("unexpected nft output: {0}")]
+    Parse(String),
 }
 
-fn valid_ifname(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+mod render;
+use render::{join, split_by_family};
+pub use render::{render, tproxy_routing_commands};
+
+/// `nft -c -f -`: validates the batch against the running kernel without changing anything.
+pub fn check(ruleset: &str) -> Result<(), NftError> {
+    Nft::default().check(ruleset)
 }
 
-fn set_list<T: std::fmt::Display>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+/// `nft -f -`: applies the batch atomically.
+pub fn apply(ruleset: &str) -> Result<(), NftError> {
+    Nft::default().apply(ruleset)
 }
 
-/// The complete `nft -f` batch. Atomic and idempotent: the table is created (if missing),
-/// deleted and defined again inside one transaction, so there is never a moment without it.
-pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
-    if spec.agent_interfaces.is_empty() && spec.agent_sources.is_empty() {
-        return Err(NftError::Spec(
-            "need agent interfaces or agent networks".into(),
-        ));
-    }
-    if let Some(bad) = spec.agent_interfaces.iter().find(|i| !valid_ifname(i)) {
-        return Err(NftError::Spec(format!("invalid interface name {bad:?}")));
-    }
-    let ports = [
-        Some(spec.transparent_port),
-        spec.explicit_port,
-        spec.dns_port,
-    ];
-    if ports.iter().flatten().any(|p| *p == 0)
-        || spec.intercepted_ports.contains(&0)
-        || spec.intercepted_ports.is_empty()
-    {
-        return Err(NftError::Spec(
-            "ports must be non-zero and at least one port intercepted".into(),
-        ));
-    }
-    let own: Vec<u16> = ports.iter().flatten().copied().collect();
-    if (1..own.len()).any(|i| own[..i].contains(&own[i])) {
-        return Err(NftError::Spec(
-            "transparent, explicit and DNS ports must differ".into(),
-        ));
-    }
-    let v4: Vec<IpNet> = spec
-        .agent_sources
-        .iter()
-        .filter(|n| n.addr().is_ipv4())
-        .copied()
-        .collect();
-    let v6: Vec<IpNet> = spec
-        .agent_sources
-        .iter()
-        .filter(|n| n.addr().is_ipv6())
-        .copied()
-        .collect();
-    let killed4: Vec<IpAddr> = spec
-        .killed
-        .iter()
-        .filter(|a| a.is_ipv4())
-        .copied()
-        .collect();
-    let killed6: Vec<IpAddr> = spec
-        .killed
-        .iter()
-        .filter(|a| a.is_ipv6())
-        .copied()
-        .collect();
-
-    // "From the agents": arriving on an agent interface, or from an agent network.
-    let mut from_agents = Vec::new();
-    if !spec.agent_interfaces.is_empty() {
-        from_agents.push(format!(
-            "iifname {{ {} }}",
-            set_list(
-                &spec
-                    .agent_interfaces
-                    .iter()
-                    .map(|i| format!("\"{i}\""))
-                    .collect::<Vec<_>>()
-            )
-        ));
-    }
-    if !v4.is_empty() {
-        from_agents.push(format!("ip saddr {{ {} }}", set_list(&v4)));
-    }
-    if !v6.is_empty() {
-        from_agents.push(format!("ip6 saddr {{ {} }}", set_list(&v6)));
-    }
-    let mut to_agents = Vec::new();
-    if !spec.agent_interfaces.is_empty() {
-        to_agents.push(format!(
-            "oifname {{ {} }}",
-            set_list(
-                &spec
-                    .agent_interfaces
-                    .iter()
-                    .map(|i| format!("\"{i}\""))
-                    .collect::<Vec<_>>()
-            )
-        ));
-    }
-    if !v4.is_empty() {
-        to_agents.push(format!("ip daddr {{ {} }}", set_list(&v4)));
-    }
-    if !v6.is_empty() {
-        to_agents.push(format!("ip6 daddr {{ {} }}", set_list(&v6)));
-    }
-    let intercepted = set_list(&spec.intercepted_ports);
-    let mut t = String::new();
-    let w = &mut t;
-    let _ = writeln!(
-        w,
-        "# portcullis ruleset: rendered by `portcullis print-ruleset`; do not edit by hand."
-    );
-    let _ = writeln!(w, "# Agent traffic = {}.", from_agents.join(" or "));
-    let _ = writeln!(
-        w,
-        "# Applied as one transaction: create-if-missing, delete, define again."
-    );
-    let _ = writeln!(w, "table inet {TABLE} {{}}");
-    let _ = writeln!(w, "delete table inet {TABLE}");
-    let _ = writeln!(w, "table inet {TABLE} {{");
-    let _ = writeln!(
-        w,
-        "  # Kill switch, second layer: sources here are dropped before anything else."
-    );
-    let _ = writeln!(
-        w,
-        "  set {KILL_SET_V4} {{ type ipv4_addr; flags interval;{} }}",
-        elements(&killed4)
-    );
-    let _ = writeln!(
-        w,
-        "  set {KILL_SET_V6} {{ type ipv6_addr; flags interval;{} }}",
-        elements(&killed6)
-    );
-    let _ = writeln!(w, "  counter killed_dropped {{}}");
-    let _ = writeln!(w, "  counter agent_input_dropped {{}}");
-    let _ = writeln!(w, "  counter agent_forward_dropped {{}}");
-    let _ = writeln!(w);
-    let _ = writeln!(
-        w,
-        "  # Earliest hook (raw): killed sources never reach conntrack, NAT or a socket."
-    );
-    let _ = writeln!(w, "  chain kill_guard {{");
-    let _ = writeln!(
-        w,
-        "    type filter hook prerouting priority raw; policy accept;"
-    );
-    let _ = writeln!(
-        w,
-        "    ip saddr @{KILL_SET_V4} counter name killed_dropped drop"
-    );
-    let _ = writeln!(
-        w,
-        "    ip6 saddr @{KILL_SET_V6} counter name killed_dropped drop"
-    );
-    let _ = writeln!(w, "  }}");
-    let _ = writeln!(w);
-    match spec.interception {
-        Interception::Redirect => {
-            let _ = writeln!(
-                w,
-                "  # Divert the agents' web traffic and DNS to portcullis (NAT redirect; SO_ORIGINAL_DST)."
-            );
-            let _ = writeln!(w, "  chain divert {{");
-            let _ = writeln!(
-                w,
-                "    type nat hook prerouting priority dstnat; policy accept;"
-            );
-            for m in &from_agents {
-                if m.starts_with("ip6") && !spec.ipv6 {
-                    continue;
-                }
-                let fam = if m.starts_with("ip6") {
-                    "ip6"
-                } else if m.starts_with("ip ") {
-                    "ip"
-                } else {
-                    ""
-                };
-                let _ = writeln!(
-                    w,
-                    "    {m} {}tcp dport {{ {intercepted} }} redirect to :{}",
-                    fam_prefix(fam, spec.ipv6),
-                    spec.transparent_port
-                );
-                if let Some(dns) = spec.dns_port {
-                    let _ = writeln!(
-                        w,
-                        "    {m} {}udp dport 53 redirect to :{dns}",
-                        fam_prefix(fam, spec.ipv6)
-                    );
-                    let _ = writeln!(
-                        w,
-                        "    {m} {}tcp dport 53 redirect to :{dns}",
-                        fam_prefix(fam, spec.ipv6)
-                    );
-                }
-            }
-            let _ = writeln!(w, "  }}");
-        }
-        Interception::Tproxy => {
-            let mark = spec.tproxy_mark;
-            let _ = writeln!(
-                w,
-                "  # Divert the agents' web traffic to portcullis with TPROXY (socket local address"
-            );
-            let _ = writeln!(
-                w,
-                "  # = original destination). Needs: ip rule add fwmark {mark} lookup 100;"
-            );
-            let _ = writeln!(
-                w,
-                "  #   ip route add local 0.0.0.0/0 dev lo table 100 (and the -6 equivalents)."
-            );
-            let _ = writeln!(w, "  chain divert {{");
-            let _ = writeln!(
-                w,
-                "    type filter hook prerouting priority mangle; policy accept;"
-            );
-            for m in &from_agents {
-                let v4_ok = !m.starts_with("ip6");
-                let v6_ok = spec.ipv6 && !m.starts_with("ip ");
-                if v4_ok {
-                    let _ = writeln!(
-                        w,
-                        "    {m} meta nfproto ipv4 tcp dport {{ {intercepted} }} tproxy ip to :{} meta mark set {mark} accept",
-                        spec.transparent_port
-                    );
-                }
-                if v6_ok {
-                    let _ = writeln!(
-                        w,
-                        "    {m} meta nfproto ipv6 tcp dport {{ {intercepted} }} tproxy ip6 to :{} meta mark set {mark} accept",
-                        spec.transparent_port
-                    );
-                }
-            }
-            if let Some(dns) = spec.dns_port {
-                let _ = writeln!(w, "  }}");
-                let _ = writeln!(
-                    w,
-                    "  # DNS is redirected (NAT) even in TPROXY mode: the DNS listener is an ordinary socket."
-                );
-                let _ = writeln!(w, "  chain divert_dns {{");
-                let _ = writeln!(
-                    w,
-                    "    type nat hook prerouting priority dstnat; policy accept;"
-                );
-                for m in &from_agents {
-                    if m.starts_with("ip6") && !spec.ipv6 {
-                        continue;
-                    }
-                    let _ = writeln!(
-                        w,
-                        "    {m} meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns}"
-                    );
-                }
-            }
-            let _ = writeln!(w, "  }}");
-        }
-    }
-    let _ = writeln!(w);
-    let _ = writeln!(
-        w,
-        "  # What agents may open on the gateway itself; the gateway's own traffic is not ours."
-    );
-    let _ = writeln!(w, "  chain input {{");
-    let _ = writeln!(
-        w,
-        "    type filter hook input priority filter; policy accept;"
-    );
-    for m in &from_agents {
-        if !spec.ipv6 && !m.starts_with("ip ") {
-            let _ = writeln!(
-                w,
-                "    {m} meta nfproto ipv6 counter name agent_input_dropped drop"
-            );
-        }
-        let _ = writeln!(w, "    {m} ct state established,related accept");
-        let _ = writeln!(w, "    {m} tcp dport {} accept", spec.transparent_port);
-        if let Some(p) = spec.explicit_port {
-            let _ = writeln!(w, "    {m} tcp dport {p} accept");
-        }
-        if let Some(p) = spec.dns_port {
-            let _ = writeln!(w, "    {m} meta l4proto {{ tcp, udp }} th dport {p} accept");
-        }
-        let _ = writeln!(
-            w,
-            "    # ICMP errors are needed for path MTU discovery; no other ICMP (no payload tunnels)."
-        );
-        let _ = writeln!(
-            w,
-            "    {m} icmp type {{ destination-unreachable, time-exceeded }} accept"
-        );
-        if spec.ipv6 {
-            let _ = writeln!(
-                w,
-                "    {m} icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept"
-            );
-        }
-        let _ = writeln!(w, "    {m} counter name agent_input_dropped drop");
-    }
-    let _ = writeln!(w, "  }}");
-    let _ = writeln!(w);
-    let _ = writeln!(
-        w,
-        "  # The gateway never routes agent traffic: everything leaves through portcullis"
-    );
-    let _ = writeln!(
-        w,
-        "  # (drops UDP 443/QUIC, other ports, direct IPs, ICMP, IPv6 around the proxy)."
-    );
-    let _ = writeln!(w, "  chain forward {{");
-    let _ = writeln!(
-        w,
-        "    type filter hook forward priority filter; policy accept;"
-    );
-    for m in from_agents.iter().chain(&to_agents) {
-        let _ = writeln!(w, "    {m} counter name agent_forward_dropped drop");
-    }
-    let _ = writeln!(w, "  }}");
-    let _ = writeln!(w, "}}");
-    Ok(t)
+/// Adds addresses to the kill sets.
+pub fn add_killed(addrs: &[IpAddr]) -> Result<(), NftError> {
+    Nft::default().add_killed(addrs)
 }
 
-/// Rules matching by interface carry no family; restrict them to IPv4 when IPv6 is not
-/// intercepted (it is dropped in `input` instead).
-fn fam_prefix(fam: &str, ipv6: bool) -> &'static str {
-    match (fam, ipv6) {
-        ("", false) => "meta nfproto ipv4 ",
-        _ => "",
-    }
+/// Removes addresses from the kill sets; absent ones are not an error.
+pub fn remove_killed(addrs: &[IpAddr]) -> Result<(), NftError> {
+    Nft::default().remove_killed(addrs)
 }
 
-fn elements(addrs: &[IpAddr]) -> String {
-    if addrs.is_empty() {
-        String::new()
-    } else {
-        format!(" elements = {{ {} }};", set_list(addrs))
-    }
+/// Lists the killed addresses (v4 then v6).
+pub fn list_killed() -> Result<Vec<IpAddr>, NftError> {
+    Nft::default().list_killed()
 }
 
-/// The operator's TPROXY policy-routing commands.
-pub fn tproxy_routing_commands(spec: &RulesetSpec) -> Vec<String> {
-    let m = spec.tproxy_mark;
-    let mut v = vec![
-        format!("ip rule add fwmark {m} lookup 100"),
-        "ip route add local 0.0.0.0/0 dev lo table 100".to_owned(),
-    ];
-    if spec.ipv6 {
-        v.push(format!("ip -6 rule add fwmark {m} lookup 100"));
-        v.push("ip -6 route add local ::/0 dev lo table 100".to_owned());
-    }
-    v
-}
-
-/// How to run `nft`: the binary (env `PORTCULLIS_NFT`, default `nft`) and optionally a
-/// network namespace (tests).
-#[derive(Debug, Clone)]
+/// How to invoke `nft`: which binary, and optionally inside which network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nft {
     pub program: String,
+    /// When set, commands run as `ip netns exec NAME <program> ...`.
     pub netns: Option<String>,
 }
 
 impl Default for Nft {
     fn default() -> Self {
         Self {
-            program: std::env::var("PORTCULLIS_NFT").unwrap_or_else(|_| "nft".into()),
+            program: std::env::var(NFT_PROGRAM_ENV).unwrap_or_else(|_| "nft".to_string()),
             netns: None,
         }
     }
 }
 
 impl Nft {
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, &self.program]);
-                c
-            }
-            None => Command::new(&self.program),
-        };
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(NftError::Spawn)?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes()).map_err(NftError::Spawn)?;
-        }
-        // Bounded wait: nft normally answers in milliseconds.
-        let started = Instant::now();
-        loop {
-            match child.try_wait().map_err(NftError::Spawn)? {
-                Some(_) => break,
-                None if started.elapsed() > NFT_TIMEOUT => {
-                    let _ = child.kill();
-                    return Err(NftError::Nft {
-                        status: -1,
-                        stderr: "timed out".into(),
-                    });
-                }
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-        let out = child.wait_with_output().map_err(NftError::Spawn)?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(NftError::Nft {
-                status: out.status.code().unwrap_or(-1),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            })
-        }
-    }
-
-    /// `nft -c -f -`: validate without applying.
+    /// `nft -c -f -`.
     pub fn check(&self, ruleset: &str) -> Result<(), NftError> {
-        self.run(&["-c", "-f", "-"], Some(ruleset)).map(|_| ())
+        self.run(&["-c", "-f", "-"], Some(ruleset)).map(drop)
     }
 
-    /// `nft -f -`: apply atomically.
+    /// `nft -f -`.
     pub fn apply(&self, ruleset: &str) -> Result<(), NftError> {
-        self.run(&["-f", "-"], Some(ruleset)).map(|_| ())
+        self.run(&["-f", "-"], Some(ruleset)).map(drop)
     }
 
-    fn edit_killed(&self, verb: &str, addrs: &[IpAddr]) -> Result<(), NftError> {
+    /// Adds all addresses in one transaction (adding an existing element is a no-op in nft).
+    pub fn add_killed(&self, addrs: &[IpAddr]) -> Result<(), NftError> {
+        let (v4, v6) = split_by_family(addrs);
         let mut batch = String::new();
-        for (set, v4) in [(KILL_SET_V4, true), (KILL_SET_V6, false)] {
-            let these: Vec<&IpAddr> = addrs.iter().filter(|a| a.is_ipv4() == v4).collect();
-            if !these.is_empty() {
-                let _ = writeln!(
-                    batch,
-                    "{verb} element inet {TABLE} {set} {{ {} }}",
-                    set_list(&these)
-                );
-            }
+        if !v4.is_empty() {
+            batch += &element_command("add", KILL_SET_V4, &join(&v4));
+        }
+        if !v6.is_empty() {
+            batch += &element_command("add", KILL_SET_V6, &join(&v6));
         }
         if batch.is_empty() {
             return Ok(());
         }
-        self.run(&["-f", "-"], Some(&batch)).map(|_| ())
+        self.apply(&batch)
     }
 
-    pub fn add_killed(&self, addrs: &[IpAddr]) -> Result<(), NftError> {
-        self.edit_killed("add", addrs)
-    }
-
-    /// Remove addresses; ones not in the set are not an error.
+    /// Deletes one address at a time so one absent address cannot abort the rest. nft's
+    /// wording for "not in set" differs between versions (ENOENT vs "element does not
+    /// exist", the former also meaning "no such table"), so a failure is ignored only when a
+    /// fresh listing confirms the address is really not killed.
     pub fn remove_killed(&self, addrs: &[IpAddr]) -> Result<(), NftError> {
-        let present = self.list_killed()?;
-        let these: Vec<IpAddr> = addrs
+        let (v4, v6) = split_by_family(addrs);
+        let targets = v4
             .iter()
-            .filter(|a| present.contains(a))
-            .copied()
-            .collect();
-        self.edit_killed("delete", &these)
-    }
-
-    pub fn list_killed(&self) -> Result<Vec<IpAddr>, NftError> {
-        let mut out = Vec::new();
-        for set in [KILL_SET_V4, KILL_SET_V6] {
-            let json = self.run(&["-j", "list", "set", "inet", TABLE, set], None)?;
-            let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| NftError::Nft {
-                status: 0,
-                stderr: format!("unreadable nft JSON: {e}"),
-            })?;
-            let elems = v["nftables"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["set"]["elem"].as_array())
-                .flatten();
-            for e in elems {
-                if let Some(ip) = e.as_str().and_then(|s| s.parse().ok()) {
-                    out.push(ip);
+            .map(|a| (KILL_SET_V4, a.to_string(), IpAddr::V4(*a)))
+            .chain(
+                v6.iter()
+                    .map(|a| (KILL_SET_V6, a.to_string(), IpAddr::V6(*a))),
+            );
+        for (set, text, addr) in targets {
+            if let Err(err) = self.apply(&element_command("delete", set, &text)) {
+                match self.list_killed() {
+                    Ok(killed) if !killed.contains(&addr) => {}
+                    _ => return Err(err),
                 }
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Reads both kill sets via `nft -j`.
+    pub fn list_killed(&self) -> Result<Vec<IpAddr>, NftError> {
+        let mut killed = Vec::new();
+        for set in [KILL_SET_V4, KILL_SET_V6] {
+            let json = self.run(&["-j", "list", "set", "inet", TABLE, set], None)?;
+            killed.extend(parse_set_elements(&json)?);
+        }
+        Ok(killed)
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
+        let mut command = match &self.netns {
+            Some(netns) => {
+                validate_netns_name(netns)?;
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, &self.program]);
+                command
+            }
+            None => Command::new(&self.program),
+        };
+        command.args(args);
+        run_bounded(command, stdin, COMMAND_TIMEOUT)
     }
 }
 
-pub fn check(ruleset: &str) -> Result<(), NftError> {
-    Nft::default().check(ruleset)
+fn element_command(verb: &str, set: &str, elements: &str) -> String {
+    format!("{verb} element inet {TABLE} {set} {{ {elements} }}\n")
 }
 
-pub fn apply(ruleset: &str) -> Result<(), NftError> {
-    Nft::default().apply(ruleset)
+/// Names go on argv (no shell), but one starting with '-' would be read by `ip` as an option.
+fn validate_netns_name(name: &str) -> Result<(), NftError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if name.is_empty() || name.starts_with('-') || !name.chars().all(allowed) {
+        return Err(NftError::Spec(format!("invalid netns name {name:?}")));
+    }
+    Ok(())
+}
+
+/// Runs a command with optional stdin, capturing output, killing it after `timeout`.
+fn run_bounded(
+    mut command: Command,
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> Result<String, NftError> {
+    command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(NftError::Spawn)?;
+
+    // Feed and drain on threads: a large batch or listing must not deadlock on a full pipe.
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => {
+            let text = text.to_owned();
+            Some(std::thread::spawn(move || pipe.write_all(text.as_bytes())))
+        }
+        _ => None,
+    };
+    let stdout_reader = child.stdout.take().map(spawn_reader);
+    let stderr_reader = child.stderr.take().map(spawn_reader);
+
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(NftError::Spawn)? {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                // Best effort: the process may exit between the check and the kill.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(NftError::Spawn(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("nft did not finish within {timeout:?}"),
+                )));
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+
+    let stdout = join_reader(stdout_reader)?;
+    let stderr = join_reader(stderr_reader)?;
+    if let Some(writer) = writer {
+        let written = writer
+            .join()
+            .map_err(|_| NftError::Spawn(std::io::Error::other("stdin writer panicked")))?;
+        // A failing nft may close stdin early; its own status and stderr say more than EPIPE.
+        if status.success() {
+            written.map_err(NftError::Spawn)?;
+        }
+    }
+    if !status.success() {
+        return Err(NftError::Nft {
+            status: status.code().unwrap_or(-1),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    Ok(stdout)
+}
+
+type Reader = std::thread::JoinHandle<std::io::Result<String>>;
+
+fn spawn_reader<R: Read + Send + 'static>(mut pipe: R) -> Reader {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).map(|_| text)
+    })
+}
+
+fn join_reader(reader: Option<Reader>) -> Result<String, NftError> {
+    match reader {
+        None => Ok(String::new()),
+        Some(handle) => handle
+            .join()
+            .map_err(|_| NftError::Spawn(std::io::Error::other("output reader panicked")))?
+            .map_err(NftError::Spawn),
+    }
+}
+
+/// Extracts addresses from `nft -j list set` output. Only single addresses are accepted
+/// (plain, full-length prefix, or one-address range): anything wider was not put there by
+/// portcullis and silently reporting part of it would misstate who is killed.
+fn parse_set_elements(json: &str) -> Result<Vec<IpAddr>, NftError> {
+    let document: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| NftError::Parse(format!("invalid JSON: {e}")))?;
+    let entries = document
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| NftError::Parse("missing \"nftables\" array".into()))?;
+    let mut addrs = Vec::new();
+    for entry in entries {
+        let Some(set) = entry.get("set") else {
+            continue;
+        };
+        match set.get("elem") {
+            None => {}
+            Some(serde_json::Value::Array(elements)) => {
+                for element in elements {
+                    addrs.push(parse_element(element)?);
+                }
+            }
+            // Some nft versions print a lone element without the array.
+            Some(element) => addrs.push(parse_element(element)?),
+        }
+    }
+    Ok(addrs)
+}
+
+fn parse_element(element: &serde_json::Value) -> Result<IpAddr, NftError> {
+    let unexpected = || NftError::Parse(format!("unexpected kill-set element {element}"));
+    let parse_addr = |v: &serde_json::Value| -> Result<IpAddr, NftError> {
+        v.as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(unexpected)
+    };
+    if element.is_string() {
+        return parse_addr(element);
+    }
+    // Elements carrying counters/timeouts are wrapped as {"elem": {"val": ...}}.
+    if let Some(inner) = element.get("elem").and_then(|e| e.get("val")) {
+        return parse_element(inner);
+    }
+    if let Some(prefix) = element.get("prefix") {
+        let addr = prefix
+            .get("addr")
+            .map(parse_addr)
+            .ok_or_else(unexpected)??;
+        let len = prefix.get("len").and_then(|l| l.as_u64());
+        let full = if addr.is_ipv4() { 32 } else { 128 };
+        return if len == Some(full) {
+            Ok(addr)
+        } else {
+            Err(unexpected())
+        };
+    }
+    if let Some(serde_json::Value::Array(bounds)) = element.get("range")
+        && let [low, high] = bounds.as_slice()
+    {
+        let (low, high) = (parse_addr(low)?, parse_addr(high)?);
+        return if low == high {
+            Ok(low)
+        } else {
+            Err(unexpected())
+        };
+    }
+    Err(unexpected())
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests;

@@ -1,156 +1,656 @@
-//! Tests of the rendered ruleset: its shape, its validation, `nft -c` acceptance (root),
-//! and applying and editing it inside a private network namespace (root).
+//! Tests of the ruleset: rendered text, `nft -c`, and applying it in private network
+//! namespaces with real traffic (root).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
 
-fn spec() -> RulesetSpec {
+fn homelab() -> RulesetSpec {
     RulesetSpec {
         agent_interfaces: vec!["vlan66".into()],
+        agent_sources: vec!["10.66.0.0/24".parse().unwrap()],
+        interception: Interception::Redirect,
+        transparent_port: 15001,
+        intercepted_ports: DEFAULT_INTERCEPTED_PORTS.to_vec(),
+        explicit_port: Some(3128),
+        dns_port: Some(53),
+        ipv6: false,
+        tproxy_mark: 100,
+        killed: Vec::new(),
+    }
+}
+
+fn tproxy_v6() -> RulesetSpec {
+    RulesetSpec {
         agent_sources: vec![
             "10.66.0.0/24".parse().unwrap(),
             "fd66::/64".parse().unwrap(),
         ],
-        interception: Interception::Redirect,
-        transparent_port: 15001,
-        intercepted_ports: vec![80, 443],
-        explicit_port: Some(3128),
-        dns_port: Some(53),
-        ipv6: false,
-        tproxy_mark: 1,
-        killed: vec![],
+        interception: Interception::Tproxy,
+        ipv6: true,
+        killed: vec!["10.66.0.9".parse().unwrap(), "fd66::9".parse().unwrap()],
+        ..homelab()
+    }
+}
+
+fn spec_error(spec: &RulesetSpec) -> String {
+    match render(spec) {
+        Err(NftError::Spec(message)) => message,
+        other => panic!("expected a spec error, got {other:?}"),
+    }
+}
+
+fn position(text: &str, needle: &str) -> usize {
+    text.find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"))
+}
+
+/// The text without `#` comment lines.
+fn rules(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The body of `chain NAME { ... }`.
+fn chain<'a>(text: &'a str, name: &str) -> &'a str {
+    let start = position(text, &format!("chain {name} {{"));
+    let end = start + position(&text[start..], "\n\t}");
+    &text[start..end]
+}
+
+#[test]
+fn transaction_is_create_delete_define() {
+    let text = render(&homelab()).unwrap();
+    let create = position(&text, "table inet portcullis {}\n");
+    let delete = position(&text, "delete table inet portcullis\n");
+    let define = position(&text, "table inet portcullis {\n");
+    assert!(create < delete && delete < define);
+}
+
+#[test]
+fn kill_drop_comes_before_redirects_and_accepts() {
+    let text = render(&homelab()).unwrap();
+    let kill = "ip saddr @kill_sources_v4 counter name \"killed_dropped\" drop";
+    for name in ["input_guard", "prerouting", "input"] {
+        let body = chain(&text, name);
+        let first_rule = body.lines().nth(2).unwrap().trim();
+        assert_eq!(first_rule, kill, "chain {name}");
+    }
+    assert!(chain(&text, "input_guard").contains("priority raw"));
+    // The redirects live in agent_nat, reached only after the kill drops.
+    let prerouting = chain(&text, "prerouting");
+    assert!(position(prerouting, kill) < position(prerouting, "jump agent_nat"));
+    assert!(chain(&text, "agent_nat").contains("tcp dport { 80, 443 } redirect to :15001"));
+    assert!(chain(&text, "agent_nat").contains("udp dport 53 redirect to :53"));
+    assert!(chain(&text, "agent_nat").contains("tcp dport 53 redirect to :53"));
+}
+
+#[test]
+fn every_matcher_is_used_from_and_to() {
+    let text = render(&tproxy_v6()).unwrap();
+    let forward = chain(&text, "forward");
+    for matcher in [
+        "ip saddr @agent_nets_v4",
+        "ip daddr @agent_nets_v4",
+        "ip6 saddr @agent_nets_v6",
+        "ip6 daddr @agent_nets_v6",
+    ] {
+        assert!(
+            forward.contains(&format!(
+                "{matcher} counter name \"agent_forward_dropped\" drop"
+            )),
+            "{matcher}"
+        );
+    }
+    let text = render(&homelab()).unwrap();
+    assert!(chain(&text, "input").contains("iifname @agent_interfaces jump agent_input"));
+    assert!(chain(&text, "forward").contains("oifname @agent_interfaces counter"));
+}
+
+#[test]
+fn ipv6_disabled_drops_all_agent_v6() {
+    let text = render(&homelab()).unwrap();
+    let agent_input = chain(&text, "agent_input");
+    let drop_v6 = "meta nfproto ipv6 counter name \"agent_input_dropped\" drop";
+    assert!(position(agent_input, drop_v6) < position(agent_input, "ct state"));
+    assert!(chain(&text, "agent_nat").contains("meta nfproto ipv6 return"));
+    assert!(!text.contains("icmpv6"));
+    assert!(!text.contains("tproxy ip6"));
+    // Forward drops agent traffic of every family by matcher, v6 included.
+    assert!(chain(&text, "forward").contains("iifname @agent_interfaces counter"));
+}
+
+#[test]
+fn input_allows_only_listeners_and_pmtu_icmp() {
+    let text = render(&homelab()).unwrap();
+    let agent_input = chain(&text, "agent_input");
+    for rule in [
+        "tcp dport 15001 accept",
+        "tcp dport 3128 accept",
+        "udp dport 53 accept",
+        "tcp dport 53 accept",
+        "icmp type { destination-unreachable, time-exceeded } accept",
+    ] {
+        assert!(agent_input.contains(rule), "{rule}");
+    }
+    assert!(!rules(agent_input).contains("echo"));
+    assert!(
+        agent_input
+            .trim_end()
+            .ends_with("counter name \"agent_input_dropped\" drop")
+    );
+    assert!(text.contains("counter agent_input_dropped {}"));
+    assert!(text.contains("counter agent_forward_dropped {}"));
+    assert!(text.contains("counter killed_dropped {}"));
+}
+
+#[test]
+fn optional_listeners_are_omitted() {
+    let spec = RulesetSpec {
+        explicit_port: None,
+        dns_port: None,
+        ..homelab()
+    };
+    let text = render(&spec).unwrap();
+    assert!(!text.contains("3128"));
+    assert!(!text.contains("dport 53"));
+}
+
+#[test]
+fn tproxy_text() {
+    let spec = tproxy_v6();
+    let text = render(&spec).unwrap();
+    let tproxy = chain(&text, "tproxy_prerouting");
+    assert!(tproxy.contains("type filter hook prerouting priority mangle"));
+    assert!(tproxy.lines().nth(2).unwrap().contains("@kill_sources_v4"));
+    let agent_tproxy = chain(&text, "agent_tproxy");
+    assert!(agent_tproxy.contains(
+        "meta nfproto ipv4 tcp dport { 80, 443 } tproxy ip to :15001 meta mark set 100 accept"
+    ));
+    assert!(agent_tproxy.contains("tproxy ip6 to :15001 meta mark set 100 accept"));
+    assert!(chain(&text, "agent_input").contains("meta l4proto tcp meta mark 100 accept"));
+    assert!(!chain(&text, "agent_nat").contains("redirect to :15001"));
+    assert!(chain(&text, "agent_nat").contains("udp dport 53 redirect to :53"));
+    assert!(text.contains("elements = { 10.66.0.9 }"));
+    assert!(text.contains("elements = { fd66::9 }"));
+    let commands = tproxy_routing_commands(&spec);
+    assert_eq!(
+        commands,
+        [
+            "ip rule add fwmark 100 lookup 100",
+            "ip route add local 0.0.0.0/0 dev lo table 100",
+            "ip -6 rule add fwmark 100 lookup 100",
+            "ip -6 route add local ::/0 dev lo table 100",
+        ]
+    );
+    for command in &commands {
+        assert!(text.contains(&format!("#   {command}\n")));
+    }
+    assert!(tproxy_routing_commands(&homelab()).is_empty());
+}
+
+#[test]
+fn v4_only_sources_get_a_v6_note() {
+    let spec = RulesetSpec {
+        agent_interfaces: Vec::new(),
+        ..homelab()
+    };
+    let text = render(&spec).unwrap();
+    assert!(text.contains("IPv6 traffic cannot be"));
+    assert!(!rules(&text).contains("@agent_interfaces"));
+    assert!(
+        !render(&homelab())
+            .unwrap()
+            .contains("IPv6 traffic cannot be")
+    );
+}
+
+#[test]
+fn sources_are_normalised_and_killed_deduplicated() {
+    let spec = RulesetSpec {
+        agent_sources: vec![
+            "10.66.0.7/24".parse().unwrap(),
+            "10.66.0.0/24".parse().unwrap(),
+        ],
+        killed: vec![
+            "10.66.0.5".parse().unwrap(),
+            "::ffff:10.66.0.5".parse().unwrap(),
+        ],
+        ..homelab()
+    };
+    let text = render(&spec).unwrap();
+    assert!(text.contains("elements = { 10.66.0.0/24 }"));
+    assert!(text.contains("elements = { 10.66.0.5 }"));
+}
+
+#[test]
+fn validation_errors() {
+    let none = RulesetSpec {
+        agent_interfaces: Vec::new(),
+        agent_sources: Vec::new(),
+        ..homelab()
+    };
+    assert!(spec_error(&none).contains("at least one"));
+    let zero = RulesetSpec {
+        transparent_port: 0,
+        ..homelab()
+    };
+    assert!(spec_error(&zero).contains("transparent_port"));
+    let zero_dns = RulesetSpec {
+        dns_port: Some(0),
+        ..homelab()
+    };
+    assert!(spec_error(&zero_dns).contains("dns_port"));
+    let zero_intercepted = RulesetSpec {
+        intercepted_ports: vec![80, 0],
+        ..homelab()
+    };
+    assert!(spec_error(&zero_intercepted).contains("intercepted_ports"));
+    let clash = RulesetSpec {
+        explicit_port: Some(15001),
+        ..homelab()
+    };
+    assert!(spec_error(&clash).contains("transparent_port and explicit_port"));
+    let clash = RulesetSpec {
+        dns_port: Some(3128),
+        ..homelab()
+    };
+    assert!(spec_error(&clash).contains("explicit_port and dns_port"));
+    let bad_mark = RulesetSpec {
+        tproxy_mark: 0,
+        ..tproxy_v6()
+    };
+    assert!(spec_error(&bad_mark).contains("tproxy_mark"));
+    let main_table = RulesetSpec {
+        tproxy_mark: 254,
+        ..tproxy_v6()
+    };
+    assert!(spec_error(&main_table).contains("tproxy_mark"));
+    // The mark is irrelevant to Redirect.
+    render(&RulesetSpec {
+        tproxy_mark: 0,
+        ..homelab()
+    })
+    .unwrap();
+}
+
+#[test]
+fn interface_name_injection_rejected() {
+    for name in [
+        "vlan66\" accept; #",
+        "vlan66 }",
+        "eth0\ndelete table inet filter",
+        "a*",
+        "",
+        "sixteen-chars-xx",
+        "vlan66;",
+        "@agent",
+    ] {
+        let spec = RulesetSpec {
+            agent_interfaces: vec![name.to_string()],
+            ..homelab()
+        };
+        assert!(
+            spec_error(&spec).contains("invalid interface name"),
+            "{name:?}"
+        );
+    }
+    let ok = RulesetSpec {
+        agent_interfaces: vec!["br-lan.66_x".into(), "fifteen-chars-x".into()],
+        ..homelab()
+    };
+    render(&ok).unwrap();
+}
+
+#[test]
+fn netns_name_validated() {
+    let nft = Nft {
+        program: "nft".into(),
+        netns: Some("-all".into()),
+    };
+    assert!(matches!(nft.list_killed(), Err(NftError::Spec(_))));
+}
+
+#[test]
+fn parses_set_json() {
+    let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"set": {"family": "inet", "name": "kill_sources_v4", "table": "portcullis",
+              "type": "ipv4_addr", "flags": ["interval"],
+              "elem": ["10.0.0.5", {"prefix": {"addr": "10.0.0.6", "len": 32}},
+                       {"range": ["10.0.0.7", "10.0.0.7"]},
+                       {"elem": {"val": "10.0.0.8", "counter": {"packets": 0}}}]}}]}"#;
+    let addrs = parse_set_elements(json).unwrap();
+    let expected: Vec<IpAddr> = ["10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(addrs, expected);
+    let empty = r#"{"nftables": [{"set": {"name": "kill_sources_v6"}}]}"#;
+    assert!(parse_set_elements(empty).unwrap().is_empty());
+    let lone = r#"{"nftables": [{"set": {"elem": "fd00::1"}}]}"#;
+    assert_eq!(
+        parse_set_elements(lone).unwrap(),
+        vec!["fd00::1".parse::<IpAddr>().unwrap()]
+    );
+    let wide =
+        r#"{"nftables": [{"set": {"elem": [{"prefix": {"addr": "10.1.0.0", "len": 24}}]}}]}"#;
+    assert!(matches!(parse_set_elements(wide), Err(NftError::Parse(_))));
+    assert!(matches!(
+        parse_set_elements("not json"),
+        Err(NftError::Parse(_))
+    ));
+}
+
+#[test]
+fn timeout_kills_slow_command() {
+    let mut command = Command::new("sleep");
+    command.arg("5");
+    let started = Instant::now();
+    let result = run_bounded(command, None, Duration::from_millis(200));
+    assert!(
+        matches!(&result, Err(NftError::Spawn(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn missing_program_is_spawn_error() {
+    let nft = Nft {
+        program: "/nonexistent/nft".into(),
+        netns: None,
+    };
+    assert!(matches!(
+        nft.check("table inet x {}"),
+        Err(NftError::Spawn(_))
+    ));
+}
+
+// ---- against the real nft (root; CI runs as root with nftables installed) ----
+
+fn assert_kernel_accepts(spec: &RulesetSpec) {
+    let text = render(spec).unwrap();
+    if let Err(err) = check(&text) {
+        panic!("nft -c rejected the ruleset: {err}\n{text}");
     }
 }
 
 #[test]
-fn kill_guard_comes_before_diversion_and_forward_is_dropped() {
-    let text = render(&spec()).unwrap();
-    let kill = text.find("ip saddr @kill_sources_v4").unwrap();
-    let divert = text.find("redirect to :15001").unwrap();
-    assert!(kill < divert);
-    assert!(text.contains("priority raw"));
-    assert!(text.contains("chain forward"));
-    assert!(text.contains("iifname { \"vlan66\" } counter name agent_forward_dropped drop"));
-    assert!(text.contains("oifname { \"vlan66\" } counter name agent_forward_dropped drop"));
-    // IPv6 not intercepted: dropped at input, never redirected.
-    assert!(text.contains("meta nfproto ipv6 counter name agent_input_dropped drop"));
-    let divert = &text[text.find("chain divert").unwrap()..text.find("chain input").unwrap()];
-    assert!(!divert.contains("ip6"), "{divert}");
-    assert!(text.starts_with("# portcullis ruleset"));
-    assert!(text.contains("table inet portcullis {}\ndelete table inet portcullis\n"));
+fn nft_check_redirect_interfaces() {
+    assert_kernel_accepts(&RulesetSpec {
+        agent_sources: Vec::new(),
+        ..homelab()
+    });
 }
 
 #[test]
-fn killed_addresses_are_rendered_into_the_sets() {
-    let mut s = spec();
-    s.killed = vec!["10.66.0.11".parse().unwrap(), "fd66::11".parse().unwrap()];
-    let text = render(&s).unwrap();
-    assert!(text.contains(
-        "set kill_sources_v4 { type ipv4_addr; flags interval; elements = { 10.66.0.11 }; }"
+fn nft_check_redirect_sources_only() {
+    assert_kernel_accepts(&RulesetSpec {
+        agent_interfaces: Vec::new(),
+        agent_sources: vec![
+            "10.66.0.0/24".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+            "fd66::/64".parse().unwrap(),
+        ],
+        ipv6: true,
+        ..homelab()
+    });
+}
+
+#[test]
+fn nft_check_tproxy_ipv6_with_killed() {
+    assert_kernel_accepts(&tproxy_v6());
+}
+
+#[test]
+fn nft_check_redirect_with_killed_no_optional_listeners() {
+    assert_kernel_accepts(&RulesetSpec {
+        explicit_port: None,
+        dns_port: None,
+        intercepted_ports: Vec::new(),
+        killed: vec![
+            "10.66.0.1".parse().unwrap(),
+            "10.66.0.2".parse().unwrap(),
+            "fd66::1".parse().unwrap(),
+        ],
+        ..homelab()
+    });
+}
+
+#[test]
+fn nft_check_rejects_garbage() {
+    assert!(matches!(
+        check("table inet portcullis { chain c { bogus } }"),
+        Err(NftError::Nft { status: 1, .. })
     ));
-    assert!(text.contains("elements = { fd66::11 }"));
 }
 
-#[test]
-fn specs_that_could_inject_or_conflict_are_refused() {
-    let mut s = spec();
-    s.agent_interfaces = vec!["eth0\" } accept; #".into()];
-    assert!(matches!(render(&s), Err(NftError::Spec(_))));
-    let mut s = spec();
-    s.explicit_port = Some(15001);
-    assert!(render(&s).is_err());
-    let mut s = spec();
-    s.agent_interfaces.clear();
-    s.agent_sources.clear();
-    assert!(render(&s).is_err());
-    let mut s = spec();
-    s.intercepted_ports.clear();
-    assert!(render(&s).is_err());
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// A throwaway network namespace, removed on drop.
+/// A network namespace deleted on drop, so a failing test leaves nothing behind.
 struct Netns(String);
 
 impl Netns {
-    fn new(tag: &str) -> Self {
-        assert!(
-            is_root(),
-            "nftables tests need root: run `bash tests/run.sh` as root (CI does)"
-        );
-        let name = format!("pcl-nft-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Self(name)
+    fn create(tag: &str) -> Self {
+        let name = format!("pcl-nfttest-{}-{tag}", std::process::id());
+        run_timeout(&["ip", "netns", "add", &name]);
+        Netns(name)
+    }
+    fn nft(&self) -> Nft {
+        Nft {
+            netns: Some(self.0.clone()),
+            ..Nft::default()
+        }
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = Command::new("timeout")
+            .args(["10", "ip", "netns", "delete", &self.0])
+            .status();
     }
 }
 
-#[test]
-fn nft_accepts_every_variant() {
-    let ns = Netns::new("check");
-    let nft = Nft {
-        program: "nft".into(),
-        netns: Some(ns.0.clone()),
-    };
-    let mut variants = vec![spec()];
-    let mut s = spec();
-    s.agent_interfaces.clear();
-    s.dns_port = None;
-    variants.push(s);
-    let mut s = spec();
-    s.interception = Interception::Tproxy;
-    s.ipv6 = true;
-    variants.push(s);
-    let mut s = spec();
-    s.killed = vec!["10.66.0.11".parse().unwrap(), "fd66::11".parse().unwrap()];
-    s.ipv6 = true;
-    variants.push(s);
-    for (i, v) in variants.iter().enumerate() {
-        let text = render(v).unwrap();
-        if let Err(e) = nft.check(&text) {
-            panic!("variant {i} rejected by nft -c: {e}\n{text}");
-        }
-    }
-}
-
-#[test]
-fn apply_is_idempotent_and_kill_sets_are_editable() {
-    let ns = Netns::new("apply");
-    let nft = Nft {
-        program: "nft".into(),
-        netns: Some(ns.0.clone()),
-    };
-    let text = render(&spec()).unwrap();
-    nft.apply(&text).unwrap();
-    nft.apply(&text).unwrap();
-    let a: IpAddr = "10.66.0.11".parse().unwrap();
-    let b: IpAddr = "fd66::11".parse().unwrap();
-    nft.add_killed(&[a, b]).unwrap();
-    let mut listed = nft.list_killed().unwrap();
-    listed.sort();
-    assert_eq!(listed, vec![a, b]);
-    nft.remove_killed(&[a, b, "10.66.0.99".parse().unwrap()])
+fn run_timeout(args: &[&str]) -> String {
+    let output = Command::new("timeout")
+        .arg("10")
+        .args(args)
+        .output()
         .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn sorted(mut addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    addrs.sort();
+    addrs
+}
+
+#[test]
+fn netns_apply_kill_list_remove() {
+    let netns = Netns::create("kill");
+    let nft = netns.nft();
+    let spec = homelab();
+    let text = render(&spec).unwrap();
+    nft.apply(&text).unwrap();
+    nft.apply(&text).unwrap(); // idempotent
     assert!(nft.list_killed().unwrap().is_empty());
-    // Re-applying with killed addresses keeps them in the sets.
-    let mut s = spec();
-    s.killed = vec![a];
-    nft.apply(&render(&s).unwrap()).unwrap();
-    assert_eq!(nft.list_killed().unwrap(), vec![a]);
+
+    let v4: IpAddr = "10.66.0.42".parse().unwrap();
+    let v6: IpAddr = "fd66::42".parse().unwrap();
+    nft.add_killed(&[v4, v6]).unwrap();
+    nft.add_killed(&[v4]).unwrap(); // re-adding is harmless
+    assert_eq!(sorted(nft.list_killed().unwrap()), vec![v4, v6]);
+
+    nft.remove_killed(&[v4, v6]).unwrap();
+    assert!(nft.list_killed().unwrap().is_empty());
+    nft.remove_killed(&[v4]).unwrap(); // "not in set" is ignored
+
+    // A re-apply restores the killed list from the spec.
+    let killed_spec = RulesetSpec {
+        killed: vec![v4, v6],
+        ..spec
+    };
+    nft.apply(&render(&killed_spec).unwrap()).unwrap();
+    assert_eq!(sorted(nft.list_killed().unwrap()), vec![v4, v6]);
+    nft.apply(&render(&killed_spec).unwrap()).unwrap();
+    assert_eq!(sorted(nft.list_killed().unwrap()), vec![v4, v6]);
+
+    // Exactly one portcullis table, with the named counters readable.
+    let tables = run_timeout(&["ip", "netns", "exec", &netns.0, "nft", "list", "tables"]);
+    assert_eq!(tables.trim(), "table inet portcullis");
+    let counter = run_timeout(&[
+        "ip",
+        "netns",
+        "exec",
+        &netns.0,
+        "nft",
+        "list",
+        "counter",
+        "inet",
+        TABLE,
+        COUNTER_KILLED_DROPPED,
+    ]);
+    assert!(counter.contains("packets 0"), "{counter}");
+}
+
+/// Reads a named counter's packet count inside a namespace.
+fn counter_packets(netns: &str, counter: &str) -> u64 {
+    let text = run_timeout(&[
+        "ip", "netns", "exec", netns, "nft", "list", "counter", "inet", TABLE, counter,
+    ]);
+    let after = &text[position(&text, "packets ") + "packets ".len()..];
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Connects from the agent namespace with bash's /dev/tcp: `Some(true)` = connected,
+/// `Some(false)` = refused (the packet reached the gateway's stack, nothing listens),
+/// `None` = no answer within a second (dropped).
+fn agent_connect(agent: &str, host: &str, port: u16) -> Option<bool> {
+    let script = format!("exec 3<>/dev/tcp/{host}/{port}");
+    let status = Command::new("timeout")
+        .args(["1", "ip", "netns", "exec", agent, "bash", "-c", &script])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    match status.code() {
+        Some(0) => Some(true),
+        Some(124) => None,
+        _ => Some(false),
+    }
+}
+
+/// End to end on real packets: an agent namespace behind a veth named "vlan66" on a
+/// gateway namespace that has a default route, so forwarding would happen without us.
+#[test]
+fn netns_traffic_is_confined() {
+    let gateway = Netns::create("gw");
+    let agent = Netns::create("agent");
+    let (gw, ag) = (gateway.0.as_str(), agent.0.as_str());
+    for args in [
+        vec![
+            "ip", "-n", gw, "link", "add", "vlan66", "type", "veth", "peer", "name", "eth0",
+            "netns", ag,
+        ],
+        vec![
+            "ip", "-n", gw, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+        ],
+        vec![
+            "ip",
+            "-n",
+            gw,
+            "addr",
+            "add",
+            "10.66.0.1/24",
+            "dev",
+            "vlan66",
+        ],
+        vec!["ip", "-n", gw, "addr", "add", "192.0.2.1/24", "dev", "up0"],
+        vec!["ip", "-n", gw, "link", "set", "lo", "up"],
+        vec!["ip", "-n", gw, "link", "set", "vlan66", "up"],
+        vec!["ip", "-n", gw, "link", "set", "up0", "up"],
+        vec!["ip", "-n", gw, "link", "set", "up1", "up"],
+        vec![
+            "ip",
+            "-n",
+            gw,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.2",
+        ],
+        vec![
+            "ip",
+            "netns",
+            "exec",
+            gw,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ],
+        vec!["ip", "-n", ag, "addr", "add", "10.66.0.2/24", "dev", "eth0"],
+        vec!["ip", "-n", ag, "link", "set", "lo", "up"],
+        vec!["ip", "-n", ag, "link", "set", "eth0", "up"],
+        vec![
+            "ip",
+            "-n",
+            ag,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.66.0.1",
+        ],
+    ] {
+        run_timeout(&args);
+    }
+    let nft = gateway.nft();
+    let spec = RulesetSpec {
+        agent_sources: Vec::new(),
+        dns_port: Some(5353),
+        ..homelab()
+    };
+    nft.apply(&render(&spec).unwrap()).unwrap();
+
+    // Redirected to the transparent port and explicit port allowed: refused, not dropped.
+    assert_eq!(agent_connect(ag, "198.51.100.7", 443), Some(false));
+    assert_eq!(agent_connect(ag, "198.51.100.7", 80), Some(false));
+    assert_eq!(agent_connect(ag, "10.66.0.1", 3128), Some(false));
+    // Anything else to the gateway is dropped and counted.
+    assert_eq!(agent_connect(ag, "10.66.0.1", 22), None);
+    assert!(counter_packets(gw, COUNTER_INPUT_DROPPED) > 0);
+    // Never routed around the proxy.
+    assert_eq!(agent_connect(ag, "198.51.100.7", 22), None);
+    assert!(counter_packets(gw, COUNTER_FORWARD_DROPPED) > 0);
+
+    // Kill switch bites, and lifting it restores service.
+    let agent_addr: IpAddr = "10.66.0.2".parse().unwrap();
+    nft.add_killed(&[agent_addr]).unwrap();
+    assert_eq!(agent_connect(ag, "198.51.100.7", 443), None);
+    assert!(counter_packets(gw, COUNTER_KILLED_DROPPED) > 0);
+    nft.remove_killed(&[agent_addr]).unwrap();
+    assert_eq!(agent_connect(ag, "198.51.100.7", 443), Some(false));
+}
+
+#[test]
+fn netns_apply_tproxy() {
+    let netns = Netns::create("tproxy");
+    let nft = netns.nft();
+    let text = render(&tproxy_v6()).unwrap();
+    nft.apply(&text).unwrap();
+    nft.apply(&text).unwrap();
+    assert_eq!(nft.list_killed().unwrap().len(), 2);
+}
+
+#[test]
+fn netns_remove_without_table_fails() {
+    let netns = Netns::create("notable");
+    let nft = netns.nft();
+    let result = nft.remove_killed(&["10.0.0.1".parse().unwrap()]);
+    assert!(matches!(result, Err(NftError::Nft { .. })), "{result:?}");
 }

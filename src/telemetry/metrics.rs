@@ -78,7 +78,6 @@ pub struct AgentMetrics {
     pub active_tunnels: Gauge,
     pub dns_allowed: Counter,
     pub dns_refused: Counter,
-    pub budget_remaining_bytes: Gauge,
 }
 
 impl AgentMetrics {
@@ -149,10 +148,9 @@ impl Metrics {
             active_tunnels.clone(),
         );
         let bytes = Family::<BytesLabels, Counter>::default();
-        registry.register_with_unit(
-            "relayed",
+        registry.register(
+            "bytes",
             "Bytes relayed, by agent and direction (from_agent, to_agent)",
-            Unit::Bytes,
             bytes.clone(),
         );
         let dns_queries = Family::<DnsLabels, Counter>::default();
@@ -216,6 +214,17 @@ impl Metrics {
             .set(1);
         registry.register("build_info", "Build information", build_info);
         registry.register_collector(Box::new(super::process::ProcessCollector));
+        // Series that alerts and dashboards query exist from the start, at zero.
+        for result in ["success", "failure"] {
+            policy_reloads
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        kill_switch
+            .get_or_create(&ScopeLabel {
+                scope: "all".into(),
+            })
+            .set(0);
         Self {
             registry,
             connections,
@@ -265,7 +274,6 @@ impl Metrics {
         let dns_allowed = dns("allow");
         let dns_refused = dns("deny");
         let active_tunnels = self.active_tunnels.get_or_create(&label).clone();
-        let budget_remaining_bytes = self.budget_remaining.get_or_create(&label).clone();
         let m = Arc::new(AgentMetrics {
             name: agent.to_owned(),
             connections: self.connections.clone(),
@@ -275,7 +283,6 @@ impl Metrics {
             active_tunnels,
             dns_allowed,
             dns_refused,
-            budget_remaining_bytes,
         });
         if let Ok(mut agents) = self.agents.write() {
             return agents.entry(agent.to_owned()).or_insert(m).clone();
@@ -302,6 +309,15 @@ impl Metrics {
                 result: if ok { "success" } else { "failure" },
             })
             .inc();
+    }
+
+    /// Daily budget left for an agent that has one.
+    pub fn set_budget_remaining(&self, agent: &str, bytes: u64) {
+        self.budget_remaining
+            .get_or_create(&AgentLabel {
+                agent: agent.to_owned(),
+            })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn set_kill_switch(&self, scope: &str, engaged: bool) {
