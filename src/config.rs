@@ -23,6 +23,7 @@ struct RawConfig {
     listen: RawListen,
     transparent: RawTransparent,
     nftables: RawNftables,
+    kill_switch: RawKillSwitch,
     log: RawLog,
     resolver: RawResolver,
     timeouts: RawTimeouts,
@@ -38,6 +39,7 @@ impl Default for RawConfig {
             listen: RawListen::default(),
             transparent: RawTransparent::default(),
             nftables: RawNftables::default(),
+            kill_switch: RawKillSwitch::default(),
             log: RawLog::default(),
             resolver: RawResolver::default(),
             timeouts: RawTimeouts::default(),
@@ -108,6 +110,15 @@ impl Default for RawNftables {
             tproxy_mark: 1,
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawKillSwitch {
+    /// Files holding one Standard Webhooks secret each (`whsec_…`); several = rotation.
+    webhook_secret_files: Vec<PathBuf>,
+    /// File holding the base32 TOTP secret that `/v1/revive` requires.
+    totp_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +221,8 @@ pub struct Config {
     pub nft_agent_networks: Vec<ipnet::IpNet>,
     pub nft_ipv6: bool,
     pub nft_tproxy_mark: u32,
+    pub webhook_secret_files: Vec<PathBuf>,
+    pub totp_secret_file: Option<PathBuf>,
     pub log_destination: LogDestination,
     pub log_queue: usize,
     pub resolver_upstreams: Vec<SocketAddr>,
@@ -224,6 +237,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The gateway manages nftables (kill sets) when the ruleset is configured.
+    pub fn manages_nftables(&self) -> bool {
+        !self.nft_agent_interfaces.is_empty() || !self.nft_agent_networks.is_empty()
+    }
+
     /// The built-in default: explicit proxy on 127.0.0.1:3128, admin on 127.0.0.1:9090,
     /// rules from `./rules`.
     #[expect(
@@ -367,6 +385,13 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         nft_agent_networks,
         nft_ipv6: raw.nftables.ipv6,
         nft_tproxy_mark: raw.nftables.tproxy_mark,
+        webhook_secret_files: raw
+            .kill_switch
+            .webhook_secret_files
+            .into_iter()
+            .map(&resolve)
+            .collect(),
+        totp_secret_file: raw.kill_switch.totp_secret_file.map(&resolve),
         log_destination,
         log_queue: raw.log.queue,
         resolver_upstreams: upstreams,

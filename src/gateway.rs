@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::killswitch::{self, KillSwitch};
 use crate::policy::Policy;
 use crate::proxy::ConnectionCaps;
 use crate::proxy::upstream::Resolve;
@@ -22,6 +23,7 @@ use crate::telemetry::{LogWriter, LogWriterError, Telemetry};
 /// State shared by every listener and connection task.
 pub struct Shared {
     pub config: Config,
+    pub killswitch: KillSwitch,
     pub policy: ArcSwap<Policy>,
     pub resolver: Arc<dyn Resolve>,
     pub telemetry: Telemetry,
@@ -43,6 +45,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Log(#[from] LogWriterError),
+    #[error("kill switch: {0}")]
+    KillSwitch(String),
 }
 
 /// A started gateway. Drop it only after [`Running::shutdown`].
@@ -60,6 +64,14 @@ pub async fn start(
     policy: Policy,
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, StartError> {
+    // Fail closed: the kill state is read before any listener opens.
+    let cut = CancellationToken::new();
+    let secrets =
+        killswitch::read_secrets(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
+    let totp = killswitch::read_totp(config.totp_secret_file.as_deref())
+        .map_err(StartError::KillSwitch)?;
+    let nft = config.manages_nftables().then(crate::nft::Nft::default);
+    let kill = KillSwitch::load(&config.state_dir, secrets, totp, nft, &cut);
     let log = LogWriter::start(&config.log_destination, config.log_queue)?;
     let telemetry = Telemetry::new(&log);
     let bind = |what, addr| async move {
@@ -91,15 +103,30 @@ pub async fn start(
         .policy_generation
         .set(policy.generation() as i64);
     let shared = Arc::new(Shared {
+        killswitch: kill,
         caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
         config,
         policy: ArcSwap::from_pointee(policy),
         resolver,
         telemetry,
         stop_accepting: CancellationToken::new(),
-        cut: CancellationToken::new(),
+        cut,
         tracker: TaskTracker::new(),
     });
+    for scope in shared.killswitch.engaged_scopes() {
+        shared.telemetry.metrics.set_kill_switch(&scope, true);
+    }
+    if shared.config.manages_nftables() {
+        // The packet layer must agree with the state we came up with (killed stays killed).
+        let policy = shared.policy.load_full();
+        let nft = shared
+            .killswitch
+            .resync_nft(&policy, &shared.config.nft_agent_networks)
+            .await;
+        if nft != "ok" {
+            tracing::error!(%nft, "kill sets not synchronised with the kill state");
+        }
+    }
     let explicit_addr = explicit.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let transparent_addrs = transparent

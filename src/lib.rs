@@ -23,6 +23,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod killswitch;
 pub mod nft;
 pub mod policy;
 pub mod proxy;

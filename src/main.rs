@@ -24,6 +24,9 @@ fn main() {
         },
         Command::Check => cli::check(config),
         Command::PrintRuleset => cli::print_ruleset(config),
+        Command::Kill { agent, reason } => cli::kill(config, agent.as_deref(), reason.as_deref()),
+        Command::Revive { totp, agent } => cli::revive(config, agent.as_deref(), &totp),
+        Command::Status => cli::status(config),
         Command::ApplyRuleset => cli::apply_ruleset(config),
         Command::Explain { agent, target } => cli::explain(config, &agent, &target),
     };

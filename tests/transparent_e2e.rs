@@ -8,7 +8,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::netns::*;
@@ -26,22 +25,6 @@ fn in_ns(ns: &str, cmd: &str) -> String {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-/// The bytes of a real rustls ClientHello for `sni`, as one TLS record.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 /// Re-frame a one-record hello as `n` records.
@@ -94,6 +77,9 @@ impl Gateway {
     }
 }
 
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+
 fn write_config(dir: &std::path::Path, topo: &Topology) -> std::path::PathBuf {
     let rules = dir.join("rules");
     std::fs::create_dir_all(rules.join("agents")).unwrap();
@@ -107,6 +93,8 @@ fn write_config(dir: &std::path::Path, topo: &Topology) -> std::path::PathBuf {
         ),
     )
     .unwrap();
+    std::fs::write(dir.join("webhook.secret"), format!("{WHSEC}\n")).unwrap();
+    std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
     let cfg = dir.join("portcullis.toml");
     std::fs::write(
         &cfg,
@@ -126,6 +114,9 @@ handshake_ms = 2000
 [nftables]
 agent_interfaces = ["{ifname}"]
 agent_networks = ["10.66.0.0/24", "fd66::/64"]
+[kill_switch]
+webhook_secret_files = ["webhook.secret"]
+totp_secret_file = "totp.secret"
 "#,
             log = dir.join("connections.log").display(),
             ifname = topo.gw_agent_if,
@@ -432,6 +423,107 @@ async fn transparent_gateway_end_to_end() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+
+    // Kill switch, second layer: `portcullis kill` (signed with the local secret) puts the
+    // agent's addresses in kill_sources; then even traffic that never reaches the proxy is
+    // dropped in the kernel, and nothing of it is logged by portcullis.
+    let pc = |args: &str| {
+        run(in_ns(
+            &topo.gw_ns,
+            &format!("{bin} --config {} {args}", cfg.display()),
+        ))
+    };
+    let killed = pc("kill --agent coder-1 --reason e2e").await;
+    assert!(
+        killed.status.success(),
+        "kill: {}{}",
+        stdout(&killed),
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let set = run(in_ns(
+        &topo.gw_ns,
+        "nft list set inet portcullis kill_sources_v4",
+    ))
+    .await;
+    assert!(
+        stdout(&set).contains(AGENT_IP),
+        "agent not in kill_sources: {}",
+        stdout(&set)
+    );
+    let lines_before = gw.lines().len();
+    assert!(
+        !curl(format!(
+            "--max-time 2 --cacert {ca} --resolve allowed.test:443:{INTERNET} https://allowed.test/"
+        ))
+        .await
+        .status
+        .success()
+    );
+    assert!(
+        !curl(format!(
+            "--max-time 2 -x http://{GW_AGENT_SIDE}:3128 http://allowed.test/"
+        ))
+        .await
+        .status
+        .success()
+    );
+    assert!(
+        !agent(format!("ping -c 1 -W 1 {GW_AGENT_SIDE}"))
+            .await
+            .status
+            .success()
+    );
+    let counters = run(in_ns(
+        &topo.gw_ns,
+        "nft list counter inet portcullis killed_dropped",
+    ))
+    .await;
+    assert!(
+        !stdout(&counters).contains("packets 0 "),
+        "kill set dropped nothing: {}",
+        stdout(&counters)
+    );
+    assert_eq!(
+        gw.lines().len(),
+        lines_before,
+        "killed traffic still reached portcullis"
+    );
+    assert_eq!(tls.seen.connections(), tls_seen + 1);
+    // Re-applying the ruleset keeps the agent killed.
+    assert!(pc("apply-ruleset").await.status.success());
+    let set = run(in_ns(
+        &topo.gw_ns,
+        "nft list set inet portcullis kill_sources_v4",
+    ))
+    .await;
+    assert!(
+        stdout(&set).contains(AGENT_IP),
+        "apply-ruleset reopened a killed agent"
+    );
+    let st = pc("status").await;
+    assert!(stdout(&st).contains("coder-1"), "{}", stdout(&st));
+
+    // Revive with the current TOTP code: the set empties and the agent works again.
+    let code = portcullis::killswitch::totp::code_at(
+        &portcullis::killswitch::totp::TotpSecret::from_base32(TOTP).unwrap(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    );
+    let revived = pc(&format!("revive --agent coder-1 --totp {code}")).await;
+    assert!(revived.status.success(), "revive: {}", stdout(&revived));
+    let set = run(in_ns(
+        &topo.gw_ns,
+        "nft list set inet portcullis kill_sources_v4",
+    ))
+    .await;
+    assert!(!stdout(&set).contains(AGENT_IP), "{}", stdout(&set));
+    let o = curl(format!(
+        "--cacert {ca} --resolve allowed.test:443:{INTERNET} https://allowed.test/"
+    ))
+    .await;
+    assert_eq!(stdout(&o), "tls hello from the internet");
     drop(gw);
 }
 

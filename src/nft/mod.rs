@@ -97,6 +97,34 @@ mod render;
 use render::{join, split_by_family};
 pub use render::{render, tproxy_routing_commands};
 
+/// Commands that make the kill sets hold exactly `nets`: flush both sets, then add every
+/// network not already covered by another, so the interval sets never see overlapping
+/// elements. Appended to a ruleset batch, a re-apply keeps killed agents killed.
+pub fn killed_batch(nets: &[IpNet]) -> String {
+    let mut kept: Vec<IpNet> = Vec::new();
+    let mut sorted: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    // Widest first, so a covered network is always seen after its cover.
+    sorted.sort_by_key(|n| n.prefix_len());
+    for n in sorted {
+        if !kept.iter().any(|k| k.contains(&n)) {
+            kept.push(n);
+        }
+    }
+    let mut batch =
+        format!("flush set inet {TABLE} {KILL_SET_V4}\nflush set inet {TABLE} {KILL_SET_V6}\n");
+    for (set, v4) in [(KILL_SET_V4, true), (KILL_SET_V6, false)] {
+        let these: Vec<String> = kept
+            .iter()
+            .filter(|n| n.addr().is_ipv4() == v4)
+            .map(ToString::to_string)
+            .collect();
+        if !these.is_empty() {
+            batch += &element_command("add", set, &these.join(", "));
+        }
+    }
+    batch
+}
+
 /// `nft -c -f -`: validates the batch against the running kernel without changing anything.
 pub fn check(ruleset: &str) -> Result<(), NftError> {
     Nft::default().check(ruleset)
@@ -164,6 +192,11 @@ impl Nft {
             return Ok(());
         }
         self.apply(&batch)
+    }
+
+    /// Make the kill sets hold exactly `nets` (the kill switch's state), atomically.
+    pub fn sync_killed(&self, nets: &[IpNet]) -> Result<(), NftError> {
+        self.apply(&killed_batch(nets))
     }
 
     /// Deletes one address at a time so one absent address cannot abort the rest. nft's

@@ -654,3 +654,35 @@ fn netns_remove_without_table_fails() {
     let result = nft.remove_killed(&["10.0.0.1".parse().unwrap()]);
     assert!(matches!(result, Err(NftError::Nft { .. })), "{result:?}");
 }
+
+#[test]
+fn sync_killed_mirrors_the_state_with_overlaps() {
+    let ns = Netns::create("sync");
+    let nft = ns.nft();
+    nft.apply(&render(&homelab()).unwrap()).unwrap();
+    let nets: Vec<ipnet::IpNet> = ["10.66.0.11/32", "10.66.0.0/24", "fd66::11/128"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    nft.sync_killed(&nets).unwrap();
+    let out = run_timeout(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.0,
+        "nft",
+        "list",
+        "set",
+        "inet",
+        TABLE,
+        KILL_SET_V4,
+    ]);
+    assert!(out.contains("10.66.0.0/24"), "{out}");
+    nft.sync_killed(&nets[..1]).unwrap();
+    assert_eq!(
+        nft.list_killed().unwrap(),
+        vec!["10.66.0.11".parse::<IpAddr>().unwrap()]
+    );
+    nft.sync_killed(&[]).unwrap();
+    assert!(nft.list_killed().unwrap().is_empty());
+}

@@ -140,6 +140,9 @@ async fn handle(
     if identity == Identity::NeedsCredentials {
         return deny(rec, Reason::AuthRequired);
     }
+    if shared.killswitch.is_killed(&rec.agent) {
+        return deny(rec, Reason::KillSwitch);
+    }
 
     let request = match target::parse_request(req.method(), req.uri(), req.headers()) {
         Ok(r) => r,
@@ -223,6 +226,15 @@ struct TunnelChecks {
     allow_missing_sni: bool,
 }
 
+/// Why a relay was cancelled: the kill switch, or shutdown.
+pub(crate) fn cancelled_reason(shared: &Shared, agent: &str) -> Reason {
+    if shared.killswitch.is_killed(agent) {
+        Reason::KillSwitch
+    } else {
+        Reason::ShuttingDown
+    }
+}
+
 /// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2).
 fn check_hello(
     checks: &TunnelChecks,
@@ -284,16 +296,17 @@ async fn tunnel(
             .write_all(&peeked)
             .await
             .map_err(|_| Reason::UpstreamFailed)?;
+        let cancel = shared.killswitch.tunnel_token(&rec.agent);
         let end = relay(
             agent_io,
             up.stream,
             shared.config.idle_timeout,
-            &shared.cut,
+            &cancel,
             &counters,
         )
         .await;
         match end {
-            RelayEnd::Cancelled => Err(Reason::ShuttingDown),
+            RelayEnd::Cancelled => Err(cancelled_reason(&shared, &rec.agent)),
             RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(()),
         }
     }

@@ -67,7 +67,10 @@ pub async fn forward(
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(io).await else {
         return finish.fail(Reason::UpstreamFailed);
     };
-    let cut = shared.cut.clone();
+    // Cut by the kill switch (of this agent or all) and by shutdown.
+    let cut = shared
+        .killswitch
+        .tunnel_token(finish.rec.as_ref().map_or("", |r| &r.agent));
     shared.tracker.spawn(async move {
         tokio::select! {
             _ = conn => {}

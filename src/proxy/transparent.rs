@@ -101,6 +101,9 @@ async fn handle(
         if agent.is_none() {
             return Err(Reason::UnknownAgent);
         }
+        if shared.killswitch.is_killed(&rec.agent) {
+            return Err(Reason::KillSwitch);
+        }
         let cfg = &shared.config;
         let expect = if cfg.transparent_tls_ports.contains(&original.port()) {
             Expect::Tls
@@ -134,7 +137,7 @@ async fn handle(
                 let up =
                     check_and_dial(&shared, &policy, agent, &target, original, &mut rec).await?;
                 let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                tunnel(&shared, stream, up, &peeked, &counters).await
+                tunnel(&shared, stream, up, &peeked, &counters, &rec.agent).await
             }
             Expect::Http => {
                 let target = read_http_target(
@@ -156,16 +159,14 @@ async fn handle(
                     return Err(reason);
                 }
                 // Hand over to per-request serving; each request writes its own record.
-                serve_http(
-                    shared.clone(),
-                    stream,
-                    peeked,
+                let conn = HttpConnection {
                     peer,
                     agent,
-                    target,
+                    first: target,
                     original,
-                )
-                .await;
+                    cancel: shared.killswitch.tunnel_token(&rec.agent),
+                };
+                serve_http(shared.clone(), stream, peeked, conn).await;
                 Ok(Handover::Http)
             }
         }
@@ -249,21 +250,23 @@ async fn tunnel(
     mut up: upstream::Upstream,
     peeked: &[u8],
     counters: &Arc<RelayCounters>,
+    agent: &str,
 ) -> Result<Handover, Reason> {
     up.stream
         .write_all(peeked)
         .await
         .map_err(|_| Reason::UpstreamFailed)?;
+    let cancel = shared.killswitch.tunnel_token(agent);
     match relay(
         agent_io,
         up.stream,
         shared.config.idle_timeout,
-        &shared.cut,
+        &cancel,
         counters,
     )
     .await
     {
-        RelayEnd::Cancelled => Err(Reason::ShuttingDown),
+        RelayEnd::Cancelled => Err(crate::proxy::explicit::cancelled_reason(shared, agent)),
         RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(Handover::Done),
     }
 }
@@ -304,39 +307,53 @@ async fn read_http_target(
     }
 }
 
-/// Serve a port-80 connection request by request. Every request must name the same host as
-/// the first; each is checked and forwarded to our own resolution of that host.
-async fn serve_http(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    peeked: Vec<u8>,
+/// What every request on one port-80 connection is checked against.
+struct HttpConnection {
     peer: SocketAddr,
     agent: Option<AgentId>,
+    /// The target of the first request: every later one must name the same.
     first: Target,
     original: SocketAddr,
-) {
+    /// Kill switch (agent or all) and shutdown.
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+/// Serve a port-80 connection request by request. Every request must name the same host as
+/// the first; each is checked and forwarded to our own resolution of that host.
+async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, conn: HttpConnection) {
     let io = Rewind {
         prefix: peeked,
         pos: 0,
         inner: stream,
     };
-    let first = Arc::new(first);
+    let cancel = conn.cancel.clone();
+    let conn = Arc::new(conn);
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        let first = first.clone();
+        let conn = conn.clone();
         async move {
-            Ok::<_, Infallible>(http_request(shared, req, peer, agent, &first, original).await)
+            Ok::<_, Infallible>(
+                http_request(
+                    shared,
+                    req,
+                    conn.peer,
+                    conn.agent,
+                    &conn.first,
+                    conn.original,
+                )
+                .await,
+            )
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.handshake_timeout)
         .max_buf_size(shared.config.max_request_head_bytes.max(8192))
         .serve_connection(TokioIo::new(io), service);
     tokio::select! {
-        _ = conn => {}
-        () = shared.cut.cancelled() => {}
+        _ = served => {}
+        () = cancel.cancelled() => {}
     }
 }
 
@@ -365,6 +382,9 @@ async fn http_request(
         shared.telemetry.record(rec);
         refusal(reason)
     };
+    if shared.killswitch.is_killed(&rec.agent) {
+        return deny(rec, Reason::KillSwitch);
+    }
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let (Some(host), None) = (hosts.next(), hosts.next()) else {
         return deny(rec, Reason::Malformed);

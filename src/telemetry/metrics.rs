@@ -111,6 +111,7 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     dns_queries: Family<DnsLabels, Counter>,
     budget_remaining: Family<AgentLabel, Gauge>,
+    budget_limit: Family<AgentLabel, Gauge>,
     connection_duration: Family<ModeLabel, Histogram>,
     pub decision_duration: Histogram,
     pub policy_generation: Gauge,
@@ -165,6 +166,13 @@ impl Metrics {
             "Daily byte budget left per agent (agents with a budget)",
             Unit::Bytes,
             budget_remaining.clone(),
+        );
+        let budget_limit = Family::<AgentLabel, Gauge>::default();
+        registry.register_with_unit(
+            "budget_limit",
+            "Daily byte budget per agent (agents with a budget)",
+            Unit::Bytes,
+            budget_limit.clone(),
         );
         let connection_duration = Family::<ModeLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 4.0, 12))
@@ -232,6 +240,7 @@ impl Metrics {
             bytes,
             dns_queries,
             budget_remaining,
+            budget_limit,
             connection_duration,
             decision_duration,
             policy_generation,
@@ -311,13 +320,18 @@ impl Metrics {
             .inc();
     }
 
-    /// Daily budget left for an agent that has one.
-    pub fn set_budget_remaining(&self, agent: &str, bytes: u64) {
+    /// Daily budget and what is left of it, for an agent that has one.
+    pub fn set_budget(&self, agent: &str, limit: u64, remaining: u64) {
+        self.budget_limit
+            .get_or_create(&AgentLabel {
+                agent: agent.to_owned(),
+            })
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
         self.budget_remaining
             .get_or_create(&AgentLabel {
                 agent: agent.to_owned(),
             })
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
     }
 
     pub fn set_kill_switch(&self, scope: &str, engaged: bool) {

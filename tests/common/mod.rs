@@ -286,8 +286,36 @@ pub async fn gateway(
     lists: &[(&str, &str)],
     resolver: StaticResolver,
 ) -> TestGateway {
+    gateway_with(agents, lists, resolver, |_, _| {}).await
+}
+
+/// Like [`gateway`], with a chance to adjust the config (given the gateway's directory).
+pub async fn gateway_with(
+    agents: &[(&str, &str)],
+    lists: &[(&str, &str)],
+    resolver: StaticResolver,
+    tweak: impl FnOnce(&mut Config, &Path),
+) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
+    let (running, log_path) = start_in(dir.path(), agents, lists, resolver, tweak).await;
+    TestGateway {
+        proxy: running.explicit_addr.unwrap(),
+        admin: running.admin_addr.unwrap(),
+        running: Some(running),
+        log_path,
+        dir,
+    }
+}
+
+/// Write the rules into `dir` and start a gateway there (ports 0, log in `dir`).
+pub async fn start_in(
+    dir: &Path,
+    agents: &[(&str, &str)],
+    lists: &[(&str, &str)],
+    resolver: StaticResolver,
+    tweak: impl FnOnce(&mut Config, &Path),
+) -> (Running, PathBuf) {
+    let rules = dir.join("rules");
     std::fs::create_dir_all(rules.join("agents")).unwrap();
     std::fs::create_dir_all(rules.join("lists")).unwrap();
     for (name, text) in agents {
@@ -296,25 +324,106 @@ pub async fn gateway(
     for (name, text) in lists {
         std::fs::write(rules.join("lists").join(format!("{name}.toml")), text).unwrap();
     }
-    let log_path = dir.path().join("connections.log");
+    let log_path = dir.join("connections.log");
     let mut config = Config::builtin();
     config.rules_dir = rules.clone();
-    config.state_dir = dir.path().join("state");
+    config.state_dir = dir.join("state");
     config.explicit_listen = Some("127.0.0.1:0".parse().unwrap());
     config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     config.log_destination = LogDestination::File(log_path.clone());
     config.handshake_timeout = Duration::from_secs(2);
+    tweak(&mut config, dir);
     let policy = Policy::load(&rules, &config.default_ports, 1).unwrap();
     let running = gateway::start(config, policy, Arc::new(resolver))
         .await
         .unwrap();
-    TestGateway {
-        proxy: running.explicit_addr.unwrap(),
-        admin: running.admin_addr.unwrap(),
-        running: Some(running),
-        log_path,
-        dir,
+    (running, log_path)
+}
+
+/// The bytes of a real rustls ClientHello for `sni`, as one TLS record.
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// Open a CONNECT tunnel and send a ClientHello for `host` through it; returns the socket
+/// after the proxy's 200, or the proxy's refusal as an error.
+pub async fn open_tunnel(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+) -> Result<tokio::net::TcpStream, String> {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => {
+                return Err(format!(
+                    "no response head: {:?}",
+                    String::from_utf8_lossy(&head)
+                ));
+            }
+        }
     }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head);
+    }
+    s.write_all(&client_hello(host))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// A POST or GET to the admin API; returns status and body.
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 impl TestGateway {

@@ -7,10 +7,13 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+
+mod remote;
 use crate::nft::{self, RulesetSpec};
 use crate::policy::{Decision, Policy, Target};
 use crate::proxy::target::parse_authority;
 use crate::proxy::upstream::DnsResolver;
+pub use remote::{kill, revive, status};
 
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about = "Egress gateway for AI agents")]
@@ -30,6 +33,23 @@ pub enum Command {
     /// Validate the config and the rules, print a summary; exit 1 with every error.
     Check,
     /// Show the verdict for an agent and a target, and the rule behind it.
+    /// Engage the kill switch through the admin API (signed with the local secret).
+    Kill {
+        /// One agent; without it, every agent.
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reopen routes: needs the current TOTP code.
+    Revive {
+        #[arg(long)]
+        totp: String,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Show the kill switch state.
+    Status,
     /// Print the nftables ruleset for this config.
     PrintRuleset,
     /// Apply the nftables ruleset atomically (one `nft -f` batch, table replaced whole).
@@ -89,11 +109,26 @@ pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, Str
     })
 }
 
+/// The ruleset, followed in the same batch by the kill sets the saved state implies (an
+/// unreadable state kills everyone), so applying never reopens a killed agent.
 fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
+    use crate::killswitch::{STATE_FILE, killed_nets, state};
     let config = load_config(config_path)?;
     let policy = load_policy(&config)?;
     let spec = ruleset_spec(&config, &policy)?;
-    nft::render(&spec).map_err(|e| e.to_string())
+    let mut text = nft::render(&spec).map_err(|e| e.to_string())?;
+    let (st, corrupt) = match state::load(&config.state_dir.join(STATE_FILE)) {
+        state::Loaded::Fresh => (state::KillState::default(), false),
+        state::Loaded::State(s) => (s, false),
+        state::Loaded::Corrupt(_) => (state::KillState::default(), true),
+    };
+    text += &nft::killed_batch(&killed_nets(
+        &st,
+        corrupt,
+        &policy,
+        &config.nft_agent_networks,
+    ));
+    Ok(text)
 }
 
 pub fn print_ruleset(config_path: Option<&Path>) -> i32 {
