@@ -84,6 +84,21 @@ fn bench(c: &mut Criterion) {
     g.bench_function("100k_rules_1k_agents", |b| {
         b.iter(|| black_box(compile(&src, &[80, 443], 2)))
     });
+    // What a reload does: read 1,000 agent files from disk and compile them (target ≤ 1 s).
+    if let Ok(dir) = tempfile::tempdir() {
+        let agents = dir.path().join("agents");
+        let written = std::fs::create_dir_all(&agents).is_ok()
+            && src.agents.iter().all(|f| {
+                f.path
+                    .file_name()
+                    .is_some_and(|n| std::fs::write(agents.join(n), &f.text).is_ok())
+            });
+        if written {
+            g.bench_function("reload_from_disk_100k_rules_1k_files", |b| {
+                b.iter(|| black_box(Policy::load(dir.path(), &[80, 443], 3)))
+            });
+        }
+    }
     g.finish();
 }
 

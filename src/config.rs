@@ -24,10 +24,12 @@ struct RawConfig {
     transparent: RawTransparent,
     nftables: RawNftables,
     kill_switch: RawKillSwitch,
+    budgets: RawBudgets,
     log: RawLog,
     resolver: RawResolver,
     timeouts: RawTimeouts,
     caps: RawCaps,
+    dns: RawDns,
 }
 
 impl Default for RawConfig {
@@ -40,10 +42,12 @@ impl Default for RawConfig {
             transparent: RawTransparent::default(),
             nftables: RawNftables::default(),
             kill_switch: RawKillSwitch::default(),
+            budgets: RawBudgets::default(),
             log: RawLog::default(),
             resolver: RawResolver::default(),
             timeouts: RawTimeouts::default(),
             caps: RawCaps::default(),
+            dns: RawDns::default(),
         }
     }
 }
@@ -55,6 +59,8 @@ struct RawListen {
     admin: Option<SocketAddr>,
     /// Where nftables sends the agents' TCP 80/443 (none by default).
     transparent: Vec<SocketAddr>,
+    /// DNS forwarder, UDP and TCP on each address (none by default).
+    dns: Vec<SocketAddr>,
 }
 
 impl Default for RawListen {
@@ -63,6 +69,7 @@ impl Default for RawListen {
             explicit: Some(SocketAddr::from(([127, 0, 0, 1], 3128))),
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             transparent: Vec::new(),
+            dns: Vec::new(),
         }
     }
 }
@@ -110,6 +117,13 @@ impl Default for RawNftables {
             tproxy_mark: 1,
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBudgets {
+    /// Hour (UTC, 0-23) at which daily byte budgets start over.
+    reset_hour_utc: u8,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +211,94 @@ impl Default for RawCaps {
     }
 }
 
+// --- [dns]: the filtering DNS forwarder (src/dns/) ---
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDns {
+    /// What a name the agent may not reach gets: "refused" or "nxdomain".
+    refuse_with: String,
+    /// Query types answered for allowed names; every other type is refused.
+    allowed_types: Vec<String>,
+    /// Per-agent queries per second; bursts of twice this are absorbed.
+    queries_per_second: u32,
+    /// Cached answers live at most this long, whatever their TTL says.
+    max_ttl_secs: u32,
+    /// (name, type) pairs kept in the response cache; 0 disables it.
+    cache_entries: usize,
+    /// A TCP connection with no query for this long is closed.
+    tcp_idle_secs: u64,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        Self {
+            refuse_with: "refused".into(),
+            allowed_types: ["A", "AAAA", "CNAME", "HTTPS", "SVCB"]
+                .map(String::from)
+                .to_vec(),
+            queries_per_second: 100,
+            max_ttl_secs: 300,
+            cache_entries: 10_000,
+            tcp_idle_secs: 10,
+        }
+    }
+}
+
+/// The validated `[dns]` section.
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// Answer NXDOMAIN instead of REFUSED for names the agent may not reach.
+    pub refuse_with_nxdomain: bool,
+    /// Query type codes answered for allowed names.
+    pub allowed_types: Vec<u16>,
+    pub queries_per_second: u32,
+    pub max_ttl: Duration,
+    pub cache_entries: usize,
+    pub tcp_idle: Duration,
+}
+
+fn compile_dns(
+    raw: RawDns,
+    key_error: impl Fn(&str, String) -> SourceError,
+) -> Result<DnsSettings, SourceError> {
+    let refuse_with_nxdomain = match raw.refuse_with.as_str() {
+        "refused" => false,
+        "nxdomain" => true,
+        other => {
+            return Err(key_error(
+                "dns.refuse_with",
+                format!("`{other}`: expected \"refused\" or \"nxdomain\""),
+            ));
+        }
+    };
+    let mut allowed_types = Vec::new();
+    for t in &raw.allowed_types {
+        let code = crate::dns::record_type_code(t)
+            .map_err(|m| key_error("dns.allowed_types", format!("`{t}`: {m}")))?;
+        allowed_types.push(code);
+    }
+    for (key, v) in [
+        ("dns.queries_per_second", u64::from(raw.queries_per_second)),
+        ("dns.max_ttl_secs", u64::from(raw.max_ttl_secs)),
+        ("dns.tcp_idle_secs", raw.tcp_idle_secs),
+    ] {
+        if v == 0 {
+            return Err(key_error(key, "must be greater than 0".into()));
+        }
+    }
+    Ok(DnsSettings {
+        refuse_with_nxdomain,
+        allowed_types,
+        queries_per_second: raw.queries_per_second,
+        max_ttl: Duration::from_secs(u64::from(raw.max_ttl_secs)),
+        cache_entries: raw.cache_entries,
+        tcp_idle: Duration::from_secs(raw.tcp_idle_secs),
+    })
+}
+
+// --- end [dns] ---
+
 /// Where connection log lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogDestination {
@@ -221,6 +323,7 @@ pub struct Config {
     pub nft_agent_networks: Vec<ipnet::IpNet>,
     pub nft_ipv6: bool,
     pub nft_tproxy_mark: u32,
+    pub budget_reset_hour_utc: u8,
     pub webhook_secret_files: Vec<PathBuf>,
     pub totp_secret_file: Option<PathBuf>,
     pub log_destination: LogDestination,
@@ -234,6 +337,9 @@ pub struct Config {
     pub max_connections: usize,
     pub max_connections_per_source: usize,
     pub max_request_head_bytes: usize,
+    /// `listen.dns`: DNS forwarder addresses (UDP and TCP each).
+    pub dns_listen: Vec<SocketAddr>,
+    pub dns: DnsSettings,
 }
 
 impl Config {
@@ -353,6 +459,12 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
             "a port is TLS or HTTP, not both, and never 0".into(),
         ));
     }
+    if raw.budgets.reset_hour_utc > 23 {
+        return Err(key_error(
+            "budgets.reset_hour_utc",
+            "must be an hour, 0 to 23".into(),
+        ));
+    }
     let mut nft_agent_networks = Vec::new();
     for n in &raw.nftables.agent_networks {
         let net = n
@@ -370,6 +482,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         }
         p => LogDestination::File(resolve(PathBuf::from(p))),
     };
+    let dns = compile_dns(raw.dns, key_error)?;
     Ok(Config {
         source: None,
         rules_dir: resolve(raw.rules_dir),
@@ -385,6 +498,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         nft_agent_networks,
         nft_ipv6: raw.nftables.ipv6,
         nft_tproxy_mark: raw.nftables.tproxy_mark,
+        budget_reset_hour_utc: raw.budgets.reset_hour_utc,
         webhook_secret_files: raw
             .kill_switch
             .webhook_secret_files
@@ -403,6 +517,8 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         max_connections: raw.caps.max_connections,
         max_connections_per_source: raw.caps.max_connections_per_source,
         max_request_head_bytes: raw.caps.max_request_head_bytes,
+        dns_listen: raw.listen.dns,
+        dns,
     })
 }
 
@@ -450,6 +566,18 @@ mod tests {
         let e = parse("[timeouts]\nconnect_ms = 0\n").unwrap_err();
         assert_eq!(e.key, "timeouts.connect_ms");
         assert_eq!(e.line, 2);
+    }
+
+    #[test]
+    fn dns_section_is_validated() {
+        let c = parse("[listen]\ndns = [\"10.66.0.1:53\"]\n").unwrap();
+        assert_eq!(c.dns_listen, vec!["10.66.0.1:53".parse().unwrap()]);
+        assert_eq!(c.dns.allowed_types, vec![1, 28, 5, 65, 64]);
+        assert!(!c.dns.refuse_with_nxdomain);
+        let e = parse("[dns]\nallowed_types = [\"A\", \"ANY\"]\n").unwrap_err();
+        assert_eq!(e.key, "dns.allowed_types");
+        let e = parse("[dns]\nrefuse_with = \"drop\"\n").unwrap_err();
+        assert_eq!(e.key, "dns.refuse_with");
     }
 
     #[test]

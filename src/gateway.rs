@@ -24,6 +24,12 @@ use crate::telemetry::{LogWriter, LogWriterError, Telemetry};
 pub struct Shared {
     pub config: Config,
     pub killswitch: KillSwitch,
+    /// Per-agent limits: rate, concurrency, bandwidth, daily budget.
+    pub limiter: Arc<crate::limits::Limiter>,
+    /// Live tunnels, re-checked after every reload.
+    pub tunnels: Arc<crate::reload::Tunnels>,
+    pub reload_lock: tokio::sync::Mutex<()>,
+    pub last_reload: std::sync::Mutex<crate::reload::LastReload>,
     pub policy: ArcSwap<Policy>,
     pub resolver: Arc<dyn Resolve>,
     pub telemetry: Telemetry,
@@ -47,6 +53,10 @@ pub enum StartError {
     Log(#[from] LogWriterError),
     #[error("kill switch: {0}")]
     KillSwitch(String),
+    #[error("limits: {0}")]
+    Limits(String),
+    #[error("dns forwarder: {0}")]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 /// A started gateway. Drop it only after [`Running::shutdown`].
@@ -55,6 +65,8 @@ pub struct Running {
     pub explicit_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub transparent_addrs: Vec<SocketAddr>,
+    /// Bound DNS forwarder addresses (UDP and TCP on each).
+    pub dns_addrs: Vec<SocketAddr>,
     log: Option<LogWriter>,
 }
 
@@ -72,6 +84,8 @@ pub async fn start(
         .map_err(StartError::KillSwitch)?;
     let nft = config.manages_nftables().then(crate::nft::Nft::default);
     let kill = KillSwitch::load(&config.state_dir, secrets, totp, nft, &cut);
+    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budget_reset_hour_utc)
+        .map_err(StartError::Limits)?;
     let log = LogWriter::start(&config.log_destination, config.log_queue)?;
     let telemetry = Telemetry::new(&log);
     let bind = |what, addr| async move {
@@ -94,6 +108,23 @@ pub async fn start(
         })?;
         transparent.push(l);
     }
+    // DNS forwarder (src/dns/): UDP + TCP on each `listen.dns` address.
+    let mut dns = Vec::new();
+    for addr in &config.dns_listen {
+        let l = crate::dns::DnsListener::bind(*addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "dns",
+                addr: *addr,
+                source,
+            })?;
+        dns.push(l);
+    }
+    let dns_forwarder = if dns.is_empty() {
+        None
+    } else {
+        Some(Arc::new(crate::dns::Forwarder::new(&config)?))
+    };
     let admin = match config.admin_listen {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
@@ -102,8 +133,22 @@ pub async fn start(
         .metrics
         .policy_generation
         .set(policy.generation() as i64);
+    for (_, a) in policy.agents() {
+        if let Some(limit) = a.limits.daily_bytes {
+            telemetry.metrics.set_budget(&a.name, limit, limit);
+        }
+    }
     let shared = Arc::new(Shared {
         killswitch: kill,
+        limiter,
+        tunnels: Arc::default(),
+        reload_lock: tokio::sync::Mutex::new(()),
+        last_reload: std::sync::Mutex::new(crate::reload::LastReload {
+            ok: true,
+            generation: policy.generation(),
+            error: None,
+            revoked: 0,
+        }),
         caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
         config,
         policy: ArcSwap::from_pointee(policy),
@@ -138,11 +183,25 @@ pub async fn start(
             .tracker
             .spawn(crate::proxy::transparent::serve(shared.clone(), l));
     }
+    let dns_addrs = dns.iter().filter_map(|l| l.local_addr().ok()).collect();
+    if let Some(forwarder) = dns_forwarder {
+        for l in dns {
+            crate::dns::spawn(shared.clone(), forwarder.clone(), l);
+        }
+    }
     if let Some(l) = explicit {
         shared
             .tracker
             .spawn(crate::proxy::explicit::serve(shared.clone(), l));
     }
+    shared.tracker.spawn(crate::reload::watch(
+        shared.clone(),
+        Duration::from_millis(200),
+    ));
+    shared
+        .tracker
+        .spawn(crate::reload::on_sighup(shared.clone()));
+    shared.tracker.spawn(persist_budgets(shared.clone()));
     if let Some(l) = admin {
         shared.tracker.spawn(crate::admin::serve(shared.clone(), l));
     }
@@ -151,6 +210,7 @@ pub async fn start(
         explicit_addr,
         admin_addr,
         transparent_addrs,
+        dns_addrs,
         log: Some(log),
     })
 }
@@ -167,10 +227,32 @@ impl Running {
             let _ = tokio::time::timeout(Duration::from_secs(2), s.tracker.wait()).await;
         }
         s.cut.cancel();
+        // Tunnels charged their last bytes as they ended: save the final budgets.
+        let limiter = s.limiter.clone();
+        let _ = tokio::task::spawn_blocking(move || limiter.save()).await;
         if let Some(log) = self.log.take() {
             // Other Telemetry clones may still be alive in detached tasks; do not wait on
             // them forever.
             let _ = tokio::task::spawn_blocking(move || log.finish()).await;
+        }
+    }
+}
+
+/// Save the budgets and refresh their gauges every few seconds, and once more at shutdown.
+async fn persist_budgets(shared: Arc<Shared>) {
+    loop {
+        let stop = tokio::select! {
+            () = shared.stop_accepting.cancelled() => true,
+            () = tokio::time::sleep(Duration::from_secs(5)) => false,
+        };
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            s.limiter.save();
+            s.limiter.publish(&s.policy.load(), &s.telemetry.metrics);
+        })
+        .await;
+        if stop {
+            return;
         }
     }
 }

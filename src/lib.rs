@@ -22,10 +22,13 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod gateway;
 pub mod killswitch;
+pub mod limits;
 pub mod nft;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod sys;
 pub mod telemetry;

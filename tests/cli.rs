@@ -1,6 +1,8 @@
 //! The `portcullis` binary's `check` and `explain` commands, run as a user would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -126,4 +128,101 @@ fn explain_prints_verdict_and_rule() {
         stdout.contains("deny (not_allowed)") && stdout.contains("(default deny)"),
         "{stdout}"
     );
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn sigterm_stops_accepting_drains_and_exits() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    // An upstream that accepts and holds connections, on loopback (allowed explicitly).
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in upstream.incoming().take(4) {
+            held.push(s);
+        }
+    });
+    let dir = rules_with_agent(&format!(
+        "name = \"a\"\nsources = [\"127.0.0.0/8\"]\nallow_cidrs = [\"127.0.0.1/32:{up_port}\"]\n"
+    ));
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    std::fs::write(
+        dir.path().join("portcullis.toml"),
+        format!(
+            "[listen]\nexplicit = \"127.0.0.1:{proxy_port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n[log]\ndestination = \"conn.log\"\n[timeouts]\ndrain_secs = 2\n"
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["--config", "portcullis.toml", "run"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tunnel = loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", proxy_port)) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "portcullis did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A live tunnel to an address allowed by allow_cidrs, carrying a hello without SNI (what
+    // a client sends when it connects to an IP).
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        tunnel,
+        "CONNECT 127.0.0.1:{up_port} HTTP/1.1\r\nHost: 127.0.0.1:{up_port}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 64];
+    let n = tunnel.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(&common::client_hello("127.0.0.1"))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    std::thread::sleep(Duration::from_millis(300));
+    // Stopped accepting: a new connection is refused.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_err(),
+        "still accepting after SIGTERM"
+    );
+    // Draining: the process is still alive for the live tunnel, then exits by itself.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited without draining"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "did not exit after the drain period"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(dir.path().join("conn.log")).unwrap();
+    assert!(log.contains("\"event.reason\":\"shutting_down\""), "{log}");
 }

@@ -515,3 +515,75 @@ async fn slow_request_heads_time_out_and_healthz_answers() {
     );
     gw.stop().await;
 }
+
+/// A rebinding resolver: the first answer is the checked, allowed address; every later
+/// answer points at cloud metadata. Counting lookups proves we resolve exactly once.
+struct Rebinding {
+    first: std::net::IpAddr,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl portcullis::proxy::upstream::Resolve for Rebinding {
+    fn lookup<'a>(
+        &'a self,
+        _name: &'a str,
+    ) -> portcullis::proxy::upstream::BoxFuture<
+        'a,
+        Result<Vec<std::net::IpAddr>, portcullis::proxy::upstream::ResolveError>,
+    > {
+        let n = self
+            .lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let answer = if n == 0 {
+            self.first
+        } else {
+            "169.254.169.254".parse().unwrap()
+        };
+        Box::pin(async move { Ok(vec![answer]) })
+    }
+}
+
+#[tokio::test]
+async fn dns_rebinding_resolve_once_dial_that_address_threats_b6() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), &["allowed.test"]);
+    let up = tls_upstream(pki.server.clone(), "checked address").await;
+    let port = up.addr.port();
+    let resolver = std::sync::Arc::new(Rebinding {
+        first: "127.0.0.1".parse().unwrap(),
+        lookups: Default::default(),
+    });
+    let mut config = portcullis::config::Config::builtin();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(rules.join("agents")).unwrap();
+    std::fs::write(
+        rules.join("agents/coder-1.toml"),
+        agent(port, &format!(r#"allow_cidrs = ["127.0.0.1/32:{port}"]"#)),
+    )
+    .unwrap();
+    config.rules_dir = rules.clone();
+    config.explicit_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin_listen = None;
+    config.log_destination = portcullis::config::LogDestination::File(dir.path().join("log"));
+    config.state_dir = dir.path().join("state");
+    let policy = portcullis::policy::Policy::load(&rules, &config.default_ports, 1).unwrap();
+    let running = portcullis::gateway::start(config, policy, resolver.clone())
+        .await
+        .unwrap();
+    let proxy = format!("http://{}", running.explicit_addr.unwrap());
+    let out = curl(&[
+        "-x",
+        &proxy,
+        "--cacert",
+        pki.ca_pem.to_str().unwrap(),
+        &format!("https://allowed.test:{port}/"),
+    ])
+    .await;
+    assert_eq!(out.stdout, "checked address", "{}", out.stderr);
+    assert_eq!(
+        resolver.lookups.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the name was resolved more than once"
+    );
+    running.shutdown(Duration::from_secs(1)).await;
+}

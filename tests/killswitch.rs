@@ -373,3 +373,51 @@ async fn killed_stays_killed_across_restart_and_a_corrupt_state_kills() {
         "a killed agent reached the upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_sender_script_signs_correctly() {
+    let up = silent_upstream().await;
+    let port = up.addr.port();
+    let gw = gateway_with(
+        &[("coder-1", &agent(port))],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+        with_secrets,
+    )
+    .await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kill-switch/send.sh");
+    let run = |args: Vec<String>| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&script)
+            .args(args)
+            .env("PORTCULLIS_URL", format!("http://{}", gw.admin))
+            .env("PORTCULLIS_SECRET", WHSEC);
+        cmd
+    };
+    let out = run(vec![
+        "kill".into(),
+        "coder-1".into(),
+        "script \"test\"".into(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"state_written\":true"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        status(&gw).await["agents"]["coder-1"]["reason"],
+        "script \"test\""
+    );
+    let out = run(vec!["revive".into(), totp_code(now())])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"action\":\"revive\""));
+    assert!(status(&gw).await["agents"].as_object().unwrap().is_empty());
+    gw.stop().await;
+}

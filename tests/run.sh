@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
 # As root on Debian it installs what the tests need (curl, nftables, iproute2, openssl,
-# iputils-ping, python3).
+# iputils-ping, python3, prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl nft:nftables ip:iproute2 openssl:openssl ping:iputils-ping python3:python3; do
+for pair in curl:curl nft:nftables ip:iproute2 openssl:openssl ping:iputils-ping python3:python3 prometheus:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then

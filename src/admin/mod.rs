@@ -59,6 +59,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
                 "connections": shared.caps.in_use(),
                 "log_dropped": shared.telemetry.log_dropped(),
                 "kill_switch_engaged": shared.killswitch.any_engaged(),
+                "live_tunnels": shared.tunnels.len(),
+                "last_reload": shared.last_reload.lock().map(|l| l.clone()).unwrap_or_default(),
             });
             json(StatusCode::OK, body)
         }
@@ -72,6 +74,16 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             );
             r
         }
+        (Method::POST, "/v1/reload") => match crate::reload::reload(shared).await {
+            Ok(generation) => json(
+                StatusCode::OK,
+                serde_json::json!({ "generation": generation }),
+            ),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({ "error": e }),
+            ),
+        },
         (Method::GET, "/v1/status") => json(StatusCode::OK, shared.killswitch.status()),
         (Method::POST, "/v1/kill") => kill_or_revive(shared, req, false).await,
         (Method::POST, "/v1/revive") => kill_or_revive(shared, req, true).await,

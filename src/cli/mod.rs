@@ -102,7 +102,7 @@ pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, Str
             .explicit_listen
             .filter(|a| !a.ip().is_loopback())
             .map(|a| a.port()),
-        dns_port: None,
+        dns_port: config.dns_listen.first().map(|a| a.port()),
         ipv6: config.nft_ipv6,
         tproxy_mark: config.nft_tproxy_mark,
         killed: Vec::new(),

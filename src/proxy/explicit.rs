@@ -30,7 +30,8 @@ use crate::proxy::target::{self, domain_of};
 use crate::proxy::upstream;
 use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 
-use crate::proxy::forward::{ProxyBody, empty, forward, refusal};
+use crate::limits::Admission;
+use crate::proxy::forward::{ForwardTo, ProxyBody, empty, forward, limited, refusal};
 
 /// Accept loop: bounded, never stalls on one client, stops on `stop_accepting`.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
@@ -184,6 +185,19 @@ async fn handle(
             return deny(rec, f.reason);
         }
     };
+    // Limits after the decision (DESIGN §2 step 6): a denied request spends no tokens.
+    let admission = match agent.and_then(|id| policy.agent(id)) {
+        Some(a) => match shared.limiter.admit(&rec.agent, &a.limits, Instant::now()) {
+            Ok(admission) => admission,
+            Err(refused) => {
+                rec.reason = Some(refused.reason);
+                rec.duration = started.elapsed();
+                shared.telemetry.record(rec);
+                return limited(refused);
+            }
+        },
+        None => Admission::default(),
+    };
 
     match request {
         target::Request::Connect(_) => {
@@ -196,6 +210,7 @@ async fn handle(
                 allow_missing_sni: agent
                     .and_then(|id| policy.agent(id))
                     .is_some_and(|a| a.allow_missing_sni),
+                admission,
             };
             shared
                 .tracker
@@ -213,7 +228,19 @@ async fn handle(
                 }
             };
             rec.destination_ip = Some(upstream.addr.ip());
-            forward(shared.clone(), req, upstream, authority, path, rec, started).await
+            forward(
+                shared.clone(),
+                req,
+                ForwardTo {
+                    upstream,
+                    authority,
+                    path,
+                },
+                rec,
+                started,
+                admission,
+            )
+            .await
         }
     }
 }
@@ -224,18 +251,23 @@ struct TunnelChecks {
     addrs: Vec<IpAddr>,
     deny_ech: bool,
     allow_missing_sni: bool,
+    admission: Admission,
 }
 
-/// Why a relay was cancelled: the kill switch, or shutdown.
-pub(crate) fn cancelled_reason(shared: &Shared, agent: &str) -> Reason {
+/// Why a relay was cancelled: the kill switch, a reload that revoked it, or shutdown.
+pub(crate) fn cancelled_reason(shared: &Shared, agent: &str, revoked: bool) -> Reason {
     if shared.killswitch.is_killed(agent) {
         Reason::KillSwitch
+    } else if revoked {
+        Reason::PolicyRevoked
     } else {
         Reason::ShuttingDown
     }
 }
 
-/// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2).
+/// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
+/// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
+/// what clients send there; a hello naming some host is refused.
 fn check_hello(
     checks: &TunnelChecks,
     hello: &ClientHello,
@@ -246,22 +278,22 @@ fn check_hello(
     if hello.ech && checks.deny_ech {
         return Err(Reason::EchDenied);
     }
-    let Some(sni) = &hello.server_name else {
-        return if checks.allow_missing_sni {
-            Ok(())
-        } else {
-            Err(Reason::NoSni)
-        };
-    };
-    let sni = DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
-    match &checks.target.host {
-        Host::Name(name) if *name == sni => Ok(()),
-        _ => Err(Reason::SniMismatch),
+    match (&checks.target.host, &hello.server_name) {
+        (Host::Ip(_), None) => Ok(()),
+        (Host::Name(_), None) if checks.allow_missing_sni => Ok(()),
+        (Host::Name(_), None) => Err(Reason::NoSni),
+        (Host::Name(name), Some(sni)) => match DomainName::parse(sni) {
+            Ok(sni) if sni == *name => Ok(()),
+            Ok(_) => Err(Reason::SniMismatch),
+            Err(_) => Err(Reason::Malformed),
+        },
+        (Host::Ip(_), Some(_)) => Err(Reason::SniMismatch),
     }
 }
 
 /// After `200 Connection established`: read the ClientHello (deadline, cap), check it, and
-/// only then dial the checked address, replay the hello and relay.
+/// only then dial the checked address, replay the hello and relay. The kill switch and
+/// shutdown end the tunnel in every phase, the hello wait included.
 async fn tunnel(
     shared: Arc<Shared>,
     req: Request<Incoming>,
@@ -271,6 +303,12 @@ async fn tunnel(
     _slot: Arc<ConnectionSlot>,
 ) {
     let counters = Arc::new(RelayCounters::default());
+    let cancel = shared.killswitch.tunnel_token(&rec.agent);
+    let agent = rec.agent.clone();
+    let registration =
+        shared
+            .tunnels
+            .register(agent.clone(), checks.target.clone(), cancel.clone());
     let outcome = async {
         let upgraded = hyper::upgrade::on(req)
             .await
@@ -296,21 +334,29 @@ async fn tunnel(
             .write_all(&peeked)
             .await
             .map_err(|_| Reason::UpstreamFailed)?;
-        let cancel = shared.killswitch.tunnel_token(&rec.agent);
-        let end = relay(
+        match relay(
             agent_io,
             up.stream,
             shared.config.idle_timeout,
             &cancel,
             &counters,
+            &checks.admission.shaping,
         )
-        .await;
-        match end {
-            RelayEnd::Cancelled => Err(cancelled_reason(&shared, &rec.agent)),
+        .await
+        {
+            RelayEnd::Cancelled => Err(cancelled_reason(
+                &shared,
+                &rec.agent,
+                registration.revoked(),
+            )),
+            RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
             RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(()),
         }
-    }
-    .await;
+    };
+    let outcome = tokio::select! {
+        r = outcome => r,
+        () = cancel.cancelled() => Err(cancelled_reason(&shared, &agent, registration.revoked())),
+    };
     if let Err(reason) = outcome {
         rec.reason = Some(reason);
     }

@@ -18,6 +18,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
 use crate::gateway::Shared;
+use crate::limits::{Admission, Refusal};
 use crate::policy::Reason;
 use crate::proxy::relay::RelayCounters;
 use crate::proxy::upstream::Upstream;
@@ -30,18 +31,31 @@ pub const REASON_HEADER: &str = "x-portcullis-reason";
 
 /// Forward one plain-HTTP request over a fresh upstream connection; the record is written
 /// when the response body ends (or is dropped).
+/// Where a checked plain-HTTP request goes: the dialled upstream, the `Host` it must carry
+/// (the authority that was checked) and the origin-form target.
+pub struct ForwardTo {
+    pub upstream: Upstream,
+    pub authority: String,
+    pub path: String,
+}
+
 pub async fn forward(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    upstream: Upstream,
-    authority: String,
-    path: String,
+    to: ForwardTo,
     rec: ConnectionRecord,
     started: Instant,
+    admission: Admission,
 ) -> Response<ProxyBody> {
+    let ForwardTo {
+        upstream,
+        authority,
+        path,
+    } = to;
     let counters = Arc::new(RelayCounters::default());
     let finish = RecordOnDrop {
         rec: Some(rec),
+        admission,
         counters: counters.clone(),
         shared: shared.clone(),
         started,
@@ -99,6 +113,8 @@ pub async fn forward(
 /// Emits the record of a forwarded request exactly once, when dropped.
 struct RecordOnDrop {
     rec: Option<ConnectionRecord>,
+    /// Holds the agent's concurrency slot for the request; charges its budget at the end.
+    admission: Admission,
     counters: Arc<RelayCounters>,
     shared: Arc<Shared>,
     started: Instant,
@@ -119,6 +135,9 @@ impl Drop for RecordOnDrop {
             rec.bytes_from_agent = self.counters.from_agent.load(Ordering::Relaxed);
             rec.bytes_to_agent = self.counters.to_agent.load(Ordering::Relaxed);
             rec.duration = self.started.elapsed();
+            if let Some(budget) = &self.admission.shaping.budget {
+                budget.charge(rec.bytes_from_agent + rec.bytes_to_agent);
+            }
             self.shared.telemetry.record(rec);
         }
     }
@@ -207,6 +226,18 @@ pub fn status_for(reason: Reason) -> StatusCode {
         Reason::Overloaded | Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }
+}
+
+/// A limits refusal: 429 with `Retry-After` (whole seconds, at least 1).
+pub fn limited(refused: Refusal) -> Response<ProxyBody> {
+    let mut resp = refusal(refused.reason);
+    if let Some(after) = refused.retry_after {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    resp
 }
 
 /// The refusal: a status, a one-line body and the reason header.

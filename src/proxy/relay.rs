@@ -12,6 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::limits::Shaping;
+use crate::limits::bandwidth::throttle;
+
 const BUF: usize = 16 * 1024;
 
 /// Why the relay ended.
@@ -21,6 +24,8 @@ pub enum RelayEnd {
     Closed,
     IdleTimeout,
     Cancelled,
+    /// The agent's daily byte budget ran out mid-tunnel.
+    BudgetExceeded,
 }
 
 /// Byte counts, readable while the relay runs.
@@ -37,6 +42,7 @@ pub async fn relay<A, U>(
     idle: Duration,
     cancel: &CancellationToken,
     counters: &Arc<RelayCounters>,
+    shaping: &Shaping,
 ) -> RelayEnd
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -49,8 +55,16 @@ where
     let touch = || {
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     };
-    let up = copy_counted(&mut agent_r, &mut up_w, &counters.from_agent, &touch);
-    let down = copy_counted(&mut up_r, &mut agent_w, &counters.to_agent, &touch);
+    // Registered for the tunnel's lifetime so the agent's bandwidth is shared fairly.
+    let _share = shaping.bandwidth.as_ref().map(|b| b.open());
+    let up = copy_counted(
+        &mut agent_r,
+        &mut up_w,
+        &counters.from_agent,
+        &touch,
+        shaping,
+    );
+    let down = copy_counted(&mut up_r, &mut agent_w, &counters.to_agent, &touch, shaping);
     // An error either way ends the tunnel; EOF one way only half-closes it.
     let both = async {
         let _ = tokio::try_join!(up, down);
@@ -59,7 +73,13 @@ where
     loop {
         let deadline = start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle;
         tokio::select! {
-            _ = &mut both => return RelayEnd::Closed,
+            _ = &mut both => {
+                return if shaping.budget.as_ref().is_some_and(|b| b.tripped()) {
+                    RelayEnd::BudgetExceeded
+                } else {
+                    RelayEnd::Closed
+                };
+            }
             () = cancel.cancelled() => return RelayEnd::Cancelled,
             () = tokio::time::sleep_until(deadline) => {
                 let latest = start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle;
@@ -76,6 +96,7 @@ async fn copy_counted<R, W>(
     writer: &mut W,
     counter: &AtomicU64,
     touch: &impl Fn(),
+    shaping: &Shaping,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -89,10 +110,23 @@ where
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        let chunk = buf.get(..n).unwrap_or_default();
-        writer.write_all(chunk).await?;
+        let mut sent = 0;
+        while sent < n {
+            let allowed = match &shaping.bandwidth {
+                Some(bw) => throttle(bw, n - sent).await.clamp(1, n - sent),
+                None => n - sent,
+            };
+            let chunk = buf.get(sent..sent + allowed).unwrap_or_default();
+            writer.write_all(chunk).await?;
+            sent += allowed;
+        }
         writer.flush().await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         touch();
+        if let Some(budget) = &shaping.budget
+            && !budget.charge(n as u64)
+        {
+            return Err(std::io::Error::other("daily byte budget exceeded"));
+        }
     }
 }

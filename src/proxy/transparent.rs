@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::gateway::Shared;
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
 use crate::proxy::ConnectionSlot;
-use crate::proxy::forward::{ProxyBody, forward, refusal};
+use crate::proxy::forward::{ForwardTo, ProxyBody, forward, refusal};
 use crate::proxy::http_head::{HeadParse, parse_request_head};
 use crate::proxy::peek::read_client_hello;
 use crate::proxy::relay::{RelayCounters, RelayEnd, relay};
@@ -134,10 +134,20 @@ async fn handle(
                     host: Host::Name(name),
                     port: original.port(),
                 };
+                let admission = admit(&shared, &policy, agent, &rec.agent)?;
                 let up =
                     check_and_dial(&shared, &policy, agent, &target, original, &mut rec).await?;
                 let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                tunnel(&shared, stream, up, &peeked, &counters, &rec.agent).await
+                tunnel(
+                    &shared,
+                    stream,
+                    up,
+                    &peeked,
+                    &counters,
+                    (&rec.agent, &target),
+                    &admission.shaping,
+                )
+                .await
             }
             Expect::Http => {
                 let target = read_http_target(
@@ -190,6 +200,23 @@ enum Handover {
     Done,
     /// Port 80: requests were served and recorded one by one.
     Http,
+}
+
+/// The agent's limits for one more connection (transparent mode closes on refusal; there
+/// is no response to put a `Retry-After` in).
+fn admit(
+    shared: &Shared,
+    policy: &Policy,
+    agent: Option<AgentId>,
+    name: &Arc<str>,
+) -> Result<crate::limits::Admission, Reason> {
+    match agent.and_then(|id| policy.agent(id)) {
+        Some(a) => shared
+            .limiter
+            .admit(name, &a.limits, Instant::now())
+            .map_err(|r| r.reason),
+        None => Ok(crate::limits::Admission::default()),
+    }
 }
 
 /// Evaluate, resolve the name ourselves, check the addresses, dial one of them.
@@ -250,24 +277,34 @@ async fn tunnel(
     mut up: upstream::Upstream,
     peeked: &[u8],
     counters: &Arc<RelayCounters>,
-    agent: &str,
+    (agent, target): (&Arc<str>, &Target),
+    shaping: &crate::limits::Shaping,
 ) -> Result<Handover, Reason> {
     up.stream
         .write_all(peeked)
         .await
         .map_err(|_| Reason::UpstreamFailed)?;
     let cancel = shared.killswitch.tunnel_token(agent);
+    let registration = shared
+        .tunnels
+        .register(agent.clone(), target.clone(), cancel.clone());
     match relay(
         agent_io,
         up.stream,
         shared.config.idle_timeout,
         &cancel,
         counters,
+        shaping,
     )
     .await
     {
-        RelayEnd::Cancelled => Err(crate::proxy::explicit::cancelled_reason(shared, agent)),
+        RelayEnd::Cancelled => Err(crate::proxy::explicit::cancelled_reason(
+            shared,
+            agent,
+            registration.revoked(),
+        )),
         RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(Handover::Done),
+        RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
     }
 }
 
@@ -420,6 +457,10 @@ async fn http_request(
         host.to_str().unwrap_or_default(),
         path
     ));
+    let admission = match admit(&shared, &policy, agent, &rec.agent) {
+        Ok(a) => a,
+        Err(r) => return deny(rec, r),
+    };
     let mut rec_for_dial = rec;
     let up = match check_and_dial(
         &shared,
@@ -441,11 +482,14 @@ async fn http_request(
     forward(
         shared.clone(),
         req,
-        up,
-        authority,
-        path,
+        ForwardTo {
+            upstream: up,
+            authority,
+            path,
+        },
         rec_for_dial,
         started,
+        admission,
     )
     .await
 }

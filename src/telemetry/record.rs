@@ -56,6 +56,12 @@ pub struct ConnectionRecord {
     /// Bytes sent to the agent (ECS `destination.bytes`).
     pub bytes_to_agent: u64,
     pub policy_generation: u64,
+    /// DNS mode: the question's name (ECS `dns.question.name`).
+    pub dns_question_name: Option<String>,
+    /// DNS mode: the question's type, e.g. `AAAA` (ECS `dns.question.type`).
+    pub dns_question_type: Option<&'static str>,
+    /// DNS mode: the answer's code, e.g. `REFUSED` (ECS `dns.response_code`).
+    pub dns_response_code: Option<&'static str>,
 }
 
 impl ConnectionRecord {
@@ -81,6 +87,9 @@ impl ConnectionRecord {
             bytes_from_agent: 0,
             bytes_to_agent: 0,
             policy_generation,
+            dns_question_name: None,
+            dns_question_type: None,
+            dns_response_code: None,
         }
     }
 
@@ -118,6 +127,9 @@ impl ConnectionRecord {
             destination_bytes: self.bytes_to_agent,
             rule: self.rule.as_deref(),
             generation: self.policy_generation,
+            dns_question_name: self.dns_question_name.as_deref(),
+            dns_question_type: self.dns_question_type,
+            dns_response_code: self.dns_response_code,
         };
         serde_json::to_string(&line).unwrap_or_default()
     }
@@ -192,6 +204,12 @@ struct Line<'a> {
     rule: Option<&'a str>,
     #[serde(rename = "portcullis.policy_generation")]
     generation: u64,
+    #[serde(rename = "dns.question.name", skip_serializing_if = "Option::is_none")]
+    dns_question_name: Option<&'a str>,
+    #[serde(rename = "dns.question.type", skip_serializing_if = "Option::is_none")]
+    dns_question_type: Option<&'static str>,
+    #[serde(rename = "dns.response_code", skip_serializing_if = "Option::is_none")]
+    dns_response_code: Option<&'static str>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,91 @@
+//! The per-connection hot pieces besides the policy decision (see benches/policy.rs):
+//! ClientHello parsing (SNI detection), HTTP head parsing (Host detection), and recording one
+//! connection's metrics (issue target: < 1 µs).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use portcullis::policy::Reason;
+use portcullis::proxy::http_head::parse_request_head;
+use portcullis::proxy::sni::parse_client_hello;
+use portcullis::telemetry::{ConnectionRecord, Metrics, Mode};
+
+/// A real rustls ClientHello (TLS 1.3 + 1.2, ALPN h2/http1.1, X25519 key share).
+fn rustls_hello(sni: &str) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| {
+        b.with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    });
+    let Ok(config) = config.as_mut() else {
+        return Vec::new();
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let (Ok(name), config) = (
+        rustls::pki_types::ServerName::try_from(sni.to_owned()),
+        Arc::new(config.clone()),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Ok(mut conn) = rustls::ClientConnection::new(config, name) {
+        let _ = conn.write_tls(&mut out);
+    }
+    out
+}
+
+/// The hello re-framed as `n` TLS records (what THREATS C8 throws at the parser).
+fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
+    let payload = hello.get(5..).unwrap_or_default();
+    let size = payload.len().div_ceil(n).max(1);
+    let mut out = Vec::new();
+    for chunk in payload.chunks(size) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let hello = rustls_hello("registry.npmjs.org");
+    assert!(!hello.is_empty(), "no hello captured");
+    let split = split_records(&hello, 50);
+    let mut g = c.benchmark_group("sni");
+    g.bench_function("rustls_hello", |b| {
+        b.iter(|| black_box(parse_client_hello(black_box(&hello))))
+    });
+    g.bench_function("rustls_hello_50_records", |b| {
+        b.iter(|| black_box(parse_client_hello(black_box(&split))))
+    });
+    g.finish();
+
+    let head = b"GET /simple/requests/ HTTP/1.1\r\nHost: pypi.org\r\nUser-Agent: pip/24.0\r\nAccept: */*\r\nAccept-Encoding: gzip\r\nConnection: keep-alive\r\n\r\n";
+    c.bench_function("http_head/pip_request", |b| {
+        b.iter(|| black_box(parse_request_head(black_box(head))))
+    });
+
+    let metrics = Metrics::new();
+    let mut rec = ConnectionRecord::begin(
+        Mode::Transparent,
+        ([10, 66, 0, 11], 40000).into(),
+        Arc::from("coder-1"),
+        1,
+    );
+    rec.bytes_from_agent = 1200;
+    rec.bytes_to_agent = 48_000;
+    metrics.observe(&rec);
+    let mut denied = rec.clone();
+    denied.reason = Some(Reason::NotAllowed);
+    let mut g = c.benchmark_group("metrics_record_one_connection");
+    g.bench_function("allowed", |b| b.iter(|| metrics.observe(black_box(&rec))));
+    g.bench_function("denied", |b| b.iter(|| metrics.observe(black_box(&denied))));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,390 @@
+//! One DNS question, start to end: the forwarder's decisions in order, the answer, and its
+//! log line and counters.
+//!
+//! Order (the first that says no answers): parse → identify the agent by source address
+//! (unknown → REFUSED) → kill switch (REFUSED) → rate limit (REFUSED) → opcode QUERY, one
+//! question (FORMERR), class IN and an allowed type (REFUSED) → `DomainName::parse`
+//! (REFUSED) → `Policy::allows_name` (REFUSED or NXDOMAIN, `dns.refuse_with`) → cache →
+//! upstream (SERVFAIL on failure or deadline) → ECH stripped → rebinding filter.
+//!
+//! Nothing before `allows_name` says yes ever reaches the upstream. Must not hold a lock
+//! across an await and must not block: the socket loops call [`Forwarder::prepare`]
+//! inline and only [`Forwarder::resolve`] waits (on the upstream, under a deadline).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Record, RecordType};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::DnsError;
+use super::cache::ResponseCache;
+use super::filter;
+use super::limit::{RateLimiter, Sampler};
+use super::upstream::{Answer, Upstream};
+use crate::config::Config;
+use crate::gateway::Shared;
+use crate::policy::{AgentId, AgentPolicy, DomainName, Policy, Reason, address};
+use crate::telemetry::{ConnectionRecord, Mode};
+
+/// Largest UDP reply we offer in our OPT record (DNS Flag Day 2020: avoids fragmentation).
+const EDNS_PAYLOAD: u16 = 1232;
+/// Plain DNS over UDP (RFC 1035 §4.2.1).
+const UDP_PLAIN_MAX: usize = 512;
+/// Upstream questions in flight at once; beyond it queries get SERVFAIL (`overloaded`).
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// How the query arrived: decides the reply size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What to do with one received message.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per query, moved once; boxing would add an allocation"
+)]
+pub enum Step {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Send nothing: not a query (a response, or too short to carry an id).
+    Ignore,
+    /// The answer needs the upstream: finish with [`Forwarder::resolve`].
+    Resolve(Pending),
+}
+
+/// A question that passed every check and is not in the cache.
+pub struct Pending {
+    question: Question,
+    name: DomainName,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// What is known about the question being answered.
+struct Question {
+    request: Message,
+    limit: usize,
+    peer: SocketAddr,
+    policy: Arc<Policy>,
+    agent: Option<AgentId>,
+    agent_name: Arc<str>,
+    /// The question's name as asked (presentation form), for the log.
+    asked: Option<String>,
+    rtype: Option<RecordType>,
+    start: SystemTime,
+    started: Instant,
+}
+
+/// The forwarder's state shared by every DNS listener: upstream, cache, limits.
+pub struct Forwarder {
+    upstream: Upstream,
+    cache: ResponseCache,
+    limiter: RateLimiter,
+    sampler: Sampler,
+    allowed_types: Vec<u16>,
+    refuse_code: ResponseCode,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Forwarder {
+    pub fn new(config: &Config) -> Result<Self, DnsError> {
+        let d = &config.dns;
+        Ok(Self {
+            upstream: Upstream::new(&config.resolver_upstreams, config.resolver_timeout)?,
+            cache: ResponseCache::new(d.cache_entries, d.max_ttl),
+            limiter: RateLimiter::new(d.queries_per_second),
+            sampler: Sampler::default(),
+            allowed_types: d.allowed_types.clone(),
+            refuse_code: if d.refuse_with_nxdomain {
+                ResponseCode::NXDomain
+            } else {
+                ResponseCode::Refused
+            },
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        })
+    }
+
+    /// Decide on one received message without waiting: a reply, nothing, or a question
+    /// for the upstream.
+    pub fn prepare(
+        &self,
+        shared: &Shared,
+        peer: SocketAddr,
+        packet: &[u8],
+        transport: Transport,
+    ) -> Step {
+        let started = Instant::now();
+        let policy = shared.policy.load_full();
+        let agent = policy.agent_by_source(peer.ip());
+        let mut q = Question {
+            request: Message::new(0, MessageType::Response, OpCode::Query),
+            limit: UDP_PLAIN_MAX,
+            peer,
+            agent_name: policy.agent_name(agent),
+            policy,
+            agent,
+            asked: None,
+            rtype: None,
+            start: SystemTime::now(),
+            started,
+        };
+        let Ok(request) = Message::from_vec(packet) else {
+            return self.unparsable(shared, &q, packet);
+        };
+        if request.metadata.message_type != MessageType::Query {
+            // Never answer a response: that is how reflection loops start.
+            return Step::Ignore;
+        }
+        q.limit = match transport {
+            Transport::Tcp => usize::from(u16::MAX),
+            Transport::Udp if request.edns.is_some() => {
+                usize::from(request.max_payload().min(EDNS_PAYLOAD))
+            }
+            Transport::Udp => UDP_PLAIN_MAX,
+        };
+        if let [one] = request.queries.as_slice() {
+            q.asked = Some(one.name().to_ascii());
+            q.rtype = Some(one.query_type());
+        }
+        q.request = request;
+        if agent.is_none() {
+            return self.refuse(shared, &q, Reason::UnknownAgent, ResponseCode::Refused);
+        }
+        if shared.killswitch.is_killed(&q.agent_name) {
+            return self.refuse(shared, &q, Reason::KillSwitch, ResponseCode::Refused);
+        }
+        if !self.limiter.admit(&q.agent_name, started) {
+            return self.refuse(shared, &q, Reason::RateLimited, ResponseCode::Refused);
+        }
+        if q.request.metadata.op_code != OpCode::Query {
+            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::NotImp);
+        }
+        let [query] = q.request.queries.as_slice() else {
+            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::FormErr);
+        };
+        let rtype = query.query_type();
+        if query.query_class() != DNSClass::IN || !self.allowed_types.contains(&u16::from(rtype)) {
+            return self.refuse(shared, &q, Reason::NotAllowed, ResponseCode::Refused);
+        }
+        let Ok(name) = DomainName::parse(q.asked.as_deref().unwrap_or_default()) else {
+            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::Refused);
+        };
+        if !q.policy.allows_name(agent, &name) {
+            return self.refuse(shared, &q, Reason::NotAllowed, self.refuse_code);
+        }
+        if let Some(hit) = self.cache.get(name.as_str(), u16::from(rtype), started) {
+            return Step::Reply(self.answer(shared, &q, &name, &hit.answer, hit.age_secs));
+        }
+        let Ok(slot) = self.in_flight.clone().try_acquire_owned() else {
+            return self.refuse(shared, &q, Reason::Overloaded, ResponseCode::ServFail);
+        };
+        Step::Resolve(Pending {
+            question: q,
+            name,
+            _slot: slot,
+        })
+    }
+
+    /// Ask the upstream for a question [`Forwarder::prepare`] let through, and answer it.
+    pub async fn resolve(&self, shared: &Shared, pending: Pending) -> Vec<u8> {
+        let Pending { question, name, .. } = pending;
+        let rtype = question.rtype.unwrap_or(RecordType::A);
+        match self.upstream.query(&name, rtype).await {
+            Ok(mut answer) => {
+                filter::strip_ech(&mut answer.records);
+                let answer =
+                    self.cache
+                        .insert(name.as_str(), u16::from(rtype), answer, Instant::now());
+                self.answer(shared, &question, &name, &answer, 0)
+            }
+            Err(e) => {
+                tracing::debug!(name = name.as_str(), error = %e, "dns upstream failed");
+                // The policy said yes; the upstream did not answer. Counted as allowed,
+                // logged every time (failures are rare and worth seeing).
+                shared
+                    .telemetry
+                    .metrics
+                    .agent(&question.agent_name)
+                    .dns_allowed
+                    .inc();
+                let rcode = ResponseCode::ServFail;
+                self.log(
+                    shared,
+                    &question,
+                    Some(&name),
+                    Some(Reason::ResolveFailed),
+                    rcode,
+                );
+                encode(
+                    &response(&question.request, rcode, Vec::new()),
+                    question.limit,
+                )
+            }
+        }
+    }
+
+    /// Answer an allowed question from `answer` (cached `age_secs` ago), after the
+    /// per-agent rebinding filter.
+    fn answer(
+        &self,
+        shared: &Shared,
+        q: &Question,
+        name: &DomainName,
+        answer: &Answer,
+        age_secs: u32,
+    ) -> Vec<u8> {
+        let mut records: Vec<Record> = answer.records.clone();
+        if age_secs > 0 {
+            for r in &mut records {
+                r.ttl = r.ttl.saturating_sub(age_secs);
+            }
+        }
+        let agent = q.agent.and_then(|id| q.policy.agent(id));
+        let filtered = filter::drop_unreachable(&mut records, |ip| may_reach(agent, ip));
+        let metrics = shared.telemetry.metrics.agent(&q.agent_name);
+        if filtered.removed > 0 {
+            if filtered.kept == 0 {
+                // Nothing the agent may reach is left: an empty NOERROR, so the client
+                // neither retries elsewhere nor learns the private address.
+                records.clear();
+                metrics.dns_refused.inc();
+            } else {
+                metrics.dns_allowed.inc();
+            }
+            let reason = Some(Reason::PrivateAddress);
+            self.log(shared, q, Some(name), reason, answer.rcode);
+        } else {
+            metrics.dns_allowed.inc();
+            if self
+                .sampler
+                .should_log(&q.agent_name, name.as_str(), q.started)
+            {
+                self.log(shared, q, Some(name), None, answer.rcode);
+            }
+        }
+        encode(&response(&q.request, answer.rcode, records), q.limit)
+    }
+
+    /// Refuse (or FORMERR/NOTIMP/NXDOMAIN/SERVFAIL) without asking anyone: count, log, reply.
+    fn refuse(&self, shared: &Shared, q: &Question, reason: Reason, rcode: ResponseCode) -> Step {
+        shared
+            .telemetry
+            .metrics
+            .agent(&q.agent_name)
+            .dns_refused
+            .inc();
+        let name = q.asked.as_deref().and_then(|n| DomainName::parse(n).ok());
+        self.log(shared, q, name.as_ref(), Some(reason), rcode);
+        Step::Reply(encode(&response(&q.request, rcode, Vec::new()), q.limit))
+    }
+
+    /// A message that does not parse: FORMERR when it carries a query header at all.
+    fn unparsable(&self, shared: &Shared, q: &Question, packet: &[u8]) -> Step {
+        let Some(header) = packet.get(..4) else {
+            return Step::Ignore;
+        };
+        if header[2] & 0x80 != 0 {
+            return Step::Ignore; // QR set: a response
+        }
+        shared
+            .telemetry
+            .metrics
+            .agent(&q.agent_name)
+            .dns_refused
+            .inc();
+        self.log(
+            shared,
+            q,
+            None,
+            Some(Reason::Malformed),
+            ResponseCode::FormErr,
+        );
+        let id = u16::from_be_bytes([header[0], header[1]]);
+        let reply = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+        Step::Reply(reply.to_vec().unwrap_or_default())
+    }
+
+    fn log(
+        &self,
+        shared: &Shared,
+        q: &Question,
+        name: Option<&DomainName>,
+        reason: Option<Reason>,
+        rcode: ResponseCode,
+    ) {
+        let mut rec = ConnectionRecord::begin(
+            Mode::Dns,
+            q.peer,
+            q.agent_name.clone(),
+            q.policy.generation(),
+        );
+        rec.start = q.start;
+        rec.duration = q.started.elapsed();
+        rec.reason = reason;
+        rec.destination_domain = name.map(|n| n.as_str().to_owned());
+        rec.dns_question_name = match name {
+            Some(n) => Some(n.as_str().to_owned()),
+            None => q.asked.clone(),
+        };
+        rec.dns_question_type = q.rtype.map(<&'static str>::from);
+        rec.dns_response_code = Some(rcode_name(rcode));
+        shared.telemetry.record(rec);
+    }
+}
+
+/// Public addresses, and special ones the agent's `allow_cidrs` cover (any port: the name
+/// may serve on the port the CIDR rule names).
+fn may_reach(agent: Option<&AgentPolicy>, ip: IpAddr) -> bool {
+    if !address::is_special(ip) {
+        return true;
+    }
+    let ip = address::canonical(ip);
+    agent.is_some_and(|a| a.allow_cidrs.iter().any(|c| c.net.contains(&ip)))
+}
+
+fn response(request: &Message, rcode: ResponseCode, answers: Vec<Record>) -> Message {
+    let mut m = Message::response(request.metadata.id, request.metadata.op_code);
+    m.metadata.recursion_desired = request.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.metadata.response_code = rcode;
+    m.queries = request.queries.clone();
+    m.answers = answers;
+    if request.edns.is_some() {
+        // RFC 6891 §6.1.1: a query with OPT gets an OPT back.
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        m.edns = Some(edns);
+    }
+    m
+}
+
+/// The reply's bytes; over `limit` (UDP), the question alone with TC set (RFC 1035 §4.2.1)
+/// so the client retries over TCP. Empty when it cannot be encoded at all.
+fn encode(m: &Message, limit: usize) -> Vec<u8> {
+    match m.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => bytes,
+        Ok(_) => m.truncate().to_vec().unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "dns reply could not be encoded");
+            Message::error_msg(m.metadata.id, m.metadata.op_code, ResponseCode::ServFail)
+                .to_vec()
+                .unwrap_or_default()
+        }
+    }
+}
+
+fn rcode_name(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        _ => "OTHER",
+    }
+}

@@ -1,0 +1,250 @@
+//! Per-agent limits (the `[limits]` table of an agent file): new connections per second
+//! (token bucket with burst), concurrent tunnels, bandwidth shared by all of an agent's
+//! tunnels (both directions, fair between tunnels), and a daily byte budget that survives
+//! restarts. Keyed by agent *name*, so the state outlives policy reloads.
+//!
+//! The pieces are pure and take the clock as an argument (`bucket`, `bandwidth`, `budget`,
+//! `concurrency`); this module holds their shared state and answers the data path's two
+//! questions: may this connection start ([`Limiter::admit`]), and how must it be shaped
+//! ([`Shaping`], applied by the relay).
+
+pub mod bandwidth;
+pub mod bucket;
+pub mod budget;
+pub mod concurrency;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bandwidth::Bandwidth;
+use bucket::TokenBucket;
+use budget::Budgets;
+use concurrency::{ConcurrencyCaps, Permit};
+
+use crate::policy::{Limits, Policy, Reason};
+use crate::telemetry::Metrics;
+
+/// File name of the budget state inside `state_dir`.
+pub const BUDGET_FILE: &str = "budgets.json";
+
+/// Why a connection may not start, and when trying again makes sense (`Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub retry_after: Option<Duration>,
+}
+
+/// A connection that may start: it holds its concurrency slot until dropped.
+#[derive(Debug, Default)]
+pub struct Admission {
+    _permit: Option<Permit>,
+    pub shaping: Shaping,
+}
+
+/// How the relay must shape one tunnel.
+#[derive(Debug, Clone, Default)]
+pub struct Shaping {
+    pub bandwidth: Option<Arc<Bandwidth>>,
+    pub budget: Option<BudgetMeter>,
+}
+
+/// Charges an agent's daily budget as bytes move; trips once the budget is spent.
+#[derive(Debug, Clone)]
+pub struct BudgetMeter {
+    limiter: Arc<Limiter>,
+    agent: Arc<str>,
+    limit: u64,
+    tripped: Arc<AtomicBool>,
+}
+
+impl BudgetMeter {
+    /// Charge `bytes`; false once the budget is exceeded (the tunnel must end).
+    pub fn charge(&self, bytes: u64) -> bool {
+        let now = unix_now();
+        let mut b = self
+            .limiter
+            .budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        b.charge(&self.agent, bytes, now);
+        if b.exceeded(&self.agent, self.limit, now) {
+            self.tripped.store(true, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    rates: Mutex<HashMap<Arc<str>, TokenBucket>>,
+    concurrency: ConcurrencyCaps,
+    bandwidth: Mutex<HashMap<Arc<str>, Arc<Bandwidth>>>,
+    budgets: Mutex<Budgets>,
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Limiter {
+    /// Load the budget state from `state_dir`. A corrupt or unreadable file must not hand
+    /// out a fresh budget: every budgeted agent is exhausted until the next reset.
+    pub fn load(state_dir: &Path, reset_hour_utc: u8) -> Result<Arc<Self>, String> {
+        let path = state_dir.join(BUDGET_FILE);
+        let budgets = match Budgets::load(&path, reset_hour_utc) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "budget state unreadable: budgets exhausted until the next reset");
+                Budgets::exhausted_until_next_period(&path, reset_hour_utc, unix_now())
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        Ok(Arc::new(Self {
+            rates: Mutex::default(),
+            concurrency: ConcurrencyCaps::new(),
+            bandwidth: Mutex::default(),
+            budgets: Mutex::new(budgets),
+        }))
+    }
+
+    /// May a new connection of `agent` start under `limits`? Checks, in order: the budget
+    /// (a spent budget is not a rate problem), the connection rate, concurrency.
+    pub fn admit(
+        self: &Arc<Self>,
+        agent: &Arc<str>,
+        limits: &Limits,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        let now_unix = unix_now();
+        let budget = match limits.daily_bytes {
+            Some(limit) => {
+                let b = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
+                if b.exceeded(agent, limit, now_unix) {
+                    let wait = u64::try_from(b.next_reset(now_unix) - now_unix).unwrap_or(0);
+                    return Err(Refusal {
+                        reason: Reason::BudgetExceeded,
+                        retry_after: Some(Duration::from_secs(wait)),
+                    });
+                }
+                Some(BudgetMeter {
+                    limiter: self.clone(),
+                    agent: agent.clone(),
+                    limit,
+                    tripped: Arc::default(),
+                })
+            }
+            None => None,
+        };
+        if let Some(rate) = limits.new_connections_per_second {
+            let rate = f64::from(rate.max(1));
+            let burst = f64::from(limits.burst.unwrap_or(rate as u32).max(1));
+            let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+            let bucket = rates
+                .entry(agent.clone())
+                .or_insert_with(|| TokenBucket::new(rate, burst, now));
+            if bucket.rate_per_sec() != rate || bucket.burst() != burst {
+                // The rule changed on reload: start a bucket with the new numbers.
+                *bucket = TokenBucket::new(rate, burst, now);
+            }
+            if !bucket.try_take(1.0, now) {
+                return Err(Refusal {
+                    reason: Reason::RateLimited,
+                    retry_after: Some(bucket.wait_time(1.0, now).max(Duration::from_secs(1))),
+                });
+            }
+        }
+        let permit = match limits.max_concurrent {
+            Some(max) => Some(self.concurrency.try_acquire(agent, max).ok_or(Refusal {
+                reason: Reason::RateLimited,
+                retry_after: Some(Duration::from_secs(1)),
+            })?),
+            None => None,
+        };
+        let bandwidth = limits.bandwidth_bytes_per_second.map(|bps| {
+            let mut all = self
+                .bandwidth
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let entry = all
+                .entry(agent.clone())
+                .or_insert_with(|| Arc::new(Bandwidth::new(bps)));
+            if entry.bytes_per_sec() != Some(bps) {
+                *entry = Arc::new(Bandwidth::new(bps));
+            }
+            entry.clone()
+        });
+        Ok(Admission {
+            _permit: permit,
+            shaping: Shaping { bandwidth, budget },
+        })
+    }
+
+    /// Persist the budgets (periodically and at shutdown).
+    pub fn save(&self) {
+        let b = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(dir) = b.path().parent()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::error!(error = %e, "budget state directory not created");
+        }
+        if let Err(e) = b.save() {
+            tracing::error!(error = %e, "budget state not saved");
+        }
+    }
+
+    /// Refresh the budget gauges for every agent with a budget.
+    pub fn publish(&self, policy: &Policy, metrics: &Metrics) {
+        let now = unix_now();
+        let b = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, a) in policy.agents() {
+            if let Some(limit) = a.limits.daily_bytes {
+                metrics.set_budget(&a.name, limit, b.remaining(&a.name, limit, now));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spent_budget_refuses_the_next_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        // A state directory that does not exist yet, as on a fresh install.
+        let dir = dir.path().join("state");
+        let limiter = Limiter::load(&dir, 0).unwrap();
+        let agent: Arc<str> = Arc::from("coder-1");
+        let limits = Limits {
+            daily_bytes: Some(1000),
+            ..Limits::default()
+        };
+        let admitted = limiter.admit(&agent, &limits, Instant::now()).unwrap();
+        let meter = admitted.shaping.budget.clone().unwrap();
+        assert!(meter.charge(600));
+        assert!(!meter.charge(600), "the budget did not trip");
+        let refused = limiter.admit(&agent, &limits, Instant::now()).unwrap_err();
+        assert_eq!(refused.reason, Reason::BudgetExceeded);
+        limiter.save();
+        let reloaded = Limiter::load(&dir, 0).unwrap();
+        assert_eq!(
+            reloaded
+                .admit(&agent, &limits, Instant::now())
+                .unwrap_err()
+                .reason,
+            Reason::BudgetExceeded
+        );
+    }
+}

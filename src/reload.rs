@@ -1,0 +1,232 @@
+//! Policy reload (DESIGN §3): build a whole new `Policy`, validate, swap atomically, then
+//! re-check every live tunnel against the new generation and close those it no longer allows
+//! (`policy_revoked`). On any error the running policy stays; the error is logged, counted
+//! and shown by `/healthz`.
+//!
+//! Triggers: the rules directory is watched (debounced; rename-into-place and symlink swaps
+//! are directory events too), SIGHUP, and `POST /v1/reload`. Reloads run one at a time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Shared;
+use crate::policy::{Policy, Target};
+
+/// What the last reload did, for `/healthz`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LastReload {
+    pub ok: bool,
+    pub generation: u64,
+    pub error: Option<String>,
+    pub revoked: usize,
+}
+
+/// Live tunnels, so a new policy can be checked against each of them.
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, TunnelEntry>>,
+}
+
+#[derive(Debug)]
+struct TunnelEntry {
+    agent: Arc<str>,
+    target: Target,
+    cancel: CancellationToken,
+    revoked: Arc<AtomicBool>,
+}
+
+/// Registration of one live tunnel; removed on drop.
+#[derive(Debug)]
+pub struct TunnelRegistration {
+    tunnels: Arc<Tunnels>,
+    id: u64,
+    revoked: Arc<AtomicBool>,
+}
+
+impl TunnelRegistration {
+    /// True when a reload cancelled this tunnel.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for TunnelRegistration {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.tunnels.live.lock() {
+            live.remove(&self.id);
+        }
+    }
+}
+
+impl Tunnels {
+    /// Register a tunnel of `agent` to `target`, cancelled through `cancel` if revoked.
+    pub fn register(
+        self: &Arc<Self>,
+        agent: Arc<str>,
+        target: Target,
+        cancel: CancellationToken,
+    ) -> TunnelRegistration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let revoked = Arc::new(AtomicBool::new(false));
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(
+                id,
+                TunnelEntry {
+                    agent,
+                    target,
+                    cancel,
+                    revoked: revoked.clone(),
+                },
+            );
+        }
+        TunnelRegistration {
+            tunnels: self.clone(),
+            id,
+            revoked,
+        }
+    }
+
+    /// Cancel every tunnel `policy` no longer allows (agent gone, or target denied).
+    /// Returns how many were revoked. The lock is held only to collect, never across I/O.
+    pub fn revoke_disallowed(&self, policy: &Policy) -> usize {
+        let Ok(live) = self.live.lock() else { return 0 };
+        let mut n = 0;
+        for entry in live.values() {
+            let agent = policy.agent_by_name(&entry.agent);
+            if !policy.evaluate(agent, &entry.target).is_allow() {
+                entry.revoked.store(true, Ordering::Release);
+                entry.cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reload the rules now. Returns the new generation, or the errors (old policy kept).
+pub async fn reload(shared: &Shared) -> Result<u64, String> {
+    let _one_at_a_time = shared.reload_lock.lock().await;
+    let next = shared.policy.load().generation() + 1;
+    let dir = shared.config.rules_dir.clone();
+    let ports = shared.config.default_ports.clone();
+    // Compiling 100k rules takes ~0.2 s: off the async workers.
+    let built = tokio::task::spawn_blocking(move || Policy::load(&dir, &ports, next)).await;
+    let metrics = &shared.telemetry.metrics;
+    match built {
+        Ok(Ok(policy)) => {
+            let policy = Arc::new(policy);
+            shared.policy.store(policy.clone());
+            metrics
+                .policy_generation
+                .set(i64::try_from(next).unwrap_or(i64::MAX));
+            metrics.reload(true);
+            let revoked = shared.tunnels.revoke_disallowed(&policy);
+            tracing::info!(generation = next, revoked, "policy reloaded");
+            store_last(
+                shared,
+                LastReload {
+                    ok: true,
+                    generation: next,
+                    error: None,
+                    revoked,
+                },
+            );
+            Ok(next)
+        }
+        Ok(Err(errors)) => {
+            metrics.reload(false);
+            let error = errors.to_string();
+            tracing::error!(%error, "policy reload failed; keeping generation {}", next - 1);
+            store_last(
+                shared,
+                LastReload {
+                    ok: false,
+                    generation: next - 1,
+                    error: Some(error.clone()),
+                    revoked: 0,
+                },
+            );
+            Err(error)
+        }
+        Err(e) => {
+            metrics.reload(false);
+            Err(e.to_string())
+        }
+    }
+}
+
+fn store_last(shared: &Shared, last: LastReload) {
+    if let Ok(mut l) = shared.last_reload.lock() {
+        *l = last;
+    }
+}
+
+/// Reload on SIGHUP until shutdown.
+pub async fn on_sighup(shared: Arc<Shared>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = shared.stop_accepting.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    let _ = reload(&shared).await;
+                }
+            }
+        }
+    }
+}
+
+/// Watch the rules directory and reload after changes settle (debounced).
+pub async fn watch(shared: Arc<Shared>, debounce: Duration) {
+    use notify_debouncer_full::notify::RecursiveMode;
+    use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| {
+        if matches!(res, Ok(ref events) if !events.is_empty()) {
+            // A full channel already holds a pending reload: coalesce.
+            let _ = tx.try_send(());
+        }
+    });
+    let mut debouncer = match debouncer {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the rules directory; SIGHUP and /v1/reload still work");
+            return;
+        }
+    };
+    if let Err(e) = debouncer.watch(&shared.config.rules_dir, RecursiveMode::Recursive) {
+        tracing::error!(error = %e, "cannot watch the rules directory; SIGHUP and /v1/reload still work");
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = shared.stop_accepting.cancelled() => return,
+            got = rx.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                let _ = reload(&shared).await;
+            }
+        }
+    }
+}
