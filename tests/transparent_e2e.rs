@@ -7,25 +7,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+
 use std::time::{Duration, Instant};
 
 use common::netns::*;
 use common::*;
-
-async fn run(cmd: String) -> Output {
-    tokio::task::spawn_blocking(move || sh_status(&cmd))
-        .await
-        .unwrap()
-}
-
-fn in_ns(ns: &str, cmd: &str) -> String {
-    format!("ip netns exec {ns} sh -c '{}'", cmd.replace('\'', "'\\''"))
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 /// Re-frame a one-record hello as `n` records.
 fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
@@ -38,92 +24,6 @@ fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
         out.extend_from_slice(chunk);
     }
     out
-}
-
-struct Gateway {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    fn lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    async fn line_where(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(l) = self.lines().into_iter().rev().find(|l| pred(l)) {
-                return l;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no such log line in {:#?}",
-                self.lines()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
-
-fn write_config(dir: &std::path::Path, topo: &Topology) -> std::path::PathBuf {
-    let rules = dir.join("rules");
-    std::fs::create_dir_all(rules.join("agents")).unwrap();
-    std::fs::write(
-        rules.join("agents/coder-1.toml"),
-        format!(
-            "name = \"coder-1\"\nsources = [\"{AGENT_IP}/32\", \"fd66::11/128\"]\n\
-             allow = [\"allowed.test\", \"*.wild.test\"]\n\
-             # the test internet lives in TEST-NET-3, a documentation range: allow it explicitly\n\
-             allow_cidrs = [\"203.0.113.0/24\"]\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("webhook.secret"), format!("{WHSEC}\n")).unwrap();
-    std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
-    let cfg = dir.join("portcullis.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"rules_dir = "rules"
-state_dir = "state"
-[listen]
-explicit = "{GW_AGENT_SIDE}:3128"
-admin = "127.0.0.1:9090"
-transparent = ["{GW_AGENT_SIDE}:15001"]
-[resolver]
-upstreams = ["{INTERNET}:53"]
-[log]
-destination = "{log}"
-[timeouts]
-handshake_ms = 2000
-[nftables]
-agent_interfaces = ["{ifname}"]
-agent_networks = ["10.66.0.0/24", "fd66::/64"]
-[kill_switch]
-webhook_secret_files = ["webhook.secret"]
-totp_secret_file = "totp.secret"
-"#,
-            log = dir.join("connections.log").display(),
-            ifname = topo.gw_agent_if,
-        ),
-    )
-    .unwrap();
-    cfg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,46 +54,15 @@ async fn transparent_gateway_end_to_end() {
     )
     .await;
 
-    let cfg = write_config(dir.path(), &topo);
-    let bin = env!("CARGO_BIN_EXE_portcullis");
-    let applied = run(in_ns(
-        &topo.gw_ns,
-        &format!("{bin} --config {} apply-ruleset", cfg.display()),
-    ))
-    .await;
-    assert!(
-        applied.status.success(),
-        "apply-ruleset: {}",
-        String::from_utf8_lossy(&applied.stderr)
+    let cfg = write_config(
+        dir.path(),
+        &topo,
+        &format!("\"{GW_AGENT_SIDE}:15001\""),
+        "redirect",
+        false,
     );
-    let child = Command::new("ip")
-        .args(["netns", "exec", &topo.gw_ns, "sh", "-c"])
-        .arg(format!(
-            "ulimit -n $(ulimit -Hn); exec {bin} --config {} run",
-            cfg.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let gw = Gateway {
-        child,
-        log: dir.path().join("connections.log"),
-    };
-    let mut up = false;
-    for _ in 0..100 {
-        if run(in_ns(&topo.gw_ns, "curl -sf http://127.0.0.1:9090/healthz"))
-            .await
-            .status
-            .success()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "portcullis did not come up in the gateway namespace");
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let gw = start_gateway(&topo, bin, &cfg, dir.path()).await;
 
     let ca = pki.ca_pem.display().to_string();
     let agent = |cmd: String| run(in_ns(&topo.agent_ns, &cmd));
