@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine;
 use http::header::{self, HeaderMap};
@@ -33,45 +33,9 @@ use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 use crate::limits::Admission;
 use crate::proxy::forward::{ForwardTo, ProxyBody, empty, forward, limited, refusal};
 
-/// Accept loop: bounded, never stalls on one client, stops on `stop_accepting`.
+/// Serve the explicit proxy on `listener` until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Some(slot) = shared.caps.try_acquire(peer.ip()) else {
-                    record_refusal(&shared, peer, Reason::Overloaded);
-                    drop(stream);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                shared
-                    .tracker
-                    .spawn(serve_connection(shared.clone(), stream, peer, slot));
-            }
-            Err(e) => {
-                // EMFILE/ENFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-}
-
-fn record_refusal(shared: &Shared, peer: SocketAddr, reason: Reason) {
-    let policy = shared.policy.load();
-    let agent = policy.agent_by_source(peer.ip());
-    let mut rec = ConnectionRecord::begin(
-        Mode::Explicit,
-        peer,
-        policy.agent_name(agent),
-        policy.generation(),
-    );
-    rec.reason = Some(reason);
-    shared.telemetry.record(rec);
+    crate::proxy::accept_loop(shared, listener, Mode::Explicit, serve_connection).await;
 }
 
 async fn serve_connection(

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -36,39 +36,9 @@ use crate::proxy::upstream;
 use crate::sys::{self, Interception};
 use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 
-/// Accept loop for one transparent listener.
+/// Serve one transparent listener until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Some(slot) = shared.caps.try_acquire(peer.ip()) else {
-                    let policy = shared.policy.load();
-                    let agent = policy.agent_by_source(peer.ip());
-                    let mut rec = ConnectionRecord::begin(
-                        Mode::Transparent,
-                        peer,
-                        policy.agent_name(agent),
-                        policy.generation(),
-                    );
-                    rec.reason = Some(Reason::Overloaded);
-                    shared.telemetry.record(rec);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                shared
-                    .tracker
-                    .spawn(handle(shared.clone(), stream, peer, slot));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "transparent accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+    crate::proxy::accept_loop(shared, listener, Mode::Transparent, handle).await;
 }
 
 /// What the original destination port says the agent must speak.
