@@ -24,3 +24,4 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
 bash tests/promtool.sh
+bash tests/systemd.sh

@@ -294,9 +294,17 @@ pub async fn run(config_path: Option<&Path>) -> i32 {
     if let Some(a) = running.admin_addr {
         tracing::info!(%a, "admin listening");
     }
+    // Policy and kill state are loaded and every listener is bound: tell systemd
+    // (Type=notify), and keep its watchdog fed while the runtime schedules tasks.
+    crate::sys::notify::notify("READY=1");
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::sys::notify::watchdog(watchdog_stop.clone()));
     crate::gateway::terminated().await;
+    crate::sys::notify::notify("STOPPING=1");
     tracing::info!("shutting down: draining live connections");
     running.shutdown(drain).await;
+    // Pinged through the drain too: a wedged drain is still caught by WatchdogSec.
+    watchdog_stop.cancel();
     0
 }
 

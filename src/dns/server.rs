@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,11 +76,13 @@ pub fn spawn(shared: Arc<Shared>, forwarder: Arc<Forwarder>, listener: DnsListen
         .map_or(1, |n| n.get())
         .min(MAX_UDP_THREADS);
     for _ in 0..threads {
-        let (shared2, forwarder, udp) = (shared.clone(), forwarder.clone(), udp.clone());
+        // A weak handle: if the gateway is dropped without `shutdown` (a panicking test),
+        // the threads still end, instead of holding the runtime's drop forever.
+        let (weak, forwarder, udp) = (Arc::downgrade(&shared), forwarder.clone(), udp.clone());
         let runtime = tokio::runtime::Handle::current();
         shared
             .tracker
-            .spawn_blocking(move || serve_udp(&shared2, &forwarder, &udp, &runtime));
+            .spawn_blocking(move || serve_udp(&weak, &forwarder, &udp, &runtime));
     }
     shared
         .tracker
@@ -88,13 +90,17 @@ pub fn spawn(shared: Arc<Shared>, forwarder: Arc<Forwarder>, listener: DnsListen
 }
 
 fn serve_udp(
-    shared: &Arc<Shared>,
+    weak: &Weak<Shared>,
     forwarder: &Arc<Forwarder>,
     socket: &Arc<UdpSocket>,
     runtime: &tokio::runtime::Handle,
 ) {
     let mut buf = vec![0u8; UDP_RECV_BUF];
-    while !shared.stop_accepting.is_cancelled() {
+    loop {
+        match weak.upgrade() {
+            Some(shared) if !shared.stop_accepting.is_cancelled() => {}
+            _ => return,
+        }
         let (n, peer) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
             Err(e)
@@ -111,8 +117,11 @@ fn serve_udp(
                 continue;
             }
         };
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
         let packet = buf.get(..n).unwrap_or_default();
-        match forwarder.prepare(shared, peer, packet, Transport::Udp) {
+        match forwarder.prepare(&shared, peer, packet, Transport::Udp) {
             Step::Ignore => {}
             Step::Reply(reply) => send_udp(socket, &reply, peer),
             Step::Resolve(pending) => {

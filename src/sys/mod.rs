@@ -5,6 +5,8 @@
 //! This is the only module that touches raw socket options. It holds no `unsafe` today
 //! (socket2 wraps the getsockopt calls); if some ever becomes necessary, it goes here.
 
+pub mod notify;
+
 use std::io;
 use std::net::SocketAddr;
 
