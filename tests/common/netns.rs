@@ -59,13 +59,20 @@ pub struct Topology {
     pub gw_ns: String,
     pub gw_agent_if: String,
     root_if: String,
+    /// Held for the topology's life: every topology puts the same addresses and routes in
+    /// the root namespace, so two test processes must not build theirs at the same time.
+    _lock: std::fs::File,
 }
 
 impl Topology {
     pub fn new() -> Self {
         require_root();
+        let lock = std::fs::File::create("/tmp/portcullis-netns-tests.lock")
+            .expect("create the namespace test lock");
+        lock.lock().expect("take the namespace test lock");
         let id = std::process::id() % 100_000;
         let t = Topology {
+            _lock: lock,
             agent_ns: format!("pcl-agent-{id}"),
             gw_ns: format!("pcl-gw-{id}"),
             gw_agent_if: format!("pclg{id}"),
