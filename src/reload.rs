@@ -57,13 +57,19 @@ impl TunnelRegistration {
 
 impl Drop for TunnelRegistration {
     fn drop(&mut self) {
-        if let Ok(mut live) = self.tunnels.live.lock() {
-            live.remove(&self.id);
-        }
+        self.tunnels.lock_live().remove(&self.id);
     }
 }
 
 impl Tunnels {
+    /// The live map, even after a panic elsewhere poisoned the lock: skipping it would let
+    /// a tunnel escape revocation (fail open); every update to it is a single insert/remove.
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, TunnelEntry>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Register a tunnel of `agent` to `target`, cancelled through `cancel` if revoked.
     pub fn register(
         self: &Arc<Self>,
@@ -73,17 +79,15 @@ impl Tunnels {
     ) -> TunnelRegistration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let revoked = Arc::new(AtomicBool::new(false));
-        if let Ok(mut live) = self.live.lock() {
-            live.insert(
-                id,
-                TunnelEntry {
-                    agent,
-                    target,
-                    cancel,
-                    revoked: revoked.clone(),
-                },
-            );
-        }
+        self.lock_live().insert(
+            id,
+            TunnelEntry {
+                agent,
+                target,
+                cancel,
+                revoked: revoked.clone(),
+            },
+        );
         TunnelRegistration {
             tunnels: self.clone(),
             id,
@@ -94,7 +98,7 @@ impl Tunnels {
     /// Cancel every tunnel `policy` no longer allows (agent gone, or target denied).
     /// Returns how many were revoked. The lock is held only to collect, never across I/O.
     pub fn revoke_disallowed(&self, policy: &Policy) -> usize {
-        let Ok(live) = self.live.lock() else { return 0 };
+        let live = self.lock_live();
         let mut n = 0;
         for entry in live.values() {
             let agent = policy.agent_by_name(&entry.agent);
@@ -108,7 +112,7 @@ impl Tunnels {
     }
 
     pub fn len(&self) -> usize {
-        self.live.lock().map(|l| l.len()).unwrap_or(0)
+        self.lock_live().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -41,10 +41,12 @@ pub enum Reason {
     Overloaded,
     /// The process is shutting down and no longer accepts work.
     ShuttingDown,
+    /// The connection's task panicked (a bug): that connection was closed, nothing else.
+    InternalError,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::NotAllowed,
         Reason::DeniedRule,
         Reason::UnknownAgent,
@@ -64,6 +66,7 @@ impl Reason {
         Reason::UpstreamFailed,
         Reason::Overloaded,
         Reason::ShuttingDown,
+        Reason::InternalError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +90,7 @@ impl Reason {
             Reason::UpstreamFailed => "upstream_failed",
             Reason::Overloaded => "overloaded",
             Reason::ShuttingDown => "shutting_down",
+            Reason::InternalError => "internal_error",
         }
     }
 }

@@ -176,9 +176,13 @@ async fn handle(
                     .is_some_and(|a| a.allow_missing_sni),
                 admission,
             };
-            shared
-                .tracker
-                .spawn(tunnel(shared.clone(), req, checks, rec, started, slot));
+            let peer = rec.source;
+            super::spawn_supervised(
+                &shared,
+                Mode::Explicit,
+                peer,
+                tunnel(shared.clone(), req, checks, rec, started, slot),
+            );
             empty(StatusCode::OK)
         }
         target::Request::Forward {

@@ -17,10 +17,14 @@ pub mod upstream;
 
 pub use caps::{ConnectionCaps, ConnectionSlot};
 
+use std::any::Any;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -61,14 +65,71 @@ pub(crate) async fn accept_loop<F, Fut>(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                shared
-                    .tracker
-                    .spawn(serve(shared.clone(), stream, peer, slot));
+                spawn_supervised(
+                    &shared,
+                    mode,
+                    peer,
+                    serve(shared.clone(), stream, peer, slot),
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %e, mode = mode.as_str(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+}
+
+/// Spawn one connection's task so that a panic in it (a bug) ends that connection only: the
+/// panic is caught at the task's edge, the connection's sockets and slots are released by
+/// their destructors, a record with reason `internal_error` is written, and the process
+/// carries on serving everyone else. Never use `panic = "abort"` in a profile that ships.
+///
+/// Catching is sound here because nothing the dead task shared is left half-updated in a
+/// way others trust: shared state sits behind atomics or mutexes whose users take the value
+/// even when poisoned, and the panicked future is dropped, never polled again.
+pub(crate) fn spawn_supervised<Fut>(shared: &Arc<Shared>, mode: Mode, peer: SocketAddr, fut: Fut)
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let shared2 = shared.clone();
+    shared.tracker.spawn(async move {
+        let started = Instant::now();
+        if let Err(panic) = (CatchUnwind(Box::pin(fut))).await {
+            let what = panic_message(panic.as_ref());
+            tracing::error!(mode = mode.as_str(), %peer, panic = what, "connection task panicked; connection closed, gateway carries on");
+            let policy = shared2.policy.load();
+            let agent = policy.agent_by_source(peer.ip());
+            let mut rec =
+                ConnectionRecord::begin(mode, peer, policy.agent_name(agent), policy.generation());
+            rec.reason = Some(Reason::InternalError);
+            rec.duration = started.elapsed();
+            shared2.telemetry.record(rec);
+        }
+    });
+}
+
+/// The payload of a panic as text (`panic!` with a literal or a formatted message).
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)")
+}
+
+/// A future that turns a panic while polling `F` into `Err(payload)`.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }

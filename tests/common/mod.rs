@@ -13,7 +13,7 @@ use std::time::Duration;
 use portcullis::config::{Config, LogDestination};
 use portcullis::gateway::{self, Running};
 use portcullis::policy::Policy;
-use portcullis::proxy::upstream::StaticResolver;
+use portcullis::proxy::upstream::{Resolve, StaticResolver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -284,7 +284,7 @@ pub struct TestGateway {
 pub async fn gateway(
     agents: &[(&str, &str)],
     lists: &[(&str, &str)],
-    resolver: StaticResolver,
+    resolver: impl Resolve,
 ) -> TestGateway {
     gateway_with(agents, lists, resolver, |_, _| {}).await
 }
@@ -293,7 +293,7 @@ pub async fn gateway(
 pub async fn gateway_with(
     agents: &[(&str, &str)],
     lists: &[(&str, &str)],
-    resolver: StaticResolver,
+    resolver: impl Resolve,
     tweak: impl FnOnce(&mut Config, &Path),
 ) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
@@ -312,7 +312,7 @@ pub async fn start_in(
     dir: &Path,
     agents: &[(&str, &str)],
     lists: &[(&str, &str)],
-    resolver: StaticResolver,
+    resolver: impl Resolve,
     tweak: impl FnOnce(&mut Config, &Path),
 ) -> (Running, PathBuf) {
     let rules = dir.join("rules");
