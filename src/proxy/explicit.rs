@@ -17,14 +17,14 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
 use crate::policy::{DomainName, Host, Identity, Reason, Target};
 use crate::proxy::ConnectionSlot;
 use crate::proxy::peek::read_client_hello;
-use crate::proxy::relay::{RelayCounters, RelayEnd, relay};
+use crate::proxy::relay::{RelayCounters, RelayEnd, relay, relay_io};
 use crate::proxy::sni::ClientHello;
 use crate::proxy::target::{self, domain_of};
 use crate::proxy::upstream;
@@ -177,12 +177,8 @@ async fn handle(
                 admission,
             };
             let peer = rec.source;
-            super::spawn_supervised(
-                &shared,
-                Mode::Explicit,
-                peer,
-                tunnel(shared.clone(), req, checks, rec, started, slot),
-            );
+            let fut = tunnel(shared.clone(), req, checks, rec, started, slot);
+            super::spawn_supervised(&shared, Mode::Explicit, peer, fut);
             empty(StatusCode::OK)
         }
         target::Request::Forward {
@@ -281,37 +277,47 @@ async fn tunnel(
         let upgraded = hyper::upgrade::on(req)
             .await
             .map_err(|_| Reason::Malformed)?;
-        let mut agent_io = TokioIo::new(upgraded);
-        let mut peeked = Vec::new();
-        let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-        let hello = read_client_hello(&mut agent_io, &mut peeked, deadline).await;
-        counters
-            .from_agent
-            .store(peeked.len() as u64, Ordering::Relaxed);
-        check_hello(&checks, &hello?, &mut rec)?;
-        let mut up = upstream::dial(
-            &checks.addrs,
-            checks.target.port,
-            shared.config.connect_timeout,
-        )
-        .await
-        .map_err(|f| f.reason)?;
-        rec.destination_ip = Some(up.addr.ip());
-        let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-        up.stream
-            .write_all(&peeked)
-            .await
-            .map_err(|_| Reason::UpstreamFailed)?;
-        match relay(
-            agent_io,
-            up.stream,
-            shared.config.idle_timeout,
-            &cancel,
-            &counters,
-            &checks.admission.shaping,
-        )
-        .await
-        {
+        let idle = shared.config.idle_timeout;
+        let shaping = &checks.admission.shaping;
+        // The bare socket (zero-copy relay) when hyper hands it back, with whatever hyper
+        // had already read past the CONNECT head; any other stream takes the copy path.
+        let end = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let mut agent_io = parts.io.into_inner();
+                // A copy of what hyper read ahead, and hyper's read buffer (8 KiB and more,
+                // which the `Bytes` keeps alive) released now, not when the tunnel ends.
+                let peeked = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                // Boxed: the hello and dial phase's state is freed before the relay, so
+                // it does not weigh on every idle tunnel.
+                let up = Box::pin(open_upstream(
+                    &shared,
+                    &checks,
+                    &mut agent_io,
+                    peeked,
+                    &counters,
+                    &mut rec,
+                ))
+                .await?;
+                let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
+                relay(agent_io, up, idle, &cancel, &counters, shaping).await
+            }
+            Err(upgraded) => {
+                let mut agent_io = TokioIo::new(upgraded);
+                let up = Box::pin(open_upstream(
+                    &shared,
+                    &checks,
+                    &mut agent_io,
+                    Vec::new(),
+                    &counters,
+                    &mut rec,
+                ))
+                .await?;
+                let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
+                Box::pin(relay_io(agent_io, up, idle, &cancel, &counters, shaping)).await
+            }
+        };
+        match end {
             RelayEnd::Cancelled => Err(cancelled_reason(
                 &shared,
                 &rec.agent,
@@ -332,6 +338,38 @@ async fn tunnel(
     rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
     rec.duration = started.elapsed();
     shared.telemetry.record(rec);
+}
+
+/// Read the tunnel's ClientHello (deadline, cap; `peeked` may already hold its start),
+/// check it against the CONNECT target, dial the checked address and replay the hello.
+/// The hello's buffer is gone before the relay starts: an idle tunnel keeps no bytes.
+async fn open_upstream<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    checks: &TunnelChecks,
+    agent_io: &mut R,
+    mut peeked: Vec<u8>,
+    counters: &RelayCounters,
+    rec: &mut ConnectionRecord,
+) -> Result<TcpStream, Reason> {
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let hello = read_client_hello(agent_io, &mut peeked, deadline).await;
+    counters
+        .from_agent
+        .store(peeked.len() as u64, Ordering::Relaxed);
+    check_hello(checks, &hello?, rec)?;
+    let mut up = upstream::dial(
+        &checks.addrs,
+        checks.target.port,
+        shared.config.connect_timeout,
+    )
+    .await
+    .map_err(|f| f.reason)?;
+    rec.destination_ip = Some(up.addr.ip());
+    up.stream
+        .write_all(&peeked)
+        .await
+        .map_err(|_| Reason::UpstreamFailed)?;
+    Ok(up.stream)
 }
 
 /// `Proxy-Authorization: Basic base64(user:password)`; anything malformed is `None` with a

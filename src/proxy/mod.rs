@@ -93,9 +93,12 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let shared2 = shared.clone();
+    // Boxed before the async block captures it: captured unboxed, the connection's future
+    // would be stored twice (in the block's state and in the box), per idle tunnel.
+    let fut = CatchUnwind(Box::pin(fut));
     shared.tracker.spawn(async move {
         let started = Instant::now();
-        if let Err(panic) = (CatchUnwind(Box::pin(fut))).await {
+        if let Err(panic) = fut.await {
             let what = panic_message(panic.as_ref());
             tracing::error!(mode = mode.as_str(), %peer, panic = what, "connection task panicked; connection closed, gateway carries on");
             let policy = shared2.policy.load();

@@ -11,6 +11,8 @@ use crate::policy::Reason;
 /// Most bytes we hold while waiting for a complete hello: the largest accepted handshake
 /// plus a record header per record.
 pub const MAX_PEEK_BYTES: usize = MAX_HELLO_BYTES + 4 + MAX_RECORDS * 5;
+/// Bytes asked of the socket per read while waiting for the hello.
+const READ_CHUNK: usize = 4096;
 
 /// Read from `io` into `buf` until a complete ClientHello, a rejection, EOF, the cap or the
 /// deadline. `buf` keeps every byte read.
@@ -19,7 +21,6 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<ClientHello, Reason> {
-    let mut chunk = [0u8; 4096];
     loop {
         match parse_client_hello(buf) {
             Parse::Done(hello) => return Ok(hello),
@@ -32,14 +33,25 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
         if buf.len() >= MAX_PEEK_BYTES {
             return Err(Reason::Malformed);
         }
-        let want = chunk.len().min(MAX_PEEK_BYTES - buf.len());
-        let Some(dst) = chunk.get_mut(..want) else {
-            return Err(Reason::Malformed);
+        // Read straight into `buf` (no array in the task's state: it would stay allocated
+        // for the tunnel's whole life), at most up to the cap.
+        let old = buf.len();
+        let want = READ_CHUNK.min(MAX_PEEK_BYTES - old);
+        buf.resize(old + want, 0);
+        let read =
+            tokio::time::timeout_at(deadline, io.read(buf.get_mut(old..).unwrap_or_default()))
+                .await;
+        let n = match read {
+            Ok(Ok(n)) if n > 0 => n,
+            Err(_) => {
+                buf.truncate(old);
+                return Err(Reason::Timeout);
+            }
+            Ok(_) => {
+                buf.truncate(old);
+                return Err(Reason::Malformed);
+            }
         };
-        match tokio::time::timeout_at(deadline, io.read(dst)).await {
-            Err(_) => return Err(Reason::Timeout),
-            Ok(Err(_)) | Ok(Ok(0)) => return Err(Reason::Malformed),
-            Ok(Ok(n)) => buf.extend_from_slice(dst.get(..n).unwrap_or_default()),
-        }
+        buf.truncate(old + n);
     }
 }

@@ -108,11 +108,12 @@ async fn handle(
                 let up =
                     check_and_dial(&shared, &policy, agent, &target, original, &mut rec).await?;
                 let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
+                // Moved in and freed once replayed: an idle tunnel keeps no bytes.
                 tunnel(
                     &shared,
                     stream,
                     up,
-                    &peeked,
+                    std::mem::take(&mut peeked),
                     &counters,
                     (&rec.agent, &target),
                     &admission.shaping,
@@ -245,15 +246,16 @@ async fn tunnel(
     shared: &Shared,
     agent_io: TcpStream,
     mut up: upstream::Upstream,
-    peeked: &[u8],
+    peeked: Vec<u8>,
     counters: &Arc<RelayCounters>,
     (agent, target): (&Arc<str>, &Target),
     shaping: &crate::limits::Shaping,
 ) -> Result<Handover, Reason> {
     up.stream
-        .write_all(peeked)
+        .write_all(&peeked)
         .await
         .map_err(|_| Reason::UpstreamFailed)?;
+    drop(peeked);
     let cancel = shared.killswitch.tunnel_token(agent);
     let registration = shared
         .tunnels

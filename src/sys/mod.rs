@@ -6,6 +6,7 @@
 //! (socket2 wraps the getsockopt calls); if some ever becomes necessary, it goes here.
 
 pub mod notify;
+pub mod splice;
 
 use std::io;
 use std::net::SocketAddr;
