@@ -17,7 +17,8 @@
 //!
 //! `config` is the process configuration, `policy::rules` the raw rules files and
 //! `policy::compile` turns them into a `Policy` that cannot be invalid. `admin` serves the
-//! management API. `cli` holds the commands.
+//! management API. `cli` holds the commands. `selftest` runs on an agent and probes the
+//! gateway from the outside: every escape path it must close.
 
 pub mod admin;
 pub mod cli;
@@ -30,5 +31,6 @@ pub mod nft;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod selftest;
 pub mod sys;
 pub mod telemetry;

@@ -29,6 +29,7 @@ fn main() {
         Command::Status => cli::status(config),
         Command::ApplyRuleset => cli::apply_ruleset(config),
         Command::Explain { agent, target } => cli::explain(config, &agent, &target),
+        Command::Selftest(args) => cli::selftest(*args),
     };
     std::process::exit(code);
 }

@@ -1,4 +1,4 @@
-//! The command line (clap): `run`, `check`, `explain`. Each command is a function returning
+//! The command line (clap): `run`, `check`, `explain`, …, `selftest`. Each command is a function returning
 //! an exit code; `main.rs` only parses and dispatches.
 
 use std::path::{Path, PathBuf};
@@ -9,11 +9,13 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 mod remote;
+mod selftest;
 use crate::nft::{self, RulesetSpec};
 use crate::policy::{Decision, Policy, Target};
 use crate::proxy::target::parse_authority;
 use crate::proxy::upstream::DnsResolver;
 pub use remote::{kill, revive, status};
+pub use selftest::{SelftestArgs, selftest};
 
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about = "Egress gateway for AI agents")]
@@ -32,7 +34,6 @@ pub enum Command {
     Run,
     /// Validate the config and the rules, print a summary; exit 1 with every error.
     Check,
-    /// Show the verdict for an agent and a target, and the rule behind it.
     /// Engage the kill switch through the admin API (signed with the local secret).
     Kill {
         /// One agent; without it, every agent.
@@ -54,12 +55,16 @@ pub enum Command {
     PrintRuleset,
     /// Apply the nftables ruleset atomically (one `nft -f` batch, table replaced whole).
     ApplyRuleset,
+    /// Show the verdict for an agent and a target, and the rule behind it.
     Explain {
         #[arg(long)]
         agent: String,
         /// `https://host/...`, `http://host:port/...` or `host:port`.
         target: String,
     },
+    /// Run on an agent: try every escape path (direct IP, other ports, QUIC, IPv6, outside
+    /// DNS, DNS exfiltration, DoH, a denied name) and the gateway itself; print a table.
+    Selftest(Box<SelftestArgs>),
 }
 
 pub fn load_config(path: Option<&Path>) -> Result<Config, String> {
