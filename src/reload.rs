@@ -201,12 +201,28 @@ pub async fn on_sighup(shared: Arc<Shared>) {
 }
 
 /// Watch the rules directory and reload after changes settle (debounced).
+/// Whether a watcher event can change what the rules say. Opening, reading and closing a
+/// file unwritten are not changes: the reload itself reads every file, and counting those
+/// reads would make the watcher reload forever, once per debounce period.
+fn is_change(kind: &notify_debouncer_full::notify::EventKind) -> bool {
+    use notify_debouncer_full::notify::EventKind;
+    use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => {
+            true
+        }
+        EventKind::Other => true,
+    }
+}
+
 pub async fn watch(shared: Arc<Shared>, debounce: Duration) {
     use notify_debouncer_full::notify::RecursiveMode;
     use notify_debouncer_full::{DebounceEventResult, new_debouncer};
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| {
-        if matches!(res, Ok(ref events) if !events.is_empty()) {
+        if matches!(res, Ok(ref events) if events.iter().any(|e| is_change(&e.event.kind))) {
             // A full channel already holds a pending reload: coalesce.
             let _ = tx.try_send(());
         }

@@ -214,3 +214,41 @@ async fn fifty_reloads_under_200_clients_fail_no_allowed_connection() {
     assert_eq!(failed, 0);
     gw.stop().await;
 }
+
+/// A reload reads every rules file; those reads must not count as changes, or the watcher
+/// reloads forever (every debounce period) on its own reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_rules_does_not_trigger_a_reload() {
+    let up = silent_upstream().await;
+    let port = up.addr.port();
+    let gw = gateway(
+        &[("coder-1", &agent(port, &["a.test"]))],
+        &[("shared", "allow = [\"x.test\"]\n")],
+        localhost_resolver(&["a.test"]),
+    )
+    .await;
+    let generation = |gw: &TestGateway| {
+        gw.running
+            .as_ref()
+            .unwrap()
+            .shared
+            .policy
+            .load()
+            .generation()
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(generation(&gw), 1, "reloaded with no change at all");
+    let (code, _) = admin_request(gw.admin, "POST", "/v1/reload", &[], b"").await;
+    assert_eq!(code, 200);
+    assert_eq!(generation(&gw), 2);
+    // Reading the files (by the reload above, and by anyone else) is not a change.
+    for _ in 0..3 {
+        let _ = std::fs::read_dir(gw.dir.path().join("rules/agents"))
+            .unwrap()
+            .count();
+        let _ = std::fs::read_to_string(gw.dir.path().join("rules/agents/coder-1.toml")).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(generation(&gw), 2, "the watcher reloaded on mere reads");
+    gw.stop().await;
+}
