@@ -172,6 +172,9 @@ pub async fn start(
             tracing::error!(%nft, "kill sets not synchronised with the kill state");
         }
     }
+    // The rules watch is registered before any listener serves (see reload::watch).
+    let watcher = crate::reload::watch(shared.clone(), Duration::from_millis(200));
+    shared.tracker.spawn(watcher);
     let explicit_addr = explicit.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let transparent_addrs = transparent
@@ -194,10 +197,6 @@ pub async fn start(
             .tracker
             .spawn(crate::proxy::explicit::serve(shared.clone(), l));
     }
-    shared.tracker.spawn(crate::reload::watch(
-        shared.clone(),
-        Duration::from_millis(200),
-    ));
     shared
         .tracker
         .spawn(crate::reload::on_sighup(shared.clone()));

@@ -210,14 +210,15 @@ fn is_change(kind: &notify_debouncer_full::notify::EventKind) -> bool {
     match kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
-        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => {
-            true
-        }
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
         EventKind::Other => true,
     }
 }
 
-pub async fn watch(shared: Arc<Shared>, debounce: Duration) {
+/// Watch the rules directory and reload on changes (debounced). The watch is registered
+/// now, before this returns (so before the listeners serve): a change made as soon as the
+/// gateway is up is never missed. The returned future runs the reloads until shutdown.
+pub fn watch(shared: Arc<Shared>, debounce: Duration) -> impl Future<Output = ()> + Send {
     use notify_debouncer_full::notify::RecursiveMode;
     use notify_debouncer_full::{DebounceEventResult, new_debouncer};
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -226,26 +227,25 @@ pub async fn watch(shared: Arc<Shared>, debounce: Duration) {
             // A full channel already holds a pending reload: coalesce.
             let _ = tx.try_send(());
         }
+    })
+    .and_then(|mut d| {
+        d.watch(&shared.config.rules_dir, RecursiveMode::Recursive)
+            .map(|()| d)
     });
-    let mut debouncer = match debouncer {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the rules directory; SIGHUP and /v1/reload still work");
-            return;
-        }
-    };
-    if let Err(e) = debouncer.watch(&shared.config.rules_dir, RecursiveMode::Recursive) {
+    if let Err(e) = &debouncer {
         tracing::error!(error = %e, "cannot watch the rules directory; SIGHUP and /v1/reload still work");
-        return;
     }
-    loop {
-        tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
-            got = rx.recv() => {
-                if got.is_none() {
-                    return;
+    async move {
+        let Ok(_debouncer) = debouncer else { return };
+        loop {
+            tokio::select! {
+                () = shared.stop_accepting.cancelled() => return,
+                got = rx.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    let _ = reload(&shared).await;
                 }
-                let _ = reload(&shared).await;
             }
         }
     }
