@@ -11,7 +11,8 @@
 //!     policy::Policy::evaluate      pure decision: deny rules, allow rules, default deny
 //!     proxy::upstream::connect      resolve (injected Resolve), check_address every
 //!                                   address (THREATS B5), dial the checked address
-//!     proxy::relay::relay           bytes both ways, counted, idle timeout, cancellable
+//!     proxy::relay::relay           bytes both ways by splice(2) (sys::splice), counted,
+//!                                   idle timeout, cancellable; no buffer while idle
 //!   telemetry::Telemetry::record    one ConnectionRecord → one JSON log line (bounded queue)
 //! ```
 //!

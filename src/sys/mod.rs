@@ -2,8 +2,11 @@
 //! the original destination of a redirected connection (`SO_ORIGINAL_DST` for nftables
 //! `redirect`, the socket's local address for `tproxy`) and binding with `IP_TRANSPARENT`.
 //!
-//! This is the only module that touches raw socket options. It holds no `unsafe` today
-//! (socket2 wraps the getsockopt calls); if some ever becomes necessary, it goes here.
+//! Also here: `splice` (the zero-copy relay's pipes) and `notify` (systemd's sd_notify).
+//!
+//! This is the only module that touches raw socket options and file descriptors. It holds
+//! no `unsafe` (socket2 wraps the getsockopt calls, rustix pipe2/splice, std the AF_UNIX
+//! datagrams); if some ever becomes necessary, it goes here, with its reasons.
 
 pub mod notify;
 pub mod splice;
