@@ -86,7 +86,9 @@ async fn handle(
         let mut peeked = Vec::new();
         match expect {
             Expect::Tls => {
-                let hello = read_client_hello(&mut stream, &mut peeked, deadline).await;
+                // Boxed phases (hello, dial, HTTP): their state is freed before the relay, so it
+                // does not weigh on every idle tunnel.
+                let hello = Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
                 counters
                     .from_agent
                     .store(peeked.len() as u64, Ordering::Relaxed);
@@ -105,8 +107,10 @@ async fn handle(
                     port: original.port(),
                 };
                 let admission = admit(&shared, &policy, agent, &rec.agent)?;
-                let up =
-                    check_and_dial(&shared, &policy, agent, &target, original, &mut rec).await?;
+                let up = Box::pin(check_and_dial(
+                    &shared, &policy, agent, &target, original, &mut rec,
+                ))
+                .await?;
                 let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                 // Moved in and freed once replayed: an idle tunnel keeps no bytes.
                 tunnel(
@@ -121,13 +125,13 @@ async fn handle(
                 .await
             }
             Expect::Http => {
-                let target = read_http_target(
+                let target = Box::pin(read_http_target(
                     &mut stream,
                     &mut peeked,
                     deadline,
                     original.port(),
                     cfg.max_request_head_bytes,
-                )
+                ))
                 .await;
                 counters
                     .from_agent
@@ -147,7 +151,7 @@ async fn handle(
                     original,
                     cancel: shared.killswitch.tunnel_token(&rec.agent),
                 };
-                serve_http(shared.clone(), stream, peeked, conn).await;
+                Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
                 Ok(Handover::Http)
             }
         }
