@@ -202,7 +202,12 @@ pub async fn watch(shared: Arc<Shared>, debounce: Duration) {
     use notify_debouncer_full::{DebounceEventResult, new_debouncer};
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| {
-        if matches!(res, Ok(ref events) if !events.is_empty()) {
+        // Opening a file is an event too (inotify IN_OPEN): a reload reads every rules
+        // file, so counting those would make each reload trigger the next, for ever.
+        let changed = |e: &notify_debouncer_full::DebouncedEvent| {
+            !matches!(e.kind, notify_debouncer_full::notify::EventKind::Access(_))
+        };
+        if matches!(res, Ok(ref events) if events.iter().any(changed)) {
             // A full channel already holds a pending reload: coalesce.
             let _ = tx.try_send(());
         }
