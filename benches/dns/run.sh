@@ -20,9 +20,9 @@ cd "$(dirname "$0")/../.."
 
 SECS=${SECS:-10}
 RUNS=${RUNS:-3}
-UP_PORT=${UP_PORT:-15353}
-PC_PORT=${PC_PORT:-15354}
-DM_PORT=${DM_PORT:-15355}
+UP_PORT=${UP_PORT:-25353}
+PC_PORT=${PC_PORT:-25354}
+DM_PORT=${DM_PORT:-25355}
 OUTSTANDING=${OUTSTANDING:-200}
 
 need=()
@@ -63,7 +63,8 @@ dnsmasq_common=(--keep-in-foreground --no-resolv --no-hosts --bind-interfaces
   --listen-address=127.0.0.1 --user=root --log-facility=/dev/null)
 "${server[@]}" dnsmasq "${dnsmasq_common[@]}" --port="$UP_PORT" --local-ttl=300 \
   --address=/allowed.test/93.184.216.34 --cache-size=0 &
-pids+=($!)
+up_pid=$!
+pids+=("$up_pid")
 "${server[@]}" dnsmasq "${dnsmasq_common[@]}" --port="$DM_PORT" --server="127.0.0.1#$UP_PORT" \
   --cache-size=10000 &
 dm_pid=$!
@@ -105,8 +106,18 @@ wait_up() {
   echo "server on port $1 did not come up" >&2
   exit 1
 }
+wait_up "$UP_PORT"
 wait_up "$PC_PORT"
 wait_up "$DM_PORT"
+# Each server must be ours and answer with the upstream's record: a port already taken by
+# someone else's server would otherwise be measured silently.
+for pid in "$up_pid" "$dm_pid" "$pc_pid"; do
+  kill -0 "$pid" 2>/dev/null || { echo "a server exited (port in use?)" >&2; exit 1; }
+done
+for port in "$UP_PORT" "$PC_PORT" "$DM_PORT"; do
+  got=$(python3 tests/e2e/client.py dns 127.0.0.1 "$port" udp host1.allowed.test)
+  [ "$got" = "NOERROR 93.184.216.34" ] || { echo "port $port answered: $got" >&2; exit 1; }
+done
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # CPU time (user + system, all threads) a server has used, in clock ticks.
@@ -125,13 +136,18 @@ qps() {
     /Queries completed/ {done = $3}
     /Queries per second/ {rate = $4}
     END {printf "%.0f %.0f\n", rate, (t > 0 ? done * hz / t : 0)}' <<<"$out"
+  # Every answer must be the cached NOERROR, or the run measured something else.
+  grep -q 'Response codes: *NOERROR [0-9]* (100.00%)' <<<"$out" ||
+    { echo "not all answers NOERROR on port $1: $(grep 'Response codes' <<<"$out")" >&2; return 1; }
 }
 
 pc=() pc_cpu=() dm=() dm_cpu=()
 for run in $(seq 1 "$RUNS"); do
-  read -r rate per_cpu < <(qps "$PC_PORT" "$pc_pid")
+  got=$(qps "$PC_PORT" "$pc_pid")
+  read -r rate per_cpu <<<"$got"
   pc+=("$rate") pc_cpu+=("$per_cpu")
-  read -r rate per_cpu < <(qps "$DM_PORT" "$dm_pid")
+  got=$(qps "$DM_PORT" "$dm_pid")
+  read -r rate per_cpu <<<"$got"
   dm+=("$rate") dm_cpu+=("$per_cpu")
   echo "run $run: portcullis ${pc[-1]} q/s (${pc_cpu[-1]} per CPU-s), dnsmasq ${dm[-1]} q/s (${dm_cpu[-1]} per CPU-s)" >&2
 done
