@@ -252,3 +252,36 @@ async fn reading_the_rules_does_not_trigger_a_reload() {
     assert_eq!(generation(&gw), 2, "the watcher reloaded on mere reads");
     gw.stop().await;
 }
+
+async fn generation(gw: &TestGateway) -> u64 {
+    let (_, health) = admin_request(gw.admin, "GET", "/healthz", &[], b"").await;
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    health["policy_generation"].as_u64().unwrap()
+}
+
+/// A reload opens every rules file; if opening counted as a change, each reload would
+/// trigger the next, a new policy generation every debounce period for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_edit_is_one_reload() {
+    let gw = gateway(
+        &[("coder-1", &agent(443, &["a.test"]))],
+        &[],
+        localhost_resolver(&["a.test"]),
+    )
+    .await;
+    assert_eq!(generation(&gw).await, 1);
+    let file = gw.dir.path().join("rules/agents/coder-1.toml");
+    std::fs::write(&file, agent(443, &["a.test", "b.test"])).unwrap();
+    let started = Instant::now();
+    while generation(&gw).await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the edit was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several debounce periods (200 ms) with no edit: no further generation.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(generation(&gw).await, 2, "reloads without an edit");
+    gw.stop().await;
+}

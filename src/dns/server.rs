@@ -20,7 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::query::{Forwarder, Step, Transport};
 use crate::gateway::Shared;
-use crate::proxy::ConnectionSlot;
+use crate::proxy::{ConnectionSlot, accept_loop};
+use crate::telemetry::Mode;
 
 /// Largest query accepted over TCP; real queries are well under 512 bytes.
 const MAX_TCP_QUERY: usize = 4096;
@@ -84,9 +85,16 @@ pub fn spawn(shared: Arc<Shared>, forwarder: Arc<Forwarder>, listener: DnsListen
             .tracker
             .spawn_blocking(move || serve_udp(&weak, &forwarder, &udp, &runtime));
     }
-    shared
-        .tracker
-        .spawn(serve_tcp(shared.clone(), forwarder, tcp));
+    // The proxies' accept loop: the same caps (a flood of idle TCP DNS clients cannot
+    // starve them), `overloaded` records and accept back-off.
+    shared.tracker.spawn(accept_loop(
+        shared.clone(),
+        tcp,
+        Mode::Dns,
+        move |shared, stream, peer, slot| {
+            serve_tcp_connection(shared, forwarder.clone(), stream, peer, slot)
+        },
+    ));
 }
 
 fn serve_udp(
@@ -145,35 +153,6 @@ fn send_udp(socket: &UdpSocket, reply: &[u8], peer: SocketAddr) {
     }
     if let Err(e) = socket.send_to(reply, peer) {
         tracing::debug!(error = %e, %peer, "dns udp send failed");
-    }
-}
-
-async fn serve_tcp(shared: Arc<Shared>, forwarder: Arc<Forwarder>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                // Same caps as the proxies: a flood of idle TCP DNS clients cannot starve them.
-                let Some(slot) = shared.caps.try_acquire(peer.ip()) else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                shared.tracker.spawn(serve_tcp_connection(
-                    shared.clone(),
-                    forwarder.clone(),
-                    stream,
-                    peer,
-                    slot,
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "dns tcp accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
     }
 }
 

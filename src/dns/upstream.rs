@@ -13,12 +13,12 @@ use std::time::Duration;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::config::ResolveHosts;
 use hickory_resolver::net::{DnsError as HickoryDnsError, NetError};
 
 use super::DnsError;
 use crate::policy::DomainName;
+use crate::proxy::upstream::resolver_builder;
 
 /// The upstream's answer to one question.
 #[derive(Debug, Clone)]
@@ -48,24 +48,7 @@ pub struct Upstream {
 impl Upstream {
     /// `deadline` bounds a whole question: two attempts of half of it each.
     pub fn new(upstreams: &[SocketAddr], deadline: Duration) -> Result<Self, DnsError> {
-        let mut builder = if upstreams.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| DnsError::Upstream(e.to_string()))?
-        } else {
-            let servers = upstreams
-                .iter()
-                .map(|a| {
-                    let mut ns = NameServerConfig::udp_and_tcp(a.ip());
-                    for c in &mut ns.connections {
-                        c.port = a.port();
-                    }
-                    ns
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
+        let mut builder = resolver_builder(upstreams).map_err(DnsError::Upstream)?;
         let opts = builder.options_mut();
         opts.timeout = (deadline / 2).max(Duration::from_millis(50));
         opts.attempts = 2;

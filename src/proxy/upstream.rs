@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
-use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{ResolverBuilder, TokioResolver};
 use tokio::net::TcpStream;
 
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
@@ -32,30 +32,37 @@ pub enum ResolveError {
     Failed(String),
 }
 
+/// A hickory resolver builder for `resolver.upstreams` (each server over UDP and TCP on its
+/// own port), or the system's resolv.conf when none are configured. Shared by the proxy's
+/// resolver and the DNS forwarder's upstream, which then set their own options.
+pub(crate) fn resolver_builder(
+    upstreams: &[SocketAddr],
+) -> Result<ResolverBuilder<TokioRuntimeProvider>, String> {
+    if upstreams.is_empty() {
+        return TokioResolver::builder_tokio().map_err(|e| e.to_string());
+    }
+    let servers = upstreams
+        .iter()
+        .map(|a| {
+            let mut ns = NameServerConfig::udp_and_tcp(a.ip());
+            for c in &mut ns.connections {
+                c.port = a.port();
+            }
+            ns
+        })
+        .collect();
+    Ok(TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(servers),
+        TokioRuntimeProvider::default(),
+    ))
+}
+
 /// hickory-resolver over the system's resolv.conf or configured upstream servers.
 pub struct DnsResolver(TokioResolver);
 
 impl DnsResolver {
     pub fn new(upstreams: &[SocketAddr], timeout: Duration) -> Result<Self, ResolveError> {
-        let builder = if upstreams.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| ResolveError::Failed(e.to_string()))?
-        } else {
-            let servers = upstreams
-                .iter()
-                .map(|a| {
-                    let mut ns = NameServerConfig::udp_and_tcp(a.ip());
-                    for c in &mut ns.connections {
-                        c.port = a.port();
-                    }
-                    ns
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        let mut builder = builder;
+        let mut builder = resolver_builder(upstreams).map_err(ResolveError::Failed)?;
         builder.options_mut().timeout = timeout;
         builder.options_mut().attempts = 2;
         builder

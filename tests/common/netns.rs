@@ -134,8 +134,8 @@ impl Drop for Topology {
     }
 }
 
-/// A recording DNS server (UDP) with a fixed table of A records; every query it receives
-/// is remembered, so a test can prove what never reached it.
+/// A recording DNS server (UDP and TCP on the same port) with a fixed table of A records;
+/// every query it receives is remembered, so a test can prove what never reached it.
 #[derive(Clone, Default)]
 pub struct DnsLog(pub Arc<Mutex<Vec<(String, RecordType)>>>);
 
@@ -150,55 +150,84 @@ impl DnsLog {
     }
 }
 
+type DnsTable = Arc<Vec<(String, std::net::Ipv4Addr)>>;
+
 pub async fn dns_server(addr: SocketAddr, table: &[(&str, &str)]) -> DnsLog {
     let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
-    let table: Vec<(String, std::net::Ipv4Addr)> = table
-        .iter()
-        .map(|(n, ip)| (format!("{}.", n.to_ascii_lowercase()), ip.parse().unwrap()))
-        .collect();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let table: DnsTable = Arc::new(
+        table
+            .iter()
+            .map(|(n, ip)| (format!("{}.", n.to_ascii_lowercase()), ip.parse().unwrap()))
+            .collect(),
+    );
     let log = DnsLog::default();
-    let l = log.clone();
+    let (l, t) = (log.clone(), table.clone());
     tokio::spawn(async move {
         let mut buf = [0u8; 4096];
         loop {
             let Ok((n, from)) = socket.recv_from(&mut buf).await else {
                 return;
             };
-            let Ok(query) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut resp = Message::new(
-                query.metadata.id,
-                MessageType::Response,
-                query.metadata.op_code,
-            );
-            resp.metadata.recursion_desired = query.metadata.recursion_desired;
-            resp.metadata.recursion_available = true;
-            let mut found = false;
-            for q in &query.queries {
-                let name = q.name().to_ascii().to_ascii_lowercase();
-                l.0.lock().unwrap().push((name.clone(), q.query_type()));
-                resp.queries.push(q.clone());
-                if let Some((_, ip)) = table.iter().find(|(n, _)| *n == name) {
-                    found = true;
-                    if q.query_type() == RecordType::A {
-                        resp.answers.push(Record::from_rdata(
-                            q.name().clone(),
-                            30,
-                            RData::A(A(*ip)),
-                        ));
-                    }
-                }
-            }
-            if !found {
-                resp.metadata.response_code = ResponseCode::NXDomain;
-            }
-            if let Ok(bytes) = resp.to_vec() {
+            if let Some(bytes) = dns_reply(&buf[..n], &t, &l) {
                 let _ = socket.send_to(&bytes, from).await;
             }
         }
     });
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            let (l, t) = (l.clone(), table.clone());
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut len = [0u8; 2];
+                while stream.read_exact(&mut len).await.is_ok() {
+                    let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if stream.read_exact(&mut query).await.is_err() {
+                        return;
+                    }
+                    let Some(bytes) = dns_reply(&query, &t, &l) else {
+                        return;
+                    };
+                    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&bytes);
+                    if stream.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
     log
+}
+
+/// The recording server's answer to one query: A records from `table`, else NXDOMAIN.
+fn dns_reply(packet: &[u8], table: &DnsTable, log: &DnsLog) -> Option<Vec<u8>> {
+    let query = Message::from_vec(packet).ok()?;
+    let mut resp = Message::new(
+        query.metadata.id,
+        MessageType::Response,
+        query.metadata.op_code,
+    );
+    resp.metadata.recursion_desired = query.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    let mut found = false;
+    for q in &query.queries {
+        let name = q.name().to_ascii().to_ascii_lowercase();
+        log.0.lock().unwrap().push((name.clone(), q.query_type()));
+        resp.queries.push(q.clone());
+        if let Some((_, ip)) = table.iter().find(|(n, _)| *n == name) {
+            found = true;
+            if q.query_type() == RecordType::A {
+                resp.answers
+                    .push(Record::from_rdata(q.name().clone(), 30, RData::A(A(*ip))));
+            }
+        }
+    }
+    if !found {
+        resp.metadata.response_code = ResponseCode::NXDomain;
+    }
+    resp.to_vec().ok()
 }
 
 /// Counts UDP datagrams received on `addr`.

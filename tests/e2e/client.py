@@ -6,8 +6,13 @@
   hold HOST PORT N SECS     open N connections, send one byte on each, hold them SECS
                             seconds (bounded), then close; print how many connected
   udp HOST PORT             send one datagram
+  dns HOST PORT udp|tcp NAME
+                            ask one A question; print the response code and the A
+                            addresses (`NOERROR 203.0.113.10`), or `timeout` after 2 s
 """
+import random
 import socket
+import struct
 import sys
 import time
 
@@ -54,6 +59,60 @@ def udp(host, port):
     s.sendto(b"quic-initial-lookalike", (host, int(port)))
 
 
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
+def skip_name(msg, i):
+    while True:
+        n = msg[i]
+        if n == 0:
+            return i + 1
+        if n & 0xC0 == 0xC0:
+            return i + 2
+        i += 1 + n
+
+
+def dns(host, port, transport, name):
+    qid = random.randrange(1 << 16)
+    qname = b"".join(bytes([len(l)]) + l.encode() for l in name.strip(".").split(".")) + b"\0"
+    query = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + struct.pack(">HH", 1, 1)
+    try:
+        if transport == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(2)
+            s.sendto(query, (host, int(port)))
+            msg = s.recv(65535)
+        else:
+            s = socket.create_connection((host, int(port)), timeout=2)
+            s.sendall(struct.pack(">H", len(query)) + query)
+            msg = b""
+            while len(msg) < 2 or len(msg) < 2 + struct.unpack(">H", msg[:2])[0]:
+                chunk = s.recv(65535)
+                if not chunk:
+                    raise socket.timeout("closed")
+                msg += chunk
+            msg = msg[2:]
+    except (socket.timeout, ConnectionError, OSError):
+        print("timeout")
+        return
+    rid, flags, qd, an, _, _ = struct.unpack(">HHHHHH", msg[:12])
+    if rid != qid or not flags & 0x8000:
+        print("bad-reply")
+        return
+    i = 12
+    for _ in range(qd):
+        i = skip_name(msg, i) + 4
+    addrs = []
+    for _ in range(an):
+        i = skip_name(msg, i)
+        rtype, _, _, rdlen = struct.unpack(">HHIH", msg[i:i + 10])
+        i += 10
+        if rtype == 1 and rdlen == 4:
+            addrs.append(socket.inet_ntoa(msg[i:i + 4]))
+        i += rdlen
+    print(" ".join([RCODES.get(flags & 0xF, str(flags & 0xF))] + addrs))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"send": send, "hold": hold, "udp": udp}[cmd](*args)
+    {"send": send, "hold": hold, "udp": udp, "dns": dns}[cmd](*args)
