@@ -129,7 +129,16 @@ fn serve_udp(
             return;
         };
         let packet = buf.get(..n).unwrap_or_default();
-        match forwarder.prepare(&shared, peer, packet, Transport::Udp) {
+        // A bug in handling one query must not end this receive thread (and, one by one,
+        // UDP DNS): the panic is caught here, that query goes unanswered, the loop goes on.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            forwarder.prepare(&shared, peer, packet, Transport::Udp)
+        }));
+        let Ok(step) = step else {
+            tracing::error!(%peer, "dns query handling panicked; query dropped, forwarder carries on");
+            continue;
+        };
+        match step {
             Step::Ignore => {}
             Step::Reply(reply) => send_udp(socket, &reply, peer),
             Step::Resolve(pending) => {
