@@ -57,6 +57,9 @@ pub(crate) fn resolver_builder(
     ))
 }
 
+/// How long an answer without addresses is reused when the server gave no TTL for it.
+const NEGATIVE_MIN_TTL: Duration = Duration::from_secs(5);
+
 /// hickory-resolver over the system's resolv.conf or configured upstream servers.
 pub struct DnsResolver(TokioResolver);
 
@@ -65,6 +68,9 @@ impl DnsResolver {
         let mut builder = resolver_builder(upstreams).map_err(ResolveError::Failed)?;
         builder.options_mut().timeout = timeout;
         builder.options_mut().attempts = 2;
+        // "No address of this type" without an SOA (common from local servers such as
+        // dnsmasq's `address=`) would otherwise be asked again on every connection.
+        builder.options_mut().negative_min_ttl = Some(NEGATIVE_MIN_TTL);
         builder
             .build()
             .map(Self)
