@@ -34,6 +34,16 @@ fn rss_bytes(pid: u32) -> usize {
     kib * 1024
 }
 
+/// The gateway process, killed if the test fails half-way.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The hard RLIMIT_NOFILE of this process (inherited by the gateway it starts).
 fn nofile_hard() -> usize {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
@@ -152,13 +162,16 @@ max_connections_per_source = 30000
     .unwrap();
     // PORTCULLIS_BIN measures another build (e.g. target/release/portcullis) with this test.
     let bin = std::env::var("PORTCULLIS_BIN").unwrap_or(env!("CARGO_BIN_EXE_portcullis").into());
-    let mut child = Command::new(bin)
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(bin)
+            .args(["--config", cfg.to_str().unwrap(), "run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let pid = child.id();
     let proxy: std::net::SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
