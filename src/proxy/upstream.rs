@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
-use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{ResolverBuilder, TokioResolver};
 use tokio::net::TcpStream;
@@ -71,6 +71,11 @@ impl DnsResolver {
         // "No address of this type" without an SOA (common from local servers such as
         // dnsmasq's `address=`) would otherwise be asked again on every connection.
         builder.options_mut().negative_min_ttl = Some(NEGATIVE_MIN_TTL);
+        // One question per name, not two: AAAA only when there is no A. The dial tries the
+        // addresses in order anyway, and a server that refuses AAAA (dnsmasq without an
+        // upstream does) no longer costs every new connection a refused question and its
+        // retries.
+        builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
         builder
             .build()
             .map(Self)

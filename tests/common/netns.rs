@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 
 pub const GW_AGENT_SIDE: &str = "10.66.0.1";
@@ -150,7 +150,7 @@ impl DnsLog {
     }
 }
 
-type DnsTable = Arc<Vec<(String, std::net::Ipv4Addr)>>;
+type DnsTable = Arc<Vec<(String, std::net::IpAddr)>>;
 
 pub async fn dns_server(addr: SocketAddr, table: &[(&str, &str)]) -> DnsLog {
     let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
@@ -218,9 +218,15 @@ fn dns_reply(packet: &[u8], table: &DnsTable, log: &DnsLog) -> Option<Vec<u8>> {
         resp.queries.push(q.clone());
         if let Some((_, ip)) = table.iter().find(|(n, _)| *n == name) {
             found = true;
-            if q.query_type() == RecordType::A {
-                resp.answers
-                    .push(Record::from_rdata(q.name().clone(), 30, RData::A(A(*ip))));
+            match (q.query_type(), ip) {
+                (RecordType::A, std::net::IpAddr::V4(v4)) => {
+                    resp.answers
+                        .push(Record::from_rdata(q.name().clone(), 30, RData::A(A(*v4))))
+                }
+                (RecordType::AAAA, std::net::IpAddr::V6(v6)) => resp.answers.push(
+                    Record::from_rdata(q.name().clone(), 30, RData::AAAA(AAAA(*v6))),
+                ),
+                _ => {}
             }
         }
     }
