@@ -30,7 +30,7 @@ use crate::sys::splice::{PIPE_CHUNK, Pipe};
 const BUF: usize = 16 * 1024;
 /// Pipe-fulls moved in one burst before the pipe goes back and the task yields, so one
 /// firehose direction cannot hold a worker (or its pipe) forever.
-const BURST_CHUNKS: usize = 16;
+const BURST_CHUNKS: usize = 4;
 
 /// Why the relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
