@@ -50,7 +50,8 @@ for t in "${targets[@]}"; do
   [ -n "$(ls -A "corpus/$t" 2>/dev/null)" ] || { echo "FAIL: no seed corpus in fuzz/corpus/$t" >&2; exit 1; }
   mkdir -p "$scratch/$t" "artifacts/$t"
   start=$(date +%s)
-  if ! cargo +nightly fuzz run "${build_flags[@]}" "$t" "$scratch/$t" "corpus/$t" -- \
+  # TMPDIR: dns_message keeps its gateway's state dir there; removed with the scratch dir.
+  if ! TMPDIR="$scratch" cargo +nightly fuzz run "${build_flags[@]}" "$t" "$scratch/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="artifacts/$t/" >"$scratch/$t.log" 2>&1; then
     tail -n 60 "$scratch/$t.log" >&2

@@ -54,6 +54,8 @@ fn env() -> &'static Env {
             .enable_all()
             .build()
             .expect("tokio runtime");
+        // One per process (libFuzzer -jobs/-fork run several); tests/fuzz.sh points TMPDIR
+        // at a scratch dir it removes.
         let state =
             std::env::temp_dir().join(format!("portcullis-fuzz-dns-{}", std::process::id()));
         let mut config = Config::builtin();
