@@ -25,3 +25,5 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
 bash tests/promtool.sh
 bash tests/systemd.sh
+bash tests/package.sh
+bash tests/fuzz.sh

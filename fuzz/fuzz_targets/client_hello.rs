@@ -3,7 +3,7 @@
 //! and "a verdict on a prefix is final".
 #![no_main]
 
-use portcullis::proxy::sni::{parse_client_hello, Parse};
+use portcullis::proxy::sni::{Parse, parse_client_hello};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let full = parse_client_hello(data);

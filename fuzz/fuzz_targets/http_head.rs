@@ -3,7 +3,7 @@
 //! "no panic" and "a verdict on a prefix is final".
 #![no_main]
 
-use portcullis::proxy::http_head::{parse_request_head, split_host_port, HeadParse};
+use portcullis::proxy::http_head::{HeadParse, parse_request_head, split_host_port};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let full = parse_request_head(data);

@@ -13,12 +13,20 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let ts = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
     let sig = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
     let body = parts.next().unwrap_or_default();
-    let Ok(secret) = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") else { return };
-    let req = SignedRequest { id: &id, timestamp: &ts, signature_header: &sig, body };
+    let Ok(secret) = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") else {
+        return;
+    };
+    let req = SignedRequest {
+        id: &id,
+        timestamp: &ts,
+        signature_header: &sig,
+        body,
+    };
     let now = 1_614_265_330;
     if verify(std::slice::from_ref(&secret), &req, now).is_ok() {
         // Only a correct HMAC can pass; fuzzing must never find one by chance.
-        let expected = portcullis::killswitch::webhook::sign(&secret, &id, ts.parse().unwrap_or(0), body);
+        let expected =
+            portcullis::killswitch::webhook::sign(&secret, &id, ts.parse().unwrap_or(0), body);
         assert!(sig.split_whitespace().any(|s| s == expected));
         let mut guard = ReplayGuard::new(16);
         let _ = guard.check_and_remember(&id, ts.parse().unwrap_or(0), now);

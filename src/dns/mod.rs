@@ -18,7 +18,10 @@
 //! question the policy did not allow, or wait on a socket without a deadline.
 
 mod cache;
-mod filter;
+// Public for the fuzz target (fuzz/fuzz_targets/dns_message.rs): it runs the answer-side
+// filters on records parsed from arbitrary bytes, as if an upstream had sent them.
+#[doc(hidden)]
+pub mod filter;
 mod limit;
 mod query;
 mod server;
@@ -28,7 +31,7 @@ use std::str::FromStr;
 
 use hickory_proto::rr::RecordType;
 
-pub use query::Forwarder;
+pub use query::{Forwarder, Step, Transport};
 pub use server::{DnsListener, spawn};
 
 /// Why the forwarder could not be started.

@@ -363,11 +363,22 @@ fn response(request: &Message, rcode: ResponseCode, answers: Vec<Record>) -> Mes
 }
 
 /// The reply's bytes; over `limit` (UDP), the question alone with TC set (RFC 1035 §4.2.1)
-/// so the client retries over TCP. Empty when it cannot be encoded at all.
+/// so the client retries over TCP, and the header alone when even the questions do not fit
+/// (a request with many long questions gets FORMERR, which echoes them all). Empty when it
+/// cannot be encoded at all.
 fn encode(m: &Message, limit: usize) -> Vec<u8> {
     match m.to_vec() {
         Ok(bytes) if bytes.len() <= limit => bytes,
-        Ok(_) => m.truncate().to_vec().unwrap_or_default(),
+        Ok(_) => {
+            let mut truncated = m.truncate();
+            match truncated.to_vec() {
+                Ok(bytes) if bytes.len() <= limit => bytes,
+                _ => {
+                    truncated.queries.clear();
+                    truncated.to_vec().unwrap_or_default()
+                }
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "dns reply could not be encoded");
             Message::error_msg(m.metadata.id, m.metadata.op_code, ResponseCode::ServFail)
@@ -386,5 +397,60 @@ fn rcode_name(rcode: ResponseCode) -> &'static str {
         ResponseCode::NotImp => "NOTIMP",
         ResponseCode::Refused => "REFUSED",
         _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    use super::*;
+
+    /// Found with the dns_message fuzz target's size invariant: 20 long questions over UDP
+    /// got a 1234-byte FORMERR (every question echoed, TC set) for a client that offered 512.
+    #[test]
+    fn a_udp_reply_never_exceeds_the_limit_even_with_many_questions() {
+        let mut request = Message::query();
+        request.metadata.id = 0x4242;
+        for i in 0..20 {
+            let name = Name::from_ascii(format!("{}.x{i}.allowed.test.", "a".repeat(50))).unwrap();
+            request.add_query(Query::query(name, RecordType::A));
+        }
+        let reply = encode(
+            &response(&request, ResponseCode::FormErr, Vec::new()),
+            UDP_PLAIN_MAX,
+        );
+        assert!(reply.len() <= UDP_PLAIN_MAX, "{} bytes", reply.len());
+        let parsed = Message::from_vec(&reply).unwrap();
+        assert_eq!(parsed.metadata.id, 0x4242);
+        assert!(parsed.metadata.truncation);
+        assert_eq!(parsed.metadata.response_code, ResponseCode::FormErr);
+        assert!(parsed.queries.is_empty());
+
+        // One question that fits keeps the question (the client needs it to retry over TCP).
+        let mut one = Message::query();
+        one.add_query(Query::query(
+            Name::from_ascii("big.allowed.test.").unwrap(),
+            RecordType::A,
+        ));
+        let answers = (0..40u8)
+            .map(|i| {
+                Record::from_rdata(
+                    Name::from_ascii("big.allowed.test.").unwrap(),
+                    60,
+                    hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(93, 184, 217, i)),
+                )
+            })
+            .collect();
+        let reply = encode(
+            &response(&one, ResponseCode::NoError, answers),
+            UDP_PLAIN_MAX,
+        );
+        let parsed = Message::from_vec(&reply).unwrap();
+        assert!(reply.len() <= UDP_PLAIN_MAX);
+        assert!(parsed.metadata.truncation);
+        assert_eq!(parsed.queries.len(), 1);
     }
 }
