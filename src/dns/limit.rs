@@ -57,11 +57,13 @@ impl RateLimiter {
 
     /// May `agent` ask one more question now?
     pub fn admit(&self, agent: &Arc<str>, now: Instant) -> bool {
-        // A poisoned lock means a panic elsewhere; failing open here would lift the limit
-        // for everyone, failing closed refuses DNS until restart. Refuse.
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return false;
-        };
+        // A poisoned lock means a panic elsewhere (contained to its query). The buckets are
+        // plain numbers, each updated whole: keep using them, neither lifting the limit
+        // nor refusing all DNS from then on.
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(b) = buckets.get_mut(&**agent) {
             return b.take(self.rate, self.burst, now);
         }
