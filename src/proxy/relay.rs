@@ -28,6 +28,8 @@ use crate::sys::splice::{PIPE_CHUNK, Pipe};
 
 /// Buffer of the copy paths (no pipe available, or not TCP).
 const BUF: usize = 16 * 1024;
+/// Largest chunk moved at once for an agent with a daily byte budget (its overshoot bound).
+const BUDGETED_CHUNK: usize = 64 * 1024;
 /// Pipe-fulls moved in one burst before the pipe goes back and the task yields, so one
 /// firehose direction cannot hold a worker (or its pipe) forever.
 const BURST_CHUNKS: usize = 4;
@@ -224,8 +226,15 @@ async fn splice_burst(
     activity: &Activity,
     shaping: &Shaping,
 ) -> io::Result<Burst> {
+    // Under a byte budget, smaller chunks: the budget is charged per chunk delivered, so the
+    // chunk bounds how far a tunnel can overshoot it.
+    let chunk = if shaping.budget.is_some() {
+        BUDGETED_CHUNK
+    } else {
+        PIPE_CHUNK
+    };
     for _ in 0..BURST_CHUNKS {
-        let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from, PIPE_CHUNK)) {
+        let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from, chunk)) {
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),

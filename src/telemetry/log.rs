@@ -81,6 +81,9 @@ impl LogWriter {
     }
 }
 
+/// How long the writer waits after a record for others to join it in one write.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
     let write = |out: &mut BufWriter<_>, item| match item {
@@ -94,7 +97,10 @@ fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
         if !write(&mut out, item) {
             break;
         }
-        // Batch whatever is already queued, then flush so lines are visible promptly.
+        // Let a busy gateway's records gather for a moment, then write them all and flush:
+        // one wake-up of this thread per window instead of one per connection (each one a
+        // futex wake on the data path's CPU). Lines still appear within milliseconds.
+        std::thread::sleep(BATCH_WINDOW);
         while let Ok(item) = rx.try_recv() {
             if !write(&mut out, item) {
                 break 'outer;
