@@ -206,9 +206,9 @@ pub async fn on_sighup(shared: Arc<Shared>) {
 /// reads would make the watcher reload forever, once per debounce period.
 fn is_change(kind: &notify_debouncer_full::notify::EventKind) -> bool {
     use notify_debouncer_full::notify::EventKind;
-    use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
     match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        // A write is already a Modify event; its close would only split one edit into two
+        // reloads when the two land in different debounce windows.
         EventKind::Access(_) => false,
         EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
         EventKind::Other => true,
