@@ -120,15 +120,7 @@ async fn handle(
         rec.url = Some(req.uri().to_string());
     }
 
-    let decided = Instant::now();
-    let verdict = policy.evaluate(agent, &target);
-    shared
-        .telemetry
-        .metrics
-        .decision_duration
-        .observe(decided.elapsed().as_secs_f64());
-    rec.rule = verdict.rule.clone();
-    if let Some(reason) = verdict.deny_reason() {
+    if let Some(reason) = super::decide(&shared, &policy, agent, &target, &mut rec) {
         return deny(rec, reason);
     }
 

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
-use crate::policy::Reason;
+use crate::policy::{AgentId, Policy, Reason, Target};
 use crate::telemetry::{ConnectionRecord, Mode};
 
 /// The accept loop of every TCP listener: bounded by the global and per-source caps (over
@@ -78,6 +78,26 @@ pub(crate) async fn accept_loop<F, Fut>(
             }
         }
     }
+}
+
+/// Decide on `target` for `agent`: the policy's verdict, its duration into the decision
+/// histogram, and the deciding rule into `rec`. The deny reason, if denied.
+pub(crate) fn decide(
+    shared: &Shared,
+    policy: &Policy,
+    agent: Option<AgentId>,
+    target: &Target,
+    rec: &mut ConnectionRecord,
+) -> Option<Reason> {
+    let decided = Instant::now();
+    let verdict = policy.evaluate(agent, target);
+    shared
+        .telemetry
+        .metrics
+        .decision_duration
+        .observe(decided.elapsed().as_secs_f64());
+    rec.rule = verdict.rule.clone();
+    verdict.deny_reason()
 }
 
 /// Spawn one connection's task so that a panic in it (a bug) ends that connection only: the

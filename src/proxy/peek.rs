@@ -11,7 +11,7 @@ use crate::policy::Reason;
 /// Most bytes we hold while waiting for a complete hello: the largest accepted handshake
 /// plus a record header per record.
 pub const MAX_PEEK_BYTES: usize = MAX_HELLO_BYTES + 4 + MAX_RECORDS * 5;
-/// Bytes asked of the socket per read while waiting for the hello.
+/// Bytes asked of the socket per read while waiting for what the agent says first.
 const READ_CHUNK: usize = 4096;
 
 /// Read from `io` into `buf` until a complete ClientHello, a rejection, EOF, the cap or the
@@ -33,25 +33,35 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
         if buf.len() >= MAX_PEEK_BYTES {
             return Err(Reason::Malformed);
         }
-        // Read straight into `buf` (no array in the task's state: it would stay allocated
-        // for the tunnel's whole life), at most up to the cap.
-        let old = buf.len();
-        let want = READ_CHUNK.min(MAX_PEEK_BYTES - old);
-        buf.resize(old + want, 0);
-        let read =
-            tokio::time::timeout_at(deadline, io.read(buf.get_mut(old..).unwrap_or_default()))
-                .await;
-        let n = match read {
-            Ok(Ok(n)) if n > 0 => n,
-            Err(_) => {
-                buf.truncate(old);
-                return Err(Reason::Timeout);
-            }
-            Ok(_) => {
-                buf.truncate(old);
-                return Err(Reason::Malformed);
-            }
-        };
-        buf.truncate(old + n);
+        read_more(io, buf, MAX_PEEK_BYTES - buf.len(), deadline).await?;
     }
+}
+
+/// One read of at most `min(room, 4 KiB)` bytes from `io`, appended to `buf`, before
+/// `deadline`. EOF or an error is `Malformed` (the agent stopped before saying enough), the
+/// deadline is `Timeout`. Reads straight into `buf`: no array in the task's state, where it
+/// would stay allocated for the tunnel's whole life.
+pub async fn read_more<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    room: usize,
+    deadline: Instant,
+) -> Result<(), Reason> {
+    let old = buf.len();
+    buf.resize(old + READ_CHUNK.min(room), 0);
+    let read =
+        tokio::time::timeout_at(deadline, io.read(buf.get_mut(old..).unwrap_or_default())).await;
+    let n = match read {
+        Ok(Ok(n)) if n > 0 => n,
+        Err(_) => {
+            buf.truncate(old);
+            return Err(Reason::Timeout);
+        }
+        Ok(_) => {
+            buf.truncate(old);
+            return Err(Reason::Malformed);
+        }
+    };
+    buf.truncate(old + n);
+    Ok(())
 }

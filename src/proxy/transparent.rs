@@ -21,7 +21,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
@@ -204,15 +204,7 @@ async fn check_and_dial(
     rec: &mut ConnectionRecord,
 ) -> Result<upstream::Upstream, Reason> {
     rec.destination_domain = domain_of(target);
-    let decided = Instant::now();
-    let verdict = policy.evaluate(agent, target);
-    shared
-        .telemetry
-        .metrics
-        .decision_duration
-        .observe(decided.elapsed().as_secs_f64());
-    rec.rule = verdict.rule.clone();
-    if let Some(reason) = verdict.deny_reason() {
+    if let Some(reason) = super::decide(shared, policy, agent, target, rec) {
         return Err(reason);
     }
     let cfg = &shared.config;
@@ -293,7 +285,6 @@ async fn read_http_target(
     port: u16,
     cap: usize,
 ) -> Result<Target, Reason> {
-    let mut chunk = [0u8; 4096];
     loop {
         match parse_request_head(buf) {
             HeadParse::Done(head) => {
@@ -312,11 +303,8 @@ async fn read_http_target(
         if buf.len() >= cap {
             return Err(Reason::Malformed);
         }
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return Err(Reason::Timeout),
-            Ok(Err(_)) | Ok(Ok(0)) => return Err(Reason::Malformed),
-            Ok(Ok(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
-        }
+        // As before, one read may take the head past `cap` by less than a read's size.
+        crate::proxy::peek::read_more(stream, buf, usize::MAX, deadline).await?;
     }
 }
 
