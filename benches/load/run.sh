@@ -28,6 +28,8 @@
 # IP_TRANSPARENT); on Debian it installs squid, haproxy, nginx + libnginx-mod-stream, dnsmasq.
 #
 #   bash benches/load/run.sh            # RUNS=3 SECS=3 IDLE=5000 CONCURRENCY=64 by default
+#   CONFIGS="direct pc_sni haproxy" TESTS=bulk1,newconn RUNS=1 OUT=/tmp/t.md SKIP_BUILD=1 \
+#     bash benches/load/run.sh          # a quick look at a few figures
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
@@ -36,6 +38,7 @@ RUNS=${RUNS:-3}
 SECS=${SECS:-3}
 IDLE=${IDLE:-5000}
 CONCURRENCY=${CONCURRENCY:-64}
+TESTS=${TESTS:-idlecpu,rss,bulk1,bulk8,conns,ping,newconn}   # a subset for quick looks
 OUT=${OUT:-$repo/benches/load/results.md}
 GEN=$repo/benches/load/gen/target/release/portcullis-loadgen
 PC=$repo/target/release/portcullis
@@ -282,7 +285,7 @@ for run in $(seq 1 "$RUNS"); do
     # shellcheck disable=SC2046 # word splitting of the client arguments is intended
     taskset -c 1 "$GEN" client $(client_args "$c") --pid "$proxy_pid" \
       --clk-tck "$(getconf CLK_TCK)" --secs "$SECS" --idle "$IDLE" \
-      --concurrency "$CONCURRENCY" --tests idlecpu,rss,bulk1,bulk8,conns,ping,newconn \
+      --concurrency "$CONCURRENCY" --tests "$TESTS" \
       >"$work/res/$c.$run" 2>"$work/res/$c.$run.err" || true
     [ "$proxy_pid" = 0 ] || stop "$proxy_pid"
     echo "run $run $c: $(tr '\n' ' ' <"$work/res/$c.$run")" >&2
