@@ -292,7 +292,7 @@ async fn tunnel(
                 ))
                 .await?;
                 let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                relay(agent_io, up, idle, &cancel, &counters, shaping).await
+                relay(&agent_io, &up, idle, &cancel, &counters, shaping).await
             }
             Err(upgraded) => {
                 let mut agent_io = TokioIo::new(upgraded);

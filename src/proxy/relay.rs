@@ -13,7 +13,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -74,28 +74,38 @@ impl Activity {
     }
 }
 
+// The futures a tunnel keeps while idle are built by plain `fn`s returning an `async move`
+// block, not by `async fn`s: an `async fn` stores its arguments twice in its state (as the
+// call's arguments and as the body's bindings), in every idle tunnel.
+
 /// Relay between two TCP sockets until both directions end, the tunnel idles out, or
 /// `cancel` fires. Zero-copy (splice) on Linux.
-pub async fn relay(
-    agent: TcpStream,
-    upstream: TcpStream,
+///
+/// The sockets are lent, not given: the caller's state holds them anyway, and moving them in
+/// would store each twice in every idle tunnel. They close when the caller drops them.
+pub fn relay<'a>(
+    agent: &'a TcpStream,
+    upstream: &'a TcpStream,
     idle: Duration,
-    cancel: &CancellationToken,
-    counters: &Arc<RelayCounters>,
-    shaping: &Shaping,
-) -> RelayEnd {
-    let activity = Activity::new();
-    // Registered for the tunnel's lifetime so the agent's bandwidth is shared fairly.
-    let _share = shaping.bandwidth.as_ref().map(|b| b.open());
-    // The pumps are made inside the joined future, so the tunnel's state holds them once.
-    let both = async {
-        tokio::try_join!(
-            pump(&agent, &upstream, &counters.from_agent, &activity, shaping),
-            pump(&upstream, &agent, &counters.to_agent, &activity, shaping),
-        )
-        .map(|_| ())
-    };
-    supervise(both, idle, cancel, &activity, shaping).await
+    cancel: &'a CancellationToken,
+    counters: &'a RelayCounters,
+    shaping: &'a Shaping,
+) -> impl Future<Output = RelayEnd> + 'a {
+    async move {
+        let activity = Activity::new();
+        // Registered for the tunnel's lifetime so the agent's bandwidth is shared fairly.
+        let _share = shaping.bandwidth.as_ref().map(|b| b.open());
+        // The pumps are made inside the joined future, so the tunnel's state holds them
+        // once; pinned here and lent to `supervise`, so its state holds no second copy.
+        let both = std::pin::pin!(async {
+            tokio::try_join!(
+                pump(agent, upstream, &counters.from_agent, &activity, shaping),
+                pump(upstream, agent, &counters.to_agent, &activity, shaping),
+            )
+            .map(|_| ())
+        });
+        supervise(both, idle, cancel, &activity, shaping).await
+    }
 }
 
 /// [`relay`] for any byte streams (a plain buffered copy; the buffers live as long as the
@@ -105,7 +115,7 @@ pub async fn relay_io<A, U>(
     upstream: U,
     idle: Duration,
     cancel: &CancellationToken,
-    counters: &Arc<RelayCounters>,
+    counters: &RelayCounters,
     shaping: &Shaping,
 ) -> RelayEnd
 where
@@ -116,7 +126,7 @@ where
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let activity = Activity::new();
     let _share = shaping.bandwidth.as_ref().map(|b| b.open());
-    let both = async {
+    let both = std::pin::pin!(async {
         tokio::try_join!(
             copy_counted(
                 &mut agent_r,
@@ -134,40 +144,39 @@ where
             ),
         )
         .map(|_| ())
-    };
+    });
     supervise(both, idle, cancel, &activity, shaping).await
 }
 
 /// Run both directions (`both`) to their end, under the idle timeout and the cancellation
 /// token. An error either way ends the tunnel; EOF one way only half-closes it.
-async fn supervise(
-    both: impl Future<Output = io::Result<()>>,
+fn supervise<'a>(
+    mut both: Pin<&'a mut impl Future<Output = io::Result<()>>>,
     idle: Duration,
-    cancel: &CancellationToken,
-    activity: &Activity,
-    shaping: &Shaping,
-) -> RelayEnd {
-    tokio::pin!(both);
-    let idle_timer = tokio::time::sleep_until(activity.idle_deadline(idle));
-    tokio::pin!(idle_timer);
-    let cancelled = cancel.cancelled();
-    tokio::pin!(cancelled);
-    loop {
-        tokio::select! {
-            _ = &mut both => {
-                return if shaping.budget.as_ref().is_some_and(|b| b.tripped()) {
-                    RelayEnd::BudgetExceeded
-                } else {
-                    RelayEnd::Closed
-                };
-            }
-            () = &mut cancelled => return RelayEnd::Cancelled,
-            () = &mut idle_timer => {
-                let deadline = activity.idle_deadline(idle);
-                if deadline <= Instant::now() {
-                    return RelayEnd::IdleTimeout;
+    cancel: &'a CancellationToken,
+    activity: &'a Activity,
+    shaping: &'a Shaping,
+) -> impl Future<Output = RelayEnd> + 'a {
+    async move {
+        let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(activity.idle_deadline(idle)));
+        let mut cancelled = std::pin::pin!(cancel.cancelled());
+        loop {
+            tokio::select! {
+                _ = both.as_mut() => {
+                    return if shaping.budget.as_ref().is_some_and(|b| b.tripped()) {
+                        RelayEnd::BudgetExceeded
+                    } else {
+                        RelayEnd::Closed
+                    };
                 }
-                idle_timer.as_mut().reset(deadline);
+                () = cancelled.as_mut() => return RelayEnd::Cancelled,
+                () = idle_timer.as_mut() => {
+                    let deadline = activity.idle_deadline(idle);
+                    if deadline <= Instant::now() {
+                        return RelayEnd::IdleTimeout;
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                }
             }
         }
     }
@@ -183,35 +192,40 @@ enum Burst {
 
 /// One direction, TCP to TCP: wait (holding nothing) until `from` is readable, move what
 /// is there, repeat; on EOF shut down `to`'s write half.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    counter: &AtomicU64,
-    activity: &Activity,
-    shaping: &Shaping,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        // The bursts are boxed: their state exists only while bytes move, and an idle
-        // tunnel's task keeps just this loop's readiness wait.
-        let burst = match Pipe::take() {
-            Ok(mut pipe) => {
-                let r = Box::pin(splice_burst(
-                    &mut pipe, from, to, counter, activity, shaping,
-                ))
-                .await;
-                if r.is_ok() {
-                    pipe.give_back();
+fn pump<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    counter: &'a AtomicU64,
+    activity: &'a Activity,
+    shaping: &'a Shaping,
+) -> impl Future<Output = io::Result<()>> + 'a {
+    async move {
+        loop {
+            // Not `readable()`: its waiter would sit in every idle tunnel's state (152 bytes
+            // each way). Only this pump polls `from` for reading, so the stream's own waker
+            // slot is enough.
+            std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+            // The bursts are boxed: their state exists only while bytes move, and an idle
+            // tunnel's task keeps just this loop's readiness wait.
+            let burst = match Pipe::take() {
+                Ok(mut pipe) => {
+                    let r = Box::pin(splice_burst(
+                        &mut pipe, from, to, counter, activity, shaping,
+                    ))
+                    .await;
+                    if r.is_ok() {
+                        pipe.give_back();
+                    }
+                    r?
                 }
-                r?
+                // No pipe (out of descriptors): this burst goes through a buffer instead.
+                Err(_) => Box::pin(copy_burst(from, to, counter, activity, shaping)).await?,
+            };
+            if let Burst::Eof = burst {
+                // Half-close: the other side learns we are done sending, and keeps talking.
+                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                return Ok(());
             }
-            // No pipe (out of descriptors): this burst goes through a buffer instead.
-            Err(_) => Box::pin(copy_burst(from, to, counter, activity, shaping)).await?,
-        };
-        if let Burst::Eof = burst {
-            // Half-close: the other side learns we are done sending, and keeps talking.
-            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-            return Ok(());
         }
     }
 }
@@ -352,6 +366,7 @@ where
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::net::TcpListener;
 
     /// Two connected sockets: (the peer's end, the proxy's end).
@@ -383,8 +398,8 @@ mod tests {
                 let idle = Duration::from_secs(10);
                 if zero_copy {
                     relay(
-                        agent_side,
-                        upstream_side,
+                        &agent_side,
+                        &upstream_side,
                         idle,
                         &cancel,
                         &counters,
@@ -469,8 +484,8 @@ mod tests {
         let started = Instant::now();
         let idle = Duration::from_millis(200);
         let end = relay(
-            agent_side,
-            upstream_side,
+            &agent_side,
+            &upstream_side,
             idle,
             &cancel,
             &counters,
@@ -487,8 +502,8 @@ mod tests {
         let end = tokio::time::timeout(
             Duration::from_secs(5),
             relay(
-                agent_side,
-                upstream_side,
+                &agent_side,
+                &upstream_side,
                 idle,
                 &cancel,
                 &counters,

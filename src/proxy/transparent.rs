@@ -47,127 +47,141 @@ enum Expect {
     Http,
 }
 
-async fn handle(
+/// One diverted connection, to its end and its record. A plain `fn` returning an `async
+/// move` block, not an `async fn`, which would store its arguments twice in the state every
+/// idle tunnel keeps (see src/proxy/relay.rs).
+fn handle(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
-) {
-    let started = Instant::now();
-    let policy = shared.policy.load_full();
-    let agent = policy.agent_by_source(peer.ip());
-    let mut rec = ConnectionRecord::begin(
-        Mode::Transparent,
-        peer,
-        policy.agent_name(agent),
-        policy.generation(),
-    );
-    let counters = Arc::new(RelayCounters::default());
-    let outcome = async {
-        let original = sys::original_destination(&stream, shared.config.interception)
-            .map_err(|_| Reason::Malformed)?;
-        rec.original_destination = Some(original);
-        rec.destination_port = Some(original.port());
-        if agent.is_none() {
-            return Err(Reason::UnknownAgent);
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let started = Instant::now();
+        let policy = shared.policy.load_full();
+        let agent = policy.agent_by_source(peer.ip());
+        let mut rec = ConnectionRecord::begin(
+            Mode::Transparent,
+            peer,
+            policy.agent_name(agent),
+            policy.generation(),
+        );
+        let counters = RelayCounters::default();
+        let outcome = async {
+            let original = sys::original_destination(&stream, shared.config.interception)
+                .map_err(|_| Reason::Malformed)?;
+            rec.original_destination = Some(original);
+            rec.destination_port = Some(original.port());
+            if agent.is_none() {
+                return Err(Reason::UnknownAgent);
+            }
+            if shared.killswitch.is_killed(&rec.agent) {
+                return Err(Reason::KillSwitch);
+            }
+            let cfg = &shared.config;
+            let expect = if cfg.transparent_tls_ports.contains(&original.port()) {
+                Expect::Tls
+            } else if cfg.transparent_http_ports.contains(&original.port()) {
+                Expect::Http
+            } else {
+                return Err(Reason::Malformed);
+            };
+            let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+            let mut peeked = Vec::new();
+            match expect {
+                Expect::Tls => {
+                    // Boxed phases (hello, dial, HTTP): their state is freed before the relay, so it
+                    // does not weigh on every idle tunnel.
+                    // What the hello tells is kept; the hello itself is not (idle tunnels).
+                    let (target, admission) = {
+                        let hello =
+                            Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
+                        counters
+                            .from_agent
+                            .store(peeked.len() as u64, Ordering::Relaxed);
+                        let hello = hello?;
+                        rec.ech = hello.ech;
+                        rec.server_name = hello.server_name.clone();
+                        let a = agent.and_then(|id| policy.agent(id));
+                        if hello.ech && a.is_some_and(|a| a.deny_ech) {
+                            return Err(Reason::EchDenied);
+                        }
+                        // Never fall back to the original destination: no SNI, no connection.
+                        let sni = hello.server_name.as_deref().ok_or(Reason::NoSni)?;
+                        let name =
+                            crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
+                        let target = Target {
+                            host: Host::Name(name),
+                            port: original.port(),
+                        };
+                        let admission = admit(&shared, &policy, agent, &rec.agent)?;
+                        (target, admission)
+                    };
+                    let mut up = Box::pin(check_and_dial(
+                        &shared, &policy, agent, &target, original, &mut rec,
+                    ))
+                    .await?
+                    .stream;
+                    // Replayed, then freed: an idle tunnel keeps no bytes.
+                    up.write_all(&std::mem::take(&mut peeked))
+                        .await
+                        .map_err(|_| Reason::UpstreamFailed)?;
+                    let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
+                    tunnel(
+                        &shared,
+                        &stream,
+                        &up,
+                        &counters,
+                        (&rec.agent, &target),
+                        &admission.shaping,
+                    )
+                    .await
+                }
+                Expect::Http => {
+                    let target = Box::pin(read_http_target(
+                        &mut stream,
+                        &mut peeked,
+                        deadline,
+                        original.port(),
+                        cfg.max_request_head_bytes,
+                    ))
+                    .await;
+                    counters
+                        .from_agent
+                        .store(peeked.len() as u64, Ordering::Relaxed);
+                    let target = target?;
+                    rec.destination_domain = domain_of(&target);
+                    let verdict = policy.evaluate(agent, &target);
+                    rec.rule = verdict.rule.clone();
+                    if let Some(reason) = verdict.deny_reason() {
+                        return Err(reason);
+                    }
+                    // Hand over to per-request serving; each request writes its own record.
+                    let conn = HttpConnection {
+                        peer,
+                        agent,
+                        first: target,
+                        original,
+                        cancel: shared.killswitch.tunnel_token(&rec.agent),
+                    };
+                    Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
+                    Ok(Handover::Http)
+                }
+            }
         }
-        if shared.killswitch.is_killed(&rec.agent) {
-            return Err(Reason::KillSwitch);
-        }
-        let cfg = &shared.config;
-        let expect = if cfg.transparent_tls_ports.contains(&original.port()) {
-            Expect::Tls
-        } else if cfg.transparent_http_ports.contains(&original.port()) {
-            Expect::Http
-        } else {
-            return Err(Reason::Malformed);
+        .await;
+        drop(slot);
+        let reason = match outcome {
+            Ok(Handover::Http) => return,
+            Ok(Handover::Done) => None,
+            Err(r) => Some(r),
         };
-        let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
-        let mut peeked = Vec::new();
-        match expect {
-            Expect::Tls => {
-                // Boxed phases (hello, dial, HTTP): their state is freed before the relay, so it
-                // does not weigh on every idle tunnel.
-                let hello = Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
-                counters
-                    .from_agent
-                    .store(peeked.len() as u64, Ordering::Relaxed);
-                let hello = hello?;
-                rec.ech = hello.ech;
-                rec.server_name = hello.server_name.clone();
-                let a = agent.and_then(|id| policy.agent(id));
-                if hello.ech && a.is_some_and(|a| a.deny_ech) {
-                    return Err(Reason::EchDenied);
-                }
-                // Never fall back to the original destination: no SNI, no connection.
-                let sni = hello.server_name.as_deref().ok_or(Reason::NoSni)?;
-                let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
-                let target = Target {
-                    host: Host::Name(name),
-                    port: original.port(),
-                };
-                let admission = admit(&shared, &policy, agent, &rec.agent)?;
-                let up = Box::pin(check_and_dial(
-                    &shared, &policy, agent, &target, original, &mut rec,
-                ))
-                .await?;
-                let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                // Moved in and freed once replayed: an idle tunnel keeps no bytes.
-                tunnel(
-                    &shared,
-                    stream,
-                    up,
-                    std::mem::take(&mut peeked),
-                    &counters,
-                    (&rec.agent, &target),
-                    &admission.shaping,
-                )
-                .await
-            }
-            Expect::Http => {
-                let target = Box::pin(read_http_target(
-                    &mut stream,
-                    &mut peeked,
-                    deadline,
-                    original.port(),
-                    cfg.max_request_head_bytes,
-                ))
-                .await;
-                counters
-                    .from_agent
-                    .store(peeked.len() as u64, Ordering::Relaxed);
-                let target = target?;
-                rec.destination_domain = domain_of(&target);
-                let verdict = policy.evaluate(agent, &target);
-                rec.rule = verdict.rule.clone();
-                if let Some(reason) = verdict.deny_reason() {
-                    return Err(reason);
-                }
-                // Hand over to per-request serving; each request writes its own record.
-                let conn = HttpConnection {
-                    peer,
-                    agent,
-                    first: target,
-                    original,
-                    cancel: shared.killswitch.tunnel_token(&rec.agent),
-                };
-                Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
-                Ok(Handover::Http)
-            }
-        }
+        rec.reason = reason;
+        rec.bytes_from_agent = counters.from_agent.load(Ordering::Relaxed);
+        rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
+        rec.duration = started.elapsed();
+        shared.telemetry.record(rec);
     }
-    .await;
-    drop(slot);
-    let reason = match outcome {
-        Ok(Handover::Http) => return,
-        Ok(Handover::Done) => None,
-        Err(r) => Some(r),
-    };
-    rec.reason = reason;
-    rec.bytes_from_agent = counters.from_agent.load(Ordering::Relaxed);
-    rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
-    rec.duration = started.elapsed();
-    shared.telemetry.record(rec);
 }
 
 enum Handover {
@@ -238,41 +252,30 @@ async fn check_and_dial(
     Ok(up)
 }
 
-async fn tunnel(
-    shared: &Shared,
-    agent_io: TcpStream,
-    mut up: upstream::Upstream,
-    peeked: Vec<u8>,
-    counters: &Arc<RelayCounters>,
-    (agent, target): (&Arc<str>, &Target),
-    shaping: &crate::limits::Shaping,
-) -> Result<Handover, Reason> {
-    up.stream
-        .write_all(&peeked)
-        .await
-        .map_err(|_| Reason::UpstreamFailed)?;
-    drop(peeked);
-    let cancel = shared.killswitch.tunnel_token(agent);
-    let registration = shared
-        .tunnels
-        .register(agent.clone(), target.clone(), cancel.clone());
-    match relay(
-        agent_io,
-        up.stream,
-        shared.config.idle_timeout,
-        &cancel,
-        counters,
-        shaping,
-    )
-    .await
-    {
-        RelayEnd::Cancelled => Err(crate::proxy::explicit::cancelled_reason(
-            shared,
-            agent,
-            registration.revoked(),
-        )),
-        RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(Handover::Done),
-        RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
+/// Relay a dialled tunnel, registered for revocation and the kill switch, to its end.
+fn tunnel<'a>(
+    shared: &'a Shared,
+    agent_io: &'a TcpStream,
+    up: &'a TcpStream,
+    counters: &'a RelayCounters,
+    (agent, target): (&'a Arc<str>, &'a Target),
+    shaping: &'a crate::limits::Shaping,
+) -> impl Future<Output = Result<Handover, Reason>> + 'a {
+    async move {
+        let cancel = shared.killswitch.tunnel_token(agent);
+        let registration = shared
+            .tunnels
+            .register(agent.clone(), target.clone(), cancel.clone());
+        let idle = shared.config.idle_timeout;
+        match relay(agent_io, up, idle, &cancel, counters, shaping).await {
+            RelayEnd::Cancelled => Err(crate::proxy::explicit::cancelled_reason(
+                shared,
+                agent,
+                registration.revoked(),
+            )),
+            RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(Handover::Done),
+            RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
+        }
     }
 }
 
