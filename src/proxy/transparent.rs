@@ -50,6 +50,10 @@ enum Expect {
 /// One diverted connection, to its end and its record. A plain `fn` returning an `async
 /// move` block, not an `async fn`, which would store its arguments twice in the state every
 /// idle tunnel keeps (see src/proxy/relay.rs).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice in the state of every idle tunnel"
+)]
 fn handle(
     shared: Arc<Shared>,
     mut stream: TcpStream,
@@ -253,6 +257,10 @@ async fn check_and_dial(
 }
 
 /// Relay a dialled tunnel, registered for revocation and the kill switch, to its end.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice in the state of every idle tunnel"
+)]
 fn tunnel<'a>(
     shared: &'a Shared,
     agent_io: &'a TcpStream,
