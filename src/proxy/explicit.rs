@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
@@ -176,7 +176,8 @@ async fn handle(
         target::Request::Forward {
             authority, path, ..
         } => {
-            let upstream = match upstream::dial(&addrs, target.port, cfg.connect_timeout).await {
+            let upstream = match upstream::dial(&addrs, target.port, cfg.connect_timeout, &[]).await
+            {
                 Ok(u) => u,
                 Err(f) => {
                     rec.destination_ip = f.addr;
@@ -349,18 +350,15 @@ async fn open_upstream<R: AsyncRead + Unpin>(
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
     check_hello(checks, &hello?, rec)?;
-    let mut up = upstream::dial(
+    let up = upstream::dial(
         &checks.addrs,
         checks.target.port,
         shared.config.connect_timeout,
+        &peeked,
     )
     .await
     .map_err(|f| f.reason)?;
     rec.destination_ip = Some(up.addr.ip());
-    up.stream
-        .write_all(&peeked)
-        .await
-        .map_err(|_| Reason::UpstreamFailed)?;
     Ok(up.stream)
 }
 

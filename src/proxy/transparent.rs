@@ -21,7 +21,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
@@ -94,9 +94,9 @@ fn handle(
             let mut peeked = Vec::new();
             match expect {
                 Expect::Tls => {
-                    // Boxed phases (hello, dial, HTTP): their state is freed before the relay, so it
-                    // does not weigh on every idle tunnel.
-                    // What the hello tells is kept; the hello itself is not (idle tunnels).
+                    // Boxed phases (hello, dial, HTTP): their state is freed before the
+                    // relay, so it does not weigh on every idle tunnel. What the hello tells
+                    // is kept; the hello itself is not.
                     let (target, admission) = {
                         let hello =
                             Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
@@ -121,15 +121,14 @@ fn handle(
                         let admission = admit(&shared, &policy, agent, &rec.agent)?;
                         (target, admission)
                     };
-                    let mut up = Box::pin(check_and_dial(
-                        &shared, &policy, agent, &target, original, &mut rec,
+                    // The peeked bytes are replayed as the connection opens, then freed:
+                    // an idle tunnel keeps no bytes.
+                    let up = Box::pin(check_and_dial(
+                        &shared, &policy, agent, &target, original, &peeked, &mut rec,
                     ))
                     .await?
                     .stream;
-                    // Replayed, then freed: an idle tunnel keeps no bytes.
-                    up.write_all(&std::mem::take(&mut peeked))
-                        .await
-                        .map_err(|_| Reason::UpstreamFailed)?;
+                    drop(std::mem::take(&mut peeked));
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
                         &shared,
@@ -219,6 +218,7 @@ async fn check_and_dial(
     agent: Option<AgentId>,
     target: &Target,
     original: SocketAddr,
+    first: &[u8],
     rec: &mut ConnectionRecord,
 ) -> Result<upstream::Upstream, Reason> {
     rec.destination_domain = domain_of(target);
@@ -246,7 +246,7 @@ async fn check_and_dial(
         // THREATS A1: the agent aimed elsewhere than the name resolves to; we dial the name.
         rec.destination_mismatch = true;
     }
-    let up = upstream::dial(&addrs, target.port, cfg.connect_timeout)
+    let up = upstream::dial(&addrs, target.port, cfg.connect_timeout, first)
         .await
         .map_err(|f| {
             rec.destination_ip = f.addr;
@@ -443,6 +443,7 @@ async fn http_request(
         agent,
         &target,
         original,
+        &[],
         &mut rec_for_dial,
     )
     .await

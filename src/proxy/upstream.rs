@@ -6,13 +6,17 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{ResolverBuilder, TokioResolver};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
@@ -60,8 +64,12 @@ pub(crate) fn resolver_builder(
 /// How long an answer without addresses is reused when the server gave no TTL for it.
 const NEGATIVE_MIN_TTL: Duration = Duration::from_secs(5);
 
-/// hickory-resolver over the system's resolv.conf or configured upstream servers.
-pub struct DnsResolver(TokioResolver);
+/// hickory-resolver over the system's resolv.conf or configured upstream servers, with a
+/// small cache of its answers in front.
+pub struct DnsResolver {
+    resolver: TokioResolver,
+    names: NameCache,
+}
 
 impl DnsResolver {
     pub fn new(upstreams: &[SocketAddr], timeout: Duration) -> Result<Self, ResolveError> {
@@ -76,30 +84,72 @@ impl DnsResolver {
         // upstream does) no longer costs every new connection a refused question and its
         // retries.
         builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
-        builder
+        let resolver = builder
             .build()
-            .map(Self)
-            .map_err(|e| ResolveError::Failed(e.to_string()))
+            .map_err(|e| ResolveError::Failed(e.to_string()))?;
+        Ok(Self {
+            resolver,
+            names: NameCache::default(),
+        })
     }
 }
 
 impl Resolve for DnsResolver {
     fn lookup<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, ResolveError>> {
+        if let Some(addrs) = self.names.get(name, Instant::now()) {
+            return Box::pin(std::future::ready(Ok(addrs)));
+        }
         Box::pin(async move {
             // Fully qualified: search domains must never turn `evil` into `evil.corp.lan`.
             let fqdn = format!("{name}.");
             let lookup = self
-                .0
+                .resolver
                 .lookup_ip(fqdn.as_str())
                 .await
                 .map_err(|e| ResolveError::Failed(e.to_string()))?;
             let addrs: Vec<IpAddr> = lookup.iter().collect();
             if addrs.is_empty() {
-                Err(ResolveError::NoAddress)
-            } else {
-                Ok(addrs)
+                return Err(ResolveError::NoAddress);
             }
+            self.names
+                .put(name, &addrs, lookup.valid_until(), Instant::now());
+            Ok(addrs)
         })
+    }
+}
+
+/// Names kept at most; a full cache drops its expired entries, and if none are, all of
+/// them (the next lookups go to hickory's own cache, then upstream).
+const NAME_CACHE_MAX: usize = 4096;
+
+/// Addresses per name until their TTL runs out: a cache hit is a hash lookup, where
+/// hickory's own cache costs ~7 µs of future machinery per new tunnel. Only answers with
+/// addresses are kept, never longer than hickory says they are valid, and every address is
+/// still checked against the policy on every connection (resolve_checked).
+#[derive(Default)]
+struct NameCache(Mutex<HashMap<Box<str>, (Vec<IpAddr>, Instant)>>);
+
+impl NameCache {
+    fn get(&self, name: &str, now: Instant) -> Option<Vec<IpAddr>> {
+        let names = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match names.get(name) {
+            Some((addrs, until)) if *until > now => Some(addrs.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, name: &str, addrs: &[IpAddr], until: Instant, now: Instant) {
+        if until <= now {
+            return;
+        }
+        let mut names = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if names.len() >= NAME_CACHE_MAX && !names.contains_key(name) {
+            names.retain(|_, (_, u)| *u > now);
+            if names.len() >= NAME_CACHE_MAX {
+                names.clear();
+            }
+        }
+        names.insert(name.into(), (addrs.to_vec(), until));
     }
 }
 
@@ -172,11 +222,14 @@ pub async fn resolve_checked(
     Ok(addrs)
 }
 
-/// Dial the first of the checked `addrs` that answers. Never resolves again (THREATS B6).
+/// Dial the first of the checked `addrs` that answers, and send it `first` (the agent's
+/// bytes peeked so far, replayed unchanged; may be empty). Never resolves again (THREATS
+/// B6).
 pub async fn dial(
     addrs: &[IpAddr],
     port: u16,
     connect_timeout: Duration,
+    first: &[u8],
 ) -> Result<Upstream, ConnectFailure> {
     let mut last = ConnectFailure {
         reason: Reason::UpstreamFailed,
@@ -184,11 +237,8 @@ pub async fn dial(
     };
     for ip in addrs {
         let addr = SocketAddr::new(crate::policy::address::canonical(*ip), port);
-        match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(Upstream { stream, addr });
-            }
+        match tokio::time::timeout(connect_timeout, connect_and_send(addr, first)).await {
+            Ok(Ok(stream)) => return Ok(Upstream { stream, addr }),
             Ok(Err(_)) => {
                 last = ConnectFailure {
                     reason: Reason::UpstreamFailed,
@@ -204,4 +254,105 @@ pub async fn dial(
         }
     }
     Err(last)
+}
+
+/// Connect to `addr` and send `first`. The bytes go out the moment the handshake is done,
+/// which on loopback or a LAN is often before `connect(2)` returns: the send is tried at
+/// once, and only if the socket is still connecting do we wait for the event loop. That
+/// saves a round trip through it (and whatever else is queued there) per new tunnel.
+async fn connect_and_send(addr: SocketAddr, first: &[u8]) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {}
+        Err(e) => return Err(e),
+    }
+    // Still connecting: `WouldBlock` (EAGAIN). Refused or reset: that error, now.
+    let sent = if first.is_empty() {
+        0
+    } else {
+        match socket.send(first) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if sent == 0 {
+        // Nothing went yet, so the connection is not known to be up: wait for it.
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    stream
+        .write_all(first.get(sent..).unwrap_or_default())
+        .await?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cached_names_expire_with_their_ttl() {
+        let cache = NameCache::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(30);
+        cache.put("a.test", &[ip("192.0.2.1")], now + ttl, now);
+        assert_eq!(cache.get("a.test", now), Some(vec![ip("192.0.2.1")]));
+        assert_eq!(
+            cache.get("a.test", now + ttl - Duration::from_millis(1)),
+            Some(vec![ip("192.0.2.1")])
+        );
+        assert_eq!(cache.get("a.test", now + ttl), None, "served past its TTL");
+        assert_eq!(cache.get("b.test", now), None);
+        // An answer already expired (TTL 0) is not kept at all.
+        cache.put("z.test", &[ip("192.0.2.9")], now, now);
+        assert_eq!(cache.get("z.test", now - Duration::from_millis(1)), None);
+        // A fresh answer replaces the old one.
+        cache.put("a.test", &[ip("192.0.2.2")], now + ttl, now);
+        assert_eq!(cache.get("a.test", now), Some(vec![ip("192.0.2.2")]));
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let cache = NameCache::default();
+        let now = Instant::now();
+        let long = now + Duration::from_secs(3600);
+        for i in 0..NAME_CACHE_MAX + 10 {
+            cache.put(&format!("n{i}.test"), &[ip("192.0.2.1")], long, now);
+            assert!(cache.0.lock().unwrap().len() <= NAME_CACHE_MAX);
+        }
+        // The newest name is always in.
+        let last = format!("n{}.test", NAME_CACHE_MAX + 9);
+        assert!(cache.get(&last, now).is_some());
+        // Expired entries go first, live ones stay when there is room that way.
+        let cache = NameCache::default();
+        cache.put("live.test", &[ip("192.0.2.1")], long, now);
+        for i in 0..NAME_CACHE_MAX - 1 {
+            cache.put(
+                &format!("old{i}.test"),
+                &[ip("192.0.2.1")],
+                now + Duration::from_secs(1),
+                now,
+            );
+        }
+        let later = now + Duration::from_secs(2);
+        cache.put("new.test", &[ip("192.0.2.3")], long, later);
+        assert!(cache.get("live.test", later).is_some());
+        assert!(cache.get("new.test", later).is_some());
+        assert_eq!(cache.0.lock().unwrap().len(), 2);
+    }
 }
