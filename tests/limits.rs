@@ -147,7 +147,10 @@ async fn bandwidth_is_held_to_the_configured_rate() {
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
     let target = 1024.0 * 1024.0;
-    println!("measured {rate:.0} B/s for a 1 MiB/s limit");
+    println!(
+        "measured {rate:.0} B/s for a 1 MiB/s limit ({total} B in {:?})",
+        started.elapsed()
+    );
     assert!(
         (rate - target).abs() <= target * 0.10,
         "{rate:.0} B/s is not within 10 % of {target}"

@@ -127,7 +127,10 @@ const NAME_CACHE_MAX: usize = 4096;
 /// addresses are kept, never longer than hickory says they are valid, and every address is
 /// still checked against the policy on every connection (resolve_checked).
 #[derive(Default)]
-struct NameCache(Mutex<HashMap<Box<str>, (Vec<IpAddr>, Instant)>>);
+struct NameCache(Mutex<HashMap<Box<str>, Cached>>);
+
+/// A name's addresses and when they stop being valid.
+type Cached = (Vec<IpAddr>, Instant);
 
 impl NameCache {
     fn get(&self, name: &str, now: Instant) -> Option<Vec<IpAddr>> {
