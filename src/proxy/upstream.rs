@@ -308,6 +308,38 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The peeked bytes reach the upstream exactly once, whether they went out at once or
+    /// after the handshake; a refused address fails the dial with that address logged.
+    #[tokio::test]
+    async fn dial_replays_the_first_bytes_and_reports_a_refusal() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let first = b"\x16\x03\x01 hello".repeat(100);
+        let up = dial(&[ip("127.0.0.1")], port, Duration::from_secs(2), &first)
+            .await
+            .unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        drop(up);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, first);
+        // Nothing to send: still a checked connection.
+        let up = dial(&[ip("127.0.0.1")], port, Duration::from_secs(2), &[]).await;
+        assert!(up.is_ok());
+        // A closed port: refused, the next address is tried, the last failure reported.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let err = dial(&[ip("127.0.0.1")], closed, Duration::from_secs(2), &first)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.reason, Reason::UpstreamFailed);
+        assert_eq!(err.addr, Some(ip("127.0.0.1")));
+    }
+
     #[test]
     fn cached_names_expire_with_their_ttl() {
         let cache = NameCache::default();
