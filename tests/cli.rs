@@ -130,15 +130,6 @@ fn explain_prints_verdict_and_rule() {
     );
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn sigterm_stops_accepting_drains_and_exits() {
     use std::io::{Read, Write};
@@ -155,7 +146,7 @@ fn sigterm_stops_accepting_drains_and_exits() {
     let dir = rules_with_agent(&format!(
         "name = \"a\"\nsources = [\"127.0.0.0/8\"]\nallow_cidrs = [\"127.0.0.1/32:{up_port}\"]\n"
     ));
-    let (proxy_port, admin_port) = (free_port(), free_port());
+    let (proxy_port, admin_port) = (common::free_port(), common::free_port());
     std::fs::write(
         dir.path().join("portcullis.toml"),
         format!(

@@ -58,14 +58,6 @@ fn nofile_hard() -> usize {
     hard.parse().unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Open `n` tunnels (64 at a time) to the IP-literal upstream; each sends its hello.
 async fn open_many(proxy: std::net::SocketAddr, port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
     let mut out = Vec::with_capacity(n);

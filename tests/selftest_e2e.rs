@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::netns::*;
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,13 +90,7 @@ async fn udp_echo(addr: SocketAddr) -> Arc<Mutex<usize>> {
 /// The reply of a resolver that answers every A question with `ip`.
 fn answer_everything(query: &[u8], ip: std::net::Ipv4Addr, log: &DnsLog) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
-    let mut resp = Message::new(
-        query.metadata.id,
-        MessageType::Response,
-        query.metadata.op_code,
-    );
-    resp.metadata.recursion_desired = query.metadata.recursion_desired;
-    resp.metadata.recursion_available = true;
+    let mut resp = response_to(&query);
     resp.metadata.response_code = ResponseCode::NoError;
     for q in &query.queries {
         let name = q.name().to_ascii().to_ascii_lowercase();

@@ -259,7 +259,7 @@ async fn tunnel(
     started: Instant,
     _slot: Arc<ConnectionSlot>,
 ) {
-    let counters = Arc::new(RelayCounters::default());
+    let counters = RelayCounters::default();
     let cancel = shared.killswitch.tunnel_token(&rec.agent);
     let agent = rec.agent.clone();
     let registration =

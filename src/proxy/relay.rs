@@ -490,7 +490,7 @@ mod tests {
     async fn an_idle_tunnel_times_out_and_a_cancelled_one_stops() {
         let (_agent, agent_side) = pair().await;
         let (_upstream, upstream_side) = pair().await;
-        let counters = Arc::new(RelayCounters::default());
+        let counters = RelayCounters::default();
         let shaping = Shaping::default();
         let cancel = CancellationToken::new();
         let started = Instant::now();

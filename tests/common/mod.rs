@@ -17,6 +17,15 @@ use portcullis::proxy::upstream::{Resolve, StaticResolver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// What an upstream saw: one entry per accepted TCP connection, with every byte received.
 #[derive(Clone, Default)]
 pub struct Seen(Arc<Mutex<Vec<Vec<u8>>>>);

@@ -201,9 +201,8 @@ pub async fn dns_server(addr: SocketAddr, table: &[(&str, &str)]) -> DnsLog {
     log
 }
 
-/// The recording server's answer to one query: A records from `table`, else NXDOMAIN.
-fn dns_reply(packet: &[u8], table: &DnsTable, log: &DnsLog) -> Option<Vec<u8>> {
-    let query = Message::from_vec(packet).ok()?;
+/// An empty response to `query`: its id, opcode and RD flag, RA set, no answers yet.
+pub fn response_to(query: &Message) -> Message {
     let mut resp = Message::new(
         query.metadata.id,
         MessageType::Response,
@@ -211,6 +210,13 @@ fn dns_reply(packet: &[u8], table: &DnsTable, log: &DnsLog) -> Option<Vec<u8>> {
     );
     resp.metadata.recursion_desired = query.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
+    resp
+}
+
+/// The recording server's answer to one query: A records from `table`, else NXDOMAIN.
+fn dns_reply(packet: &[u8], table: &DnsTable, log: &DnsLog) -> Option<Vec<u8>> {
+    let query = Message::from_vec(packet).ok()?;
+    let mut resp = response_to(&query);
     let mut found = false;
     for q in &query.queries {
         let name = q.name().to_ascii().to_ascii_lowercase();
