@@ -180,11 +180,14 @@ impl KillSwitch {
     /// shutdown.
     pub fn tunnel_token(&self, agent: &str) -> CancellationToken {
         let mut t = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        let all = t.all.clone();
-        t.agents
-            .entry(agent.to_owned())
-            .or_insert_with(|| all.child_token())
-            .child_token()
+        // Looked up before `entry`, which would allocate the key for every tunnel.
+        if let Some(agent_token) = t.agents.get(agent) {
+            return agent_token.child_token();
+        }
+        let agent_token = t.all.child_token();
+        let tunnel = agent_token.child_token();
+        t.agents.insert(agent.to_owned(), agent_token);
+        tunnel
     }
 
     /// Check a webhook's signature, timestamp and id (replay). `now` in unix seconds.

@@ -132,10 +132,9 @@ fn ends_in_number(s: &str) -> bool {
     if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
         return true;
     }
-    let lower = last.to_ascii_lowercase();
-    lower
-        .strip_prefix("0x")
-        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+    // `0x…` (any case), checked without allocating: this runs for every connection's name.
+    last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"))
+        && last.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
 }
 
 /// A target host as the agent named it: a normalised name or an IP address.

@@ -44,6 +44,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: Fn(Arc<Shared>, TcpStream, SocketAddr, ConnectionSlot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut nodelay = Nodelay::on_listener(&listener);
     loop {
         let accepted = tokio::select! {
             () = shared.stop_accepting.cancelled() => return,
@@ -64,7 +65,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                     shared.telemetry.record(rec);
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
+                nodelay.set(&stream);
                 spawn_supervised(
                     &shared,
                     mode,
@@ -76,6 +77,31 @@ pub(crate) async fn accept_loop<F, Fut>(
                 tracing::warn!(error = %e, mode = mode.as_str(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+}
+
+/// `TCP_NODELAY` on every accepted connection (a relay must not hold back small writes).
+/// Linux copies it from the listener to the connections it accepts, which saves a syscall
+/// per connection; the first connection shows whether that held, and if not (another
+/// kernel, or the listener refused it) each connection gets it set.
+struct Nodelay {
+    /// `None` until the first connection; then whether connections inherit it.
+    inherited: Option<bool>,
+}
+
+impl Nodelay {
+    fn on_listener(listener: &TcpListener) -> Self {
+        let _ = socket2::SockRef::from(listener).set_tcp_nodelay(true);
+        Self { inherited: None }
+    }
+
+    fn set(&mut self, stream: &TcpStream) {
+        let inherited = *self
+            .inherited
+            .get_or_insert_with(|| stream.nodelay().unwrap_or(false));
+        if !inherited {
+            let _ = stream.set_nodelay(true);
         }
     }
 }
@@ -154,5 +180,48 @@ impl<F: Future> Future for CatchUnwind<F> {
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Err(panic) => Poll::Ready(Err(panic)),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    async fn accept_one(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    /// Accepted connections get TCP_NODELAY: inherited from the listener where the kernel
+    /// copies it (Linux), set one by one where it does not.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut nodelay = Nodelay::on_listener(&listener);
+        for _ in 0..2 {
+            let (_client, accepted) = accept_one(&listener).await;
+            nodelay.set(&accepted);
+            assert!(accepted.nodelay().unwrap());
+        }
+        assert_eq!(
+            nodelay.inherited,
+            Some(true),
+            "Linux copies it from the listener"
+        );
+
+        // A listener without it (as if the kernel did not copy it): set per connection.
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut nodelay = Nodelay { inherited: None };
+        for _ in 0..2 {
+            let (_client, accepted) = accept_one(&plain).await;
+            assert!(!accepted.nodelay().unwrap());
+            nodelay.set(&accepted);
+            assert!(accepted.nodelay().unwrap());
+        }
+        assert_eq!(nodelay.inherited, Some(false));
     }
 }

@@ -14,7 +14,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
@@ -52,10 +52,13 @@ pub struct RelayCounters {
     pub to_agent: AtomicU64,
 }
 
-/// Milliseconds since the relay started at the last byte moved: the idle clock.
+/// What the two directions share: the idle clock (milliseconds since the relay started at
+/// the last byte moved) and whether one of them has ended.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// One direction has reached EOF (and shut down the other side's write half).
+    one_way_done: AtomicBool,
 }
 
 impl Activity {
@@ -63,6 +66,7 @@ impl Activity {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            one_way_done: AtomicBool::new(false),
         }
     }
     fn touch(&self) {
@@ -199,7 +203,8 @@ enum Burst {
 }
 
 /// One direction, TCP to TCP: wait (holding nothing) until `from` is readable, move what
-/// is there, repeat; on EOF shut down `to`'s write half.
+/// is there, repeat; on EOF shut down `to`'s write half, unless the other direction has
+/// already ended: then both sockets are about to close, and the close sends that FIN.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn stores its arguments twice in the state of every idle tunnel"
@@ -217,14 +222,21 @@ fn pump<'a>(
             // each way). Only this pump polls `from` for reading, so the stream's own waker
             // slot is enough.
             std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
-            // The bursts are boxed: their state exists only while bytes move, and an idle
-            // tunnel's task keeps just this loop's readiness wait.
             let burst = match Pipe::take() {
                 Ok(mut pipe) => {
-                    let r = Box::pin(splice_burst(
-                        &mut pipe, from, to, counter, activity, shaping,
-                    ))
-                    .await;
+                    // Most bursts (a request, a reply) move without waiting: done inline. Only
+                    // a burst that must wait is boxed: its state exists only while it waits,
+                    // and an idle tunnel's task keeps just this loop's readiness wait.
+                    let r = match splice_now(&mut pipe, from, to, counter, activity, shaping) {
+                        Ok(Now::Done(burst)) => Ok(burst),
+                        Ok(Now::Wait { chunks }) => {
+                            Box::pin(splice_burst(
+                                &mut pipe, from, to, counter, activity, shaping, chunks,
+                            ))
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
                     if r.is_ok() {
                         pipe.give_back();
                     }
@@ -235,15 +247,83 @@ fn pump<'a>(
             };
             if let Burst::Eof = burst {
                 // Half-close: the other side learns we are done sending, and keeps talking.
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                // The second direction to end skips it: the relay ends and the sockets close
+                // now, which sends the FIN anyway (`to` has no unread bytes: its own reading
+                // ended at EOF, so the close is a FIN, not a reset). One syscall per tunnel.
+                if !activity.one_way_done.swap(true, Ordering::Relaxed) {
+                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                }
                 return Ok(());
             }
         }
     }
 }
 
-/// Move bytes `from` → pipe → `to` until `from` would block or hits EOF. The pipe is empty
-/// when this returns `Ok`.
+/// How far [`splice_now`] got.
+enum Now {
+    /// The burst ended without waiting; the pipe is empty.
+    Done(Burst),
+    /// It must wait (full send buffer, bandwidth limit) or has moved `chunks` pipe-fulls
+    /// already; [`splice_burst`] goes on from here, with what is left in the pipe.
+    Wait { chunks: usize },
+}
+
+/// Pipe size, or less under a byte budget: the budget is charged per piece delivered, so
+/// the chunk bounds how far a tunnel can overshoot it.
+fn chunk_for(shaping: &Shaping) -> usize {
+    if shaping.budget.is_some() {
+        BUDGETED_CHUNK
+    } else {
+        PIPE_CHUNK
+    }
+}
+
+/// The start of a burst, without waiting: `from` → pipe → `to` while neither would block,
+/// up to one pipe-full (a short read means `from` is likely drained; the next read checks).
+fn splice_now(
+    pipe: &mut Pipe,
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &AtomicU64,
+    activity: &Activity,
+    shaping: &Shaping,
+) -> io::Result<Now> {
+    if shaping.bandwidth.is_some() {
+        return Ok(Now::Wait { chunks: 0 }); // every piece waits for its share
+    }
+    let chunk = chunk_for(shaping);
+    let mut chunks = 0;
+    loop {
+        let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from, chunk)) {
+            Ok(0) => return Ok(Now::Done(Burst::Eof)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Now::Done(Burst::Drained));
+            }
+            Err(e) => return Err(e),
+        };
+        chunks += 1;
+        while pipe.pending() > 0 {
+            match to.try_io(Interest::WRITABLE, || {
+                let pending = pipe.pending();
+                pipe.drain_into(to, pending)
+            }) {
+                Ok(m) => delivered(m, counter, activity, shaping)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Now::Wait { chunks });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if n == chunk || chunks >= BURST_CHUNKS {
+            return Ok(Now::Wait { chunks }); // bulk: go on the way that yields
+        }
+    }
+}
+
+/// Move bytes `from` → pipe → `to` until `from` would block or hits EOF, starting with
+/// what is in the pipe, after `chunks` pipe-fulls already moved. The pipe is empty when
+/// this returns `Ok`.
 async fn splice_burst(
     pipe: &mut Pipe,
     from: &TcpStream,
@@ -251,35 +331,36 @@ async fn splice_burst(
     counter: &AtomicU64,
     activity: &Activity,
     shaping: &Shaping,
+    mut chunks: usize,
 ) -> io::Result<Burst> {
-    // Under a byte budget, smaller chunks: the budget is charged per chunk delivered, so the
-    // chunk bounds how far a tunnel can overshoot it.
-    let chunk = if shaping.budget.is_some() {
-        BUDGETED_CHUNK
-    } else {
-        PIPE_CHUNK
-    };
-    for _ in 0..BURST_CHUNKS {
-        let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from, chunk)) {
-            Ok(0) => return Ok(Burst::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
-            Err(e) => return Err(e),
-        };
+    let chunk = chunk_for(shaping);
+    loop {
         while pipe.pending() > 0 {
             let mut allowed = shaped(shaping, pipe.pending()).await;
             while allowed > 0 {
                 match to.try_io(Interest::WRITABLE, || pipe.drain_into(to, allowed)) {
-                    Ok(m) => allowed -= m,
+                    Ok(m) => {
+                        allowed -= m;
+                        delivered(m, counter, activity, shaping)?;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
                     Err(e) => return Err(e),
                 }
             }
         }
-        delivered(n, counter, activity, shaping)?;
-        tokio::task::consume_budget().await;
+        if chunks > 0 {
+            tokio::task::consume_budget().await;
+        }
+        if chunks >= BURST_CHUNKS {
+            return Ok(Burst::Drained);
+        }
+        match from.try_io(Interest::READABLE, || pipe.fill_from(from, chunk)) {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(_) => chunks += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(Burst::Drained)
 }
 
 /// [`splice_burst`] through a user-space buffer, for when no pipe can be had.
@@ -484,6 +565,79 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn copy_relay_carries_both_ways_exactly_with_half_close() {
         both_ways_with_half_close(false).await;
+    }
+
+    /// The paths a burst can take: small messages that move without waiting (ping-pong, each
+    /// must arrive without a later byte to push it), and a reader that does not read, so the
+    /// sender's bytes wait in the pipe and the rest of the burst goes the waiting way. Every
+    /// byte arrives once, in order, counted; the second EOF closes the agent cleanly (no
+    /// reset), though only the first one shut a write half down.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_messages_and_a_paused_reader_arrive_exactly() {
+        let (mut agent, agent_side) = pair().await;
+        let (mut upstream, upstream_side) = pair().await;
+        let counters = Arc::new(RelayCounters::default());
+        let relayed = {
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let (cancel, shaping) = (CancellationToken::new(), Shaping::default());
+                let idle = Duration::from_secs(10);
+                relay(
+                    &agent_side,
+                    &upstream_side,
+                    idle,
+                    &cancel,
+                    &counters,
+                    &shaping,
+                )
+                .await
+            })
+        };
+        let run = async {
+            for i in 0..200u8 {
+                let msg = [i; 37];
+                agent.write_all(&msg).await.unwrap();
+                let mut got = [0u8; 37];
+                upstream.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, msg);
+                upstream.write_all(&got[..5]).await.unwrap();
+                let mut back = [0u8; 5];
+                agent.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, [i; 5]);
+            }
+            // The upstream reads nothing until the agent has sent all it could.
+            let bulk = pattern(6 * 1024 * 1024 + 3, 7);
+            let (mut agent_r, mut agent_w) = agent.split();
+            let send = async {
+                agent_w.write_all(&bulk).await.unwrap();
+                agent_w.shutdown().await.unwrap();
+            };
+            let receive = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut got = Vec::new();
+                upstream.read_to_end(&mut got).await.unwrap();
+                assert!(got == bulk, "upstream got {} bytes", got.len());
+                upstream.shutdown().await.unwrap();
+            };
+            tokio::join!(send, receive);
+            let mut rest = Vec::new();
+            agent_r.read_to_end(&mut rest).await.unwrap(); // EOF, not a reset
+            assert!(rest.is_empty());
+            bulk.len()
+        };
+        let bulk_len = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("relay keeps up");
+        let end = tokio::time::timeout(Duration::from_secs(5), relayed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(end, RelayEnd::Closed);
+        assert_eq!(
+            counters.from_agent.load(Ordering::Relaxed),
+            200 * 37 + bulk_len as u64
+        );
+        assert_eq!(counters.to_agent.load(Ordering::Relaxed), 200 * 5);
     }
 
     #[tokio::test]
