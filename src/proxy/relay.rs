@@ -229,9 +229,10 @@ fn pump<'a>(
                     // and an idle tunnel's task keeps just this loop's readiness wait.
                     let r = match splice_now(&mut pipe, from, to, counter, activity, shaping) {
                         Ok(Now::Done(burst)) => Ok(burst),
-                        Ok(Now::Wait { chunks }) => {
+                        Ok(Now::Wait { chunks, in_flight }) => {
+                            let so_far = (chunks, in_flight);
                             Box::pin(splice_burst(
-                                &mut pipe, from, to, counter, activity, shaping, chunks,
+                                &mut pipe, from, to, counter, activity, shaping, so_far,
                             ))
                             .await
                         }
@@ -264,8 +265,9 @@ enum Now {
     /// The burst ended without waiting; the pipe is empty.
     Done(Burst),
     /// It must wait (full send buffer, bandwidth limit) or has moved `chunks` pipe-fulls
-    /// already; [`splice_burst`] goes on from here, with what is left in the pipe.
-    Wait { chunks: usize },
+    /// already; [`splice_burst`] goes on from here, with what is left in the pipe: the end
+    /// of a chunk of `in_flight` bytes (0 if the pipe is empty), counted once all are out.
+    Wait { chunks: usize, in_flight: usize },
 }
 
 /// Pipe size, or less under a byte budget: the budget is charged per piece delivered, so
@@ -289,7 +291,10 @@ fn splice_now(
     shaping: &Shaping,
 ) -> io::Result<Now> {
     if shaping.bandwidth.is_some() {
-        return Ok(Now::Wait { chunks: 0 }); // every piece waits for its share
+        return Ok(Now::Wait {
+            chunks: 0,
+            in_flight: 0,
+        }); // every piece waits for its share
     }
     let chunk = chunk_for(shaping);
     let mut chunks = 0;
@@ -308,22 +313,30 @@ fn splice_now(
                 let pending = pipe.pending();
                 pipe.drain_into(to, pending)
             }) {
-                Ok(m) => delivered(m, counter, activity, shaping)?,
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(Now::Wait { chunks });
+                    return Ok(Now::Wait {
+                        chunks,
+                        in_flight: n,
+                    });
                 }
                 Err(e) => return Err(e),
             }
         }
+        delivered(n, counter, activity, shaping)?;
         if n == chunk || chunks >= BURST_CHUNKS {
-            return Ok(Now::Wait { chunks }); // bulk: go on the way that yields
+            // bulk: go on the way that yields
+            return Ok(Now::Wait {
+                chunks,
+                in_flight: 0,
+            });
         }
     }
 }
 
-/// Move bytes `from` → pipe → `to` until `from` would block or hits EOF, starting with
-/// what is in the pipe, after `chunks` pipe-fulls already moved. The pipe is empty when
-/// this returns `Ok`.
+/// Move bytes `from` → pipe → `to` until `from` would block or hits EOF, going on from
+/// where [`splice_now`] stopped (`so_far`: chunks moved, bytes of the one still in the
+/// pipe). The pipe is empty when this returns `Ok`.
 async fn splice_burst(
     pipe: &mut Pipe,
     from: &TcpStream,
@@ -331,7 +344,7 @@ async fn splice_burst(
     counter: &AtomicU64,
     activity: &Activity,
     shaping: &Shaping,
-    mut chunks: usize,
+    (mut chunks, mut in_flight): (usize, usize),
 ) -> io::Result<Burst> {
     let chunk = chunk_for(shaping);
     loop {
@@ -339,14 +352,16 @@ async fn splice_burst(
             let mut allowed = shaped(shaping, pipe.pending()).await;
             while allowed > 0 {
                 match to.try_io(Interest::WRITABLE, || pipe.drain_into(to, allowed)) {
-                    Ok(m) => {
-                        allowed -= m;
-                        delivered(m, counter, activity, shaping)?;
-                    }
+                    Ok(m) => allowed -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
                     Err(e) => return Err(e),
                 }
             }
+        }
+        // Counted per chunk, not per piece: the idle clock reads the time on each count.
+        let out = std::mem::take(&mut in_flight);
+        if out > 0 {
+            delivered(out, counter, activity, shaping)?;
         }
         if chunks > 0 {
             tokio::task::consume_budget().await;
@@ -356,7 +371,10 @@ async fn splice_burst(
         }
         match from.try_io(Interest::READABLE, || pipe.fill_from(from, chunk)) {
             Ok(0) => return Ok(Burst::Eof),
-            Ok(_) => chunks += 1,
+            Ok(n) => {
+                chunks += 1;
+                in_flight = n;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(e),
         }
