@@ -2,7 +2,9 @@
 //! timeout and a cancellation token (kill switch, policy revocation, shutdown).
 //!
 //! TCP to TCP (every tunnel) goes through `splice(2)` and a pooled pipe (src/sys/splice.rs):
-//! the bytes never enter user space. Each direction waits for readability holding nothing,
+//! bulk bytes never enter user space. Small reads (under 16 KiB: requests, replies, TLS
+//! records) are copied through a stack buffer instead, which costs less than splice's two
+//! trips through the pipe; a read that fills the buffer switches the burst to splice. Each direction waits for readability holding nothing,
 //! takes a pipe only while data moves, and gives it back empty, so an idle tunnel costs its
 //! two sockets and a small task, no buffers. Without a pipe (fd exhaustion) a burst falls
 //! back to a buffer copy; non-TCP streams use [`relay_io`], a plain buffered copy.
@@ -12,6 +14,7 @@
 //! the other side, exactly.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,10 +27,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::Shaping;
 use crate::limits::bandwidth::throttle;
-use crate::sys::splice::{PIPE_CHUNK, Pipe};
+use crate::sys::splice::{PIPE_CHUNK, Pipe, recv_into, send_from};
 
 /// Buffer of the copy paths (no pipe available, or not TCP).
 const BUF: usize = 16 * 1024;
+/// A read of less than this is copied through the stack, not spliced (see [`move_now`]).
+const SMALL: usize = 16 * 1024;
 /// Largest chunk moved at once for an agent with a daily byte budget (its overshoot bound).
 const BUDGETED_CHUNK: usize = 64 * 1024;
 /// Pipe-fulls moved in one burst before the pipe goes back and the task yields, so one
@@ -227,7 +232,7 @@ fn pump<'a>(
                     // Most bursts (a request, a reply) move without waiting: done inline. Only
                     // a burst that must wait is boxed: its state exists only while it waits,
                     // and an idle tunnel's task keeps just this loop's readiness wait.
-                    let r = match splice_now(&mut pipe, from, to, counter, activity, shaping) {
+                    let r = match move_now(&mut pipe, from, to, counter, activity, shaping) {
                         Ok(Now::Done(burst)) => Ok(burst),
                         Ok(Now::Wait { chunks, in_flight }) => {
                             let so_far = (chunks, in_flight);
@@ -260,7 +265,7 @@ fn pump<'a>(
     }
 }
 
-/// How far [`splice_now`] got.
+/// How far [`move_now`] got.
 enum Now {
     /// The burst ended without waiting; the pipe is empty.
     Done(Burst),
@@ -280,9 +285,12 @@ fn chunk_for(shaping: &Shaping) -> usize {
     }
 }
 
-/// The start of a burst, without waiting: `from` → pipe → `to` while neither would block,
-/// up to one pipe-full (a short read means `from` is likely drained; the next read checks).
-fn splice_now(
+/// The start of a burst, without waiting. Small reads (a request, a reply, a TLS record)
+/// are copied through the stack: for them `recv` + `send` cost less than splice's two trips
+/// through the pipe. A read that fills [`SMALL`] is bulk: the rest of the burst is spliced.
+/// If `to` cannot take all that was read, the rest goes into the pipe and the burst goes on
+/// the waiting way, which sends it first.
+fn move_now(
     pipe: &mut Pipe,
     from: &TcpStream,
     to: &TcpStream,
@@ -290,52 +298,52 @@ fn splice_now(
     activity: &Activity,
     shaping: &Shaping,
 ) -> io::Result<Now> {
-    if shaping.bandwidth.is_some() {
+    if shaping.bandwidth.is_some() || pipe.capacity() < SMALL {
+        // Every piece waits for its share; or the pipe could not hold an unsent rest.
         return Ok(Now::Wait {
             chunks: 0,
             in_flight: 0,
-        }); // every piece waits for its share
+        });
     }
-    let chunk = chunk_for(shaping);
-    let mut chunks = 0;
-    loop {
-        let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from, chunk)) {
-            Ok(0) => return Ok(Now::Done(Burst::Eof)),
-            Ok(n) => n,
+    let mut buf = [MaybeUninit::<u8>::uninit(); SMALL];
+    for chunks in 1..=BURST_CHUNKS {
+        let read = match from.try_io(Interest::READABLE, || recv_into(from, &mut buf)) {
+            Ok([]) => return Ok(Now::Done(Burst::Eof)),
+            Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Ok(Now::Done(Burst::Drained));
             }
             Err(e) => return Err(e),
         };
-        chunks += 1;
-        while pipe.pending() > 0 {
-            match to.try_io(Interest::WRITABLE, || {
-                let pending = pipe.pending();
-                pipe.drain_into(to, pending)
-            }) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(Now::Wait {
-                        chunks,
-                        in_flight: n,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
+        let n = read.len();
+        let sent = match to.try_io(Interest::WRITABLE, || send_from(to, read)) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if let Some(rest) = read.get(sent..).filter(|rest| !rest.is_empty()) {
+            pipe.push(rest)?;
+            return Ok(Now::Wait {
+                chunks,
+                in_flight: n,
+            });
         }
         delivered(n, counter, activity, shaping)?;
-        if n == chunk || chunks >= BURST_CHUNKS {
-            // bulk: go on the way that yields
+        if n == SMALL {
             return Ok(Now::Wait {
                 chunks,
                 in_flight: 0,
             });
         }
     }
+    Ok(Now::Wait {
+        chunks: BURST_CHUNKS,
+        in_flight: 0,
+    })
 }
 
 /// Move bytes `from` → pipe → `to` until `from` would block or hits EOF, going on from
-/// where [`splice_now`] stopped (`so_far`: chunks moved, bytes of the one still in the
+/// where [`move_now`] stopped (`so_far`: chunks moved, bytes of the one still in the
 /// pipe). The pipe is empty when this returns `Ok`.
 async fn splice_burst(
     pipe: &mut Pipe,
@@ -656,6 +664,68 @@ mod tests {
             200 * 37 + bulk_len as u64
         );
         assert_eq!(counters.to_agent.load(Ordering::Relaxed), 200 * 5);
+    }
+
+    /// Small reads that `to` can take only in part (tiny buffers, a reader that waits): the
+    /// unsent rest goes into the pipe and leaves first, so every byte arrives once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_reads_that_do_not_fit_arrive_in_order() {
+        let (mut agent, agent_side) = pair().await;
+        let (mut upstream, upstream_side) = pair().await;
+        socket2::SockRef::from(&upstream_side)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&upstream)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let counters = Arc::new(RelayCounters::default());
+        let relayed = {
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let (cancel, shaping) = (CancellationToken::new(), Shaping::default());
+                let idle = Duration::from_secs(10);
+                relay(
+                    &agent_side,
+                    &upstream_side,
+                    idle,
+                    &cancel,
+                    &counters,
+                    &shaping,
+                )
+                .await
+            })
+        };
+        let sent = pattern(300 * 1000, 9);
+        let run = async {
+            let send = async {
+                for piece in sent.chunks(1000) {
+                    agent.write_all(piece).await.unwrap();
+                    tokio::time::sleep(Duration::from_micros(200)).await; // one burst each
+                }
+                agent.shutdown().await.unwrap();
+            };
+            let receive = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut got = Vec::new();
+                upstream.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            tokio::join!(send, receive).1
+        };
+        let got = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("relay keeps up");
+        assert!(got == sent, "upstream got {} bytes", got.len());
+        drop(upstream); // the other direction ends too
+        let end = tokio::time::timeout(Duration::from_secs(5), relayed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(end, RelayEnd::Closed);
+        assert_eq!(
+            counters.from_agent.load(Ordering::Relaxed),
+            sent.len() as u64
+        );
     }
 
     #[tokio::test]

@@ -1,7 +1,10 @@
 //! `splice(2)` through a pipe: bytes go socket → pipe → socket inside the kernel, never
-//! through a user-space buffer. The relay's zero-copy path (src/proxy/relay.rs).
+//! through a user-space buffer. The relay's zero-copy path (src/proxy/relay.rs). Also the
+//! `recv`/`send` into a stack buffer that the relay uses for small reads, and the way their
+//! unsent rest joins the pipe.
 //!
-//! No `unsafe` here: rustix wraps `pipe2` and `splice` safely. Pipes are pooled: a tunnel
+//! No `unsafe` here: rustix wraps `pipe2`, `splice`, `recv` (into uninitialised memory,
+//! returning only the bytes it wrote) and `send` safely. Pipes are pooled: a tunnel
 //! holds one only while data moves in its direction and gives it back empty, so an idle
 //! tunnel holds no pipe (and no buffer) at all.
 //!
@@ -9,9 +12,11 @@
 //! another tunnel), or block: every call is non-blocking and reports `WouldBlock`.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Mutex, PoisonError};
 
+use rustix::net::{RecvFlags, SendFlags};
 use rustix::pipe::{PipeFlags, SpliceFlags};
 
 /// Bytes one pipe carries at once. The kernel's default pipe is 64 KiB (16 pages); we ask
@@ -79,6 +84,33 @@ impl Pipe {
         self.pending
     }
 
+    /// Bytes the pipe can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Put `bytes` (read into user space, not sent yet) into the pipe, behind what is
+    /// pending, to go out with [`Pipe::drain_into`]. All of them or an error: the caller
+    /// checks they fit ([`Pipe::capacity`]), and a pipe with room takes a write whole.
+    pub fn push(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() > self.capacity.saturating_sub(self.pending) {
+            return Err(io::Error::other("pipe too small"));
+        }
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = rustix::io::write(&self.write, rest)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pipe took nothing",
+                ));
+            }
+            self.pending += n;
+            rest = rest.get(n..).unwrap_or_default();
+        }
+        Ok(())
+    }
+
     /// Move up to `len` bytes from the socket `from` into the pipe. `Ok(0)` is EOF;
     /// `WouldBlock` when the socket has nothing to read.
     pub fn fill_from(&mut self, from: impl AsFd, len: usize) -> io::Result<usize> {
@@ -122,6 +154,23 @@ impl Pipe {
         self.pending -= n;
         Ok(n)
     }
+}
+
+/// One `recv` from the socket `from` into `buf` (not zeroed first): the bytes read, empty
+/// at EOF, `WouldBlock` when there are none. For small reads, where splice's pipe work
+/// costs more than copying the bytes.
+pub fn recv_into<'a>(from: impl AsFd, buf: &'a mut [MaybeUninit<u8>]) -> io::Result<&'a [u8]> {
+    let ((read, _), _) = rustix::net::recv(from, buf, RecvFlags::DONTWAIT)?;
+    Ok(read)
+}
+
+/// One non-blocking `send` of `bytes` to the socket `to`: how many it took.
+pub fn send_from(to: impl AsFd, bytes: &[u8]) -> io::Result<usize> {
+    Ok(rustix::net::send(
+        to,
+        bytes,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    )?)
 }
 
 #[cfg(test)]
@@ -193,5 +242,66 @@ mod tests {
         // Blocking socket: waits for the bytes.
         assert_eq!(pipe.fill_from(&src_r, PIPE_CHUNK).unwrap(), 5);
         assert!(!pipe.give_back(), "a non-empty pipe was pooled");
+    }
+
+    /// Bytes pushed from user space queue behind the spliced ones and leave in order; a
+    /// push the pipe cannot hold whole is refused, not cut.
+    #[test]
+    fn pushed_bytes_follow_spliced_ones_and_an_oversized_push_is_refused() {
+        let (mut src_w, src_r) = pair();
+        let (dst_w, mut dst_r) = pair();
+        let mut pipe = Pipe::new().unwrap();
+        src_w.write_all(b"spliced,").unwrap();
+        assert_eq!(pipe.fill_from(&src_r, PIPE_CHUNK).unwrap(), 8); // blocking socket
+        pipe.push(b" then pushed").unwrap();
+        assert_eq!(pipe.pending(), 20);
+        let too_big = vec![0u8; pipe.capacity()];
+        assert!(pipe.push(&too_big).is_err());
+        assert_eq!(pipe.pending(), 20, "a refused push leaves nothing behind");
+        let mut out = 0;
+        while pipe.pending() > 0 {
+            out += pipe.drain_into(&dst_w, 100).unwrap();
+        }
+        assert_eq!(out, 20);
+        let mut got = [0u8; 20];
+        dst_r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"spliced, then pushed");
+    }
+
+    #[test]
+    fn recv_into_reads_what_is_there_and_send_from_sends_it() {
+        let (mut a, b) = pair();
+        b.set_nonblocking(true).unwrap();
+        let mut buf = [MaybeUninit::<u8>::uninit(); 64];
+        let e = recv_into(&b, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        a.write_all(b"ping").unwrap();
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            match recv_into(&b, &mut buf) {
+                Ok(read) => {
+                    got.extend_from_slice(read);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        assert_eq!(got, b"ping");
+        assert_eq!(send_from(&b, b"pong").unwrap(), 4);
+        let mut back = [0u8; 4];
+        a.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"pong");
+        drop(a);
+        let mut eof = None;
+        for _ in 0..100 {
+            match recv_into(&b, &mut buf) {
+                Ok(read) => {
+                    eof = Some(read.len());
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        assert_eq!(eof, Some(0), "EOF reads as no bytes");
     }
 }
