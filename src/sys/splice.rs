@@ -159,7 +159,7 @@ impl Pipe {
 /// One `recv` from the socket `from` into `buf` (not zeroed first): the bytes read, empty
 /// at EOF, `WouldBlock` when there are none. For small reads, where splice's pipe work
 /// costs more than copying the bytes.
-pub fn recv_into<'a>(from: impl AsFd, buf: &'a mut [MaybeUninit<u8>]) -> io::Result<&'a [u8]> {
+pub fn recv_into(from: impl AsFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<&[u8]> {
     let ((read, _), _) = rustix::net::recv(from, buf, RecvFlags::DONTWAIT)?;
     Ok(read)
 }
