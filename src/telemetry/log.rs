@@ -88,7 +88,9 @@ fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
     let write = |out: &mut BufWriter<_>, item| match item {
         LogItem::Record(r) => {
-            let _ = writeln!(out, "{}", r.to_json());
+            // The newline even after a failed write: the next record starts a line of its own.
+            let _ = r.write_json(out);
+            let _ = out.write_all(b"\n");
             true
         }
         LogItem::Stop => false,
