@@ -222,17 +222,29 @@ fn pump<'a>(
     shaping: &'a Shaping,
 ) -> impl Future<Output = io::Result<()>> + 'a {
     async move {
+        // The last burst was bulk (at least SMALL bytes): the next one is spliced from its
+        // first byte, not copied for its first SMALL.
+        let mut bulk = false;
         loop {
             // Not `readable()`: its waiter would sit in every idle tunnel's state (152 bytes
             // each way). Only this pump polls `from` for reading, so the stream's own waker
             // slot is enough.
             std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+            let before = counter.load(Ordering::Relaxed);
             let burst = match Pipe::take() {
                 Ok(mut pipe) => {
                     // Most bursts (a request, a reply) move without waiting: done inline. Only
                     // a burst that must wait is boxed: its state exists only while it waits,
                     // and an idle tunnel's task keeps just this loop's readiness wait.
-                    let r = match move_now(&mut pipe, from, to, counter, activity, shaping) {
+                    let now = if bulk {
+                        Ok(Now::Wait {
+                            chunks: 0,
+                            in_flight: 0,
+                        })
+                    } else {
+                        move_now(&mut pipe, from, to, counter, activity, shaping)
+                    };
+                    let r = match now {
                         Ok(Now::Done(burst)) => Ok(burst),
                         Ok(Now::Wait { chunks, in_flight }) => {
                             let so_far = (chunks, in_flight);
@@ -251,6 +263,7 @@ fn pump<'a>(
                 // No pipe (out of descriptors): this burst goes through a buffer instead.
                 Err(_) => Box::pin(copy_burst(from, to, counter, activity, shaping)).await?,
             };
+            bulk = counter.load(Ordering::Relaxed).wrapping_sub(before) >= SMALL as u64;
             if let Burst::Eof = burst {
                 // Half-close: the other side learns we are done sending, and keeps talking.
                 // The second direction to end skips it: the relay ends and the sockets close
