@@ -296,8 +296,8 @@ elapsed=$(( $(date +%s) - t_start ))
 
 # ---------------------------------------------------------------- the table
 
-med() {   # config key → median over the runs, or empty
-  cat "$work"/res/"$1".[0-9]* 2>/dev/null | awk -v k="$2" '$1 == k && $2 != "nan" {print $2}' |
+med() {   # config key → median over the runs, or empty (also for a config not run)
+  { cat "$work"/res/"$1".[0-9]* 2>/dev/null || true; } | awk -v k="$2" '$1 == k && $2 != "nan" {print $2}' |
     sort -g | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}'
 }
 runs_of() {   # config key → the values of every run

@@ -237,10 +237,7 @@ fn pump<'a>(
                     // a burst that must wait is boxed: its state exists only while it waits,
                     // and an idle tunnel's task keeps just this loop's readiness wait.
                     let now = if bulk {
-                        Ok(Now::Wait {
-                            chunks: 0,
-                            in_flight: 0,
-                        })
+                        Ok(Now::empty_after(0))
                     } else {
                         move_now(&mut pipe, from, to, counter, activity, shaping)
                     };
@@ -288,6 +285,16 @@ enum Now {
     Wait { chunks: usize, in_flight: usize },
 }
 
+impl Now {
+    /// Go on the waiting way with an empty pipe, after `chunks` chunks.
+    fn empty_after(chunks: usize) -> Self {
+        Now::Wait {
+            chunks,
+            in_flight: 0,
+        }
+    }
+}
+
 /// Pipe size, or less under a byte budget: the budget is charged per piece delivered, so
 /// the chunk bounds how far a tunnel can overshoot it.
 fn chunk_for(shaping: &Shaping) -> usize {
@@ -313,10 +320,7 @@ fn move_now(
 ) -> io::Result<Now> {
     if shaping.bandwidth.is_some() || pipe.capacity() < SMALL {
         // Every piece waits for its share; or the pipe could not hold an unsent rest.
-        return Ok(Now::Wait {
-            chunks: 0,
-            in_flight: 0,
-        });
+        return Ok(Now::empty_after(0));
     }
     let mut buf = [MaybeUninit::<u8>::uninit(); SMALL];
     for chunks in 1..=BURST_CHUNKS {
@@ -343,16 +347,10 @@ fn move_now(
         }
         delivered(n, counter, activity, shaping)?;
         if n == SMALL {
-            return Ok(Now::Wait {
-                chunks,
-                in_flight: 0,
-            });
+            return Ok(Now::empty_after(chunks));
         }
     }
-    Ok(Now::Wait {
-        chunks: BURST_CHUNKS,
-        in_flight: 0,
-    })
+    Ok(Now::empty_after(BURST_CHUNKS))
 }
 
 /// Move bytes `from` → pipe → `to` until `from` would block or hits EOF, going on from
@@ -509,6 +507,47 @@ mod tests {
         (peer, proxy)
     }
 
+    /// The relay between the proxy's two ends (zero-copy, or the buffered [`relay_io`]) on
+    /// its own task, unshaped, with a 10 s idle timeout: its end, and its counters to read
+    /// while it runs.
+    fn spawn_relay(
+        agent_side: TcpStream,
+        upstream_side: TcpStream,
+        zero_copy: bool,
+    ) -> (tokio::task::JoinHandle<RelayEnd>, Arc<RelayCounters>) {
+        let counters = Arc::new(RelayCounters::default());
+        let relayed = {
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let (cancel, shaping) = (CancellationToken::new(), Shaping::default());
+                let idle = Duration::from_secs(10);
+                let (agent, upstream) = (agent_side, upstream_side);
+                if zero_copy {
+                    relay(&agent, &upstream, idle, &cancel, &counters, &shaping).await
+                } else {
+                    relay_io(agent, upstream, idle, &cancel, &counters, &shaping).await
+                }
+            })
+        };
+        (relayed, counters)
+    }
+
+    /// The relay ends (within 5 s) as closed, having counted exactly these bytes each way.
+    async fn ended_closed(
+        relayed: tokio::task::JoinHandle<RelayEnd>,
+        counters: &RelayCounters,
+        from_agent: u64,
+        to_agent: u64,
+    ) {
+        let end = tokio::time::timeout(Duration::from_secs(5), relayed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(end, RelayEnd::Closed);
+        assert_eq!(counters.from_agent.load(Ordering::Relaxed), from_agent);
+        assert_eq!(counters.to_agent.load(Ordering::Relaxed), to_agent);
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
@@ -521,36 +560,7 @@ mod tests {
     async fn both_ways_with_half_close(zero_copy: bool) {
         let (mut agent, agent_side) = pair().await;
         let (mut upstream, upstream_side) = pair().await;
-        let counters = Arc::new(RelayCounters::default());
-        let cancel = CancellationToken::new();
-        let shaping = Shaping::default();
-        let relayed = {
-            let counters = counters.clone();
-            tokio::spawn(async move {
-                let idle = Duration::from_secs(10);
-                if zero_copy {
-                    relay(
-                        &agent_side,
-                        &upstream_side,
-                        idle,
-                        &cancel,
-                        &counters,
-                        &shaping,
-                    )
-                    .await
-                } else {
-                    relay_io(
-                        agent_side,
-                        upstream_side,
-                        idle,
-                        &cancel,
-                        &counters,
-                        &shaping,
-                    )
-                    .await
-                }
-            })
-        };
+        let (relayed, counters) = spawn_relay(agent_side, upstream_side, zero_copy);
         let up_bytes = pattern(5 * 1024 * 1024 + 17, 1);
         let down_bytes = pattern(3 * 1024 * 1024 + 5, 2);
         let (mut agent_r, mut agent_w) = agent.split();
@@ -581,19 +591,13 @@ mod tests {
             at_upstream.len()
         );
         assert!(at_agent == down_bytes, "agent got {} bytes", at_agent.len());
-        let end = tokio::time::timeout(Duration::from_secs(5), relayed)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(end, RelayEnd::Closed);
-        assert_eq!(
-            counters.from_agent.load(Ordering::Relaxed),
-            up_bytes.len() as u64
-        );
-        assert_eq!(
-            counters.to_agent.load(Ordering::Relaxed),
-            down_bytes.len() as u64
-        );
+        ended_closed(
+            relayed,
+            &counters,
+            up_bytes.len() as u64,
+            down_bytes.len() as u64,
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,23 +619,7 @@ mod tests {
     async fn small_messages_and_a_paused_reader_arrive_exactly() {
         let (mut agent, agent_side) = pair().await;
         let (mut upstream, upstream_side) = pair().await;
-        let counters = Arc::new(RelayCounters::default());
-        let relayed = {
-            let counters = counters.clone();
-            tokio::spawn(async move {
-                let (cancel, shaping) = (CancellationToken::new(), Shaping::default());
-                let idle = Duration::from_secs(10);
-                relay(
-                    &agent_side,
-                    &upstream_side,
-                    idle,
-                    &cancel,
-                    &counters,
-                    &shaping,
-                )
-                .await
-            })
-        };
+        let (relayed, counters) = spawn_relay(agent_side, upstream_side, true);
         let run = async {
             for i in 0..200u8 {
                 let msg = [i; 37];
@@ -667,16 +655,7 @@ mod tests {
         let bulk_len = tokio::time::timeout(Duration::from_secs(30), run)
             .await
             .expect("relay keeps up");
-        let end = tokio::time::timeout(Duration::from_secs(5), relayed)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(end, RelayEnd::Closed);
-        assert_eq!(
-            counters.from_agent.load(Ordering::Relaxed),
-            200 * 37 + bulk_len as u64
-        );
-        assert_eq!(counters.to_agent.load(Ordering::Relaxed), 200 * 5);
+        ended_closed(relayed, &counters, 200 * 37 + bulk_len as u64, 200 * 5).await;
     }
 
     /// Small reads that `to` can take only in part (tiny buffers, a reader that waits): the
@@ -691,23 +670,7 @@ mod tests {
         socket2::SockRef::from(&upstream)
             .set_recv_buffer_size(4096)
             .unwrap();
-        let counters = Arc::new(RelayCounters::default());
-        let relayed = {
-            let counters = counters.clone();
-            tokio::spawn(async move {
-                let (cancel, shaping) = (CancellationToken::new(), Shaping::default());
-                let idle = Duration::from_secs(10);
-                relay(
-                    &agent_side,
-                    &upstream_side,
-                    idle,
-                    &cancel,
-                    &counters,
-                    &shaping,
-                )
-                .await
-            })
-        };
+        let (relayed, counters) = spawn_relay(agent_side, upstream_side, true);
         let sent = pattern(300 * 1000, 9);
         let run = async {
             let send = async {
@@ -730,15 +693,7 @@ mod tests {
             .expect("relay keeps up");
         assert!(got == sent, "upstream got {} bytes", got.len());
         drop(upstream); // the other direction ends too
-        let end = tokio::time::timeout(Duration::from_secs(5), relayed)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(end, RelayEnd::Closed);
-        assert_eq!(
-            counters.from_agent.load(Ordering::Relaxed),
-            sent.len() as u64
-        );
+        ended_closed(relayed, &counters, sent.len() as u64, 0).await;
     }
 
     #[tokio::test]

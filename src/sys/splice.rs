@@ -180,6 +180,19 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
+    /// `op` until it stops saying `WouldBlock` (at most 100 tries, 5 ms apart).
+    fn when_ready<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        for _ in 0..100 {
+            match op() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                done => return done,
+            }
+        }
+        op()
+    }
+
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -197,19 +210,7 @@ mod tests {
         let e = pipe.fill_from(&src_r, PIPE_CHUNK).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         src_w.write_all(b"hello, splice").unwrap();
-        let mut moved = 0;
-        for _ in 0..100 {
-            match pipe.fill_from(&src_r, PIPE_CHUNK) {
-                Ok(n) => {
-                    moved += n;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        let moved = when_ready(|| pipe.fill_from(&src_r, PIPE_CHUNK)).unwrap();
         assert_eq!(moved, 13);
         assert_eq!(pipe.pending(), 13);
         assert_eq!(pipe.drain_into(&dst_w, 5).unwrap(), 5);
@@ -220,17 +221,8 @@ mod tests {
         assert_eq!(&got, b"hello, splice");
         // EOF reads as 0.
         drop(src_w);
-        let mut eof = None;
-        for _ in 0..100 {
-            match pipe.fill_from(&src_r, PIPE_CHUNK) {
-                Ok(n) => {
-                    eof = Some(n);
-                    break;
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
-            }
-        }
-        assert_eq!(eof, Some(0));
+        let eof = when_ready(|| pipe.fill_from(&src_r, PIPE_CHUNK)).unwrap();
+        assert_eq!(eof, 0);
         assert!(pipe.give_back(), "an empty pipe goes back to the pool");
     }
 
@@ -276,32 +268,14 @@ mod tests {
         let e = recv_into(&b, &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         a.write_all(b"ping").unwrap();
-        let mut got = Vec::new();
-        for _ in 0..100 {
-            match recv_into(&b, &mut buf) {
-                Ok(read) => {
-                    got.extend_from_slice(read);
-                    break;
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
-            }
-        }
+        let got = when_ready(|| recv_into(&b, &mut buf).map(<[u8]>::to_vec)).unwrap();
         assert_eq!(got, b"ping");
         assert_eq!(send_from(&b, b"pong").unwrap(), 4);
         let mut back = [0u8; 4];
         a.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"pong");
         drop(a);
-        let mut eof = None;
-        for _ in 0..100 {
-            match recv_into(&b, &mut buf) {
-                Ok(read) => {
-                    eof = Some(read.len());
-                    break;
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
-            }
-        }
-        assert_eq!(eof, Some(0), "EOF reads as no bytes");
+        let eof = when_ready(|| recv_into(&b, &mut buf).map(<[u8]>::len)).unwrap();
+        assert_eq!(eof, 0, "EOF reads as no bytes");
     }
 }
