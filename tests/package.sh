@@ -31,7 +31,9 @@ fail() {
 
 # 1. build ([profile.deb], what ships; deploy/README.md section 13 says what it costs).
 start=$(date +%s)
-deb=$(cargo deb --locked 2>&1 | tee /dev/stderr | tail -n 1)
+# The build's output goes on to stderr through the inherited descriptor: `tee /dev/stderr`
+# would reopen it, and when stderr is a file (a saved test log) truncate that file.
+deb=$(cargo deb --locked 2>&1 | tee >(cat >&2) | tail -n 1)
 echo "package: $deb ($(($(date +%s) - start)) s to build)"
 [ -f "$deb" ] || fail "cargo deb produced no .deb (last line: $deb)"
 

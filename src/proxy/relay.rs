@@ -4,14 +4,16 @@
 //! TCP to TCP (every tunnel) goes through `splice(2)` and a pooled pipe (src/sys/splice.rs):
 //! bulk bytes never enter user space. Small reads (under 16 KiB: requests, replies, TLS
 //! records) are copied through a stack buffer instead, which costs less than splice's two
-//! trips through the pipe; a read that fills the buffer switches the burst to splice. Each direction waits for readability holding nothing,
-//! takes a pipe only while data moves, and gives it back empty, so an idle tunnel costs its
-//! two sockets and a small task, no buffers. Without a pipe (fd exhaustion) a burst falls
-//! back to a buffer copy; non-TCP streams use [`relay_io`], a plain buffered copy.
+//! trips through the pipe; a read that fills the buffer switches the burst to splice. Each
+//! direction waits for readability holding nothing, takes a pipe only while data moves, and
+//! gives it back empty, so an idle tunnel costs its two sockets and a small task, no
+//! buffers. Without a pipe (fd exhaustion) a burst falls back to a buffer copy; non-TCP
+//! streams use [`relay_io`], a plain buffered copy.
 //!
 //! Half-close is propagated: EOF from one side shuts down the write half of the other, and
-//! the other direction keeps flowing until it ends too. Byte counts are bytes delivered to
-//! the other side, exactly.
+//! the other direction keeps flowing until it ends too (its EOF needs no `shutdown`: the
+//! sockets close right after, which sends the FIN). Byte counts are bytes delivered to the
+//! other side, exactly.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -295,8 +297,8 @@ impl Now {
     }
 }
 
-/// Pipe size, or less under a byte budget: the budget is charged per piece delivered, so
-/// the chunk bounds how far a tunnel can overshoot it.
+/// Pipe size, or less under a byte budget: the budget is charged per chunk delivered, so
+/// the chunk bounds how far a tunnel can overshoot it (a small read is at most `SMALL`).
 fn chunk_for(shaping: &Shaping) -> usize {
     if shaping.budget.is_some() {
         BUDGETED_CHUNK
