@@ -28,6 +28,7 @@ use crate::proxy::relay::{RelayCounters, RelayEnd, relay, relay_io};
 use crate::proxy::sni::ClientHello;
 use crate::proxy::target::{self, domain_of};
 use crate::proxy::upstream;
+use crate::reload::TunnelRegistration;
 use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 
 use crate::limits::Admission;
@@ -222,6 +223,21 @@ pub(crate) fn cancelled_reason(shared: &Shared, agent: &str, revoked: bool) -> R
     }
 }
 
+/// What a relay's end means for the tunnel's record, on both the explicit and the
+/// transparent path: a normal end (closed, or idled out), or why it was cut.
+pub(crate) fn relay_outcome(
+    shared: &Shared,
+    agent: &str,
+    end: RelayEnd,
+    registration: &TunnelRegistration,
+) -> Result<(), Reason> {
+    match end {
+        RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(()),
+        RelayEnd::Cancelled => Err(cancelled_reason(shared, agent, registration.revoked())),
+        RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
+    }
+}
+
 /// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
 /// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
 /// what clients send there; a hello naming some host is refused.
@@ -310,15 +326,7 @@ async fn tunnel(
                 Box::pin(relay_io(agent_io, up, idle, &cancel, &counters, shaping)).await
             }
         };
-        match end {
-            RelayEnd::Cancelled => Err(cancelled_reason(
-                &shared,
-                &rec.agent,
-                registration.revoked(),
-            )),
-            RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
-            RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(()),
-        }
+        relay_outcome(&shared, &rec.agent, end, &registration)
     };
     let outcome = tokio::select! {
         r = outcome => r,

@@ -523,11 +523,26 @@ mod tests {
             tokio::spawn(async move {
                 let (cancel, shaping) = (CancellationToken::new(), Shaping::default());
                 let idle = Duration::from_secs(10);
-                let (agent, upstream) = (agent_side, upstream_side);
                 if zero_copy {
-                    relay(&agent, &upstream, idle, &cancel, &counters, &shaping).await
+                    relay(
+                        &agent_side,
+                        &upstream_side,
+                        idle,
+                        &cancel,
+                        &counters,
+                        &shaping,
+                    )
+                    .await
                 } else {
-                    relay_io(agent, upstream, idle, &cancel, &counters, &shaping).await
+                    relay_io(
+                        agent_side,
+                        upstream_side,
+                        idle,
+                        &cancel,
+                        &counters,
+                        &shaping,
+                    )
+                    .await
                 }
             })
         };

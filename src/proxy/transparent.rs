@@ -30,7 +30,7 @@ use crate::proxy::ConnectionSlot;
 use crate::proxy::forward::{ForwardTo, ProxyBody, forward, refusal};
 use crate::proxy::http_head::{HeadParse, parse_request_head};
 use crate::proxy::peek::read_client_hello;
-use crate::proxy::relay::{RelayCounters, RelayEnd, relay};
+use crate::proxy::relay::{RelayCounters, relay};
 use crate::proxy::target::{domain_of, parse_authority};
 use crate::proxy::upstream;
 use crate::sys::{self, Interception};
@@ -275,15 +275,9 @@ fn tunnel<'a>(
             .tunnels
             .register(agent.clone(), target.clone(), cancel.clone());
         let idle = shared.config.idle_timeout;
-        match relay(agent_io, up, idle, &cancel, counters, shaping).await {
-            RelayEnd::Cancelled => Err(crate::proxy::explicit::cancelled_reason(
-                shared,
-                agent,
-                registration.revoked(),
-            )),
-            RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(Handover::Done),
-            RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
-        }
+        let end = relay(agent_io, up, idle, &cancel, counters, shaping).await;
+        crate::proxy::explicit::relay_outcome(shared, agent, end, &registration)
+            .map(|()| Handover::Done)
     }
 }
 
