@@ -47,21 +47,13 @@ pub async fn read_more<R: AsyncRead + Unpin>(
     room: usize,
     deadline: Instant,
 ) -> Result<(), Reason> {
-    let old = buf.len();
-    buf.resize(old + READ_CHUNK.min(room), 0);
-    let read =
-        tokio::time::timeout_at(deadline, io.read(buf.get_mut(old..).unwrap_or_default())).await;
-    let n = match read {
-        Ok(Ok(n)) if n > 0 => n,
-        Err(_) => {
-            buf.truncate(old);
-            return Err(Reason::Timeout);
-        }
-        Ok(_) => {
-            buf.truncate(old);
-            return Err(Reason::Malformed);
-        }
-    };
-    buf.truncate(old + n);
-    Ok(())
+    let want = READ_CHUNK.min(room);
+    buf.reserve(want);
+    // Into the spare capacity, which needs no zeroing first; `buf` grows by what was read.
+    let mut spare = bytes::BufMut::limit(&mut *buf, want);
+    match tokio::time::timeout_at(deadline, io.read_buf(&mut spare)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Err(_) => Err(Reason::Timeout),
+        Ok(_) => Err(Reason::Malformed),
+    }
 }

@@ -326,8 +326,8 @@ fn move_now(
     }
     let mut buf = [MaybeUninit::<u8>::uninit(); SMALL];
     for chunks in 1..=BURST_CHUNKS {
-        let read = match from.try_io(Interest::READABLE, || recv_into(from, &mut buf)) {
-            Ok([]) => return Ok(Now::Done(Burst::Eof)),
+        let (read, drained) = match read_small(from, &mut buf) {
+            Ok(([], _)) => return Ok(Now::Done(Burst::Eof)),
             Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Ok(Now::Done(Burst::Drained));
@@ -348,11 +348,48 @@ fn move_now(
             });
         }
         delivered(n, counter, activity, shaping)?;
+        if drained {
+            return Ok(Now::Done(Burst::Drained));
+        }
         if n == SMALL {
             return Ok(Now::empty_after(chunks));
         }
     }
     Ok(Now::empty_after(BURST_CHUNKS))
+}
+
+/// One `recv` into `buf`: the bytes read, and whether that emptied the socket.
+///
+/// A read shorter than `buf` took all the socket held, so it is the burst's last: the
+/// readiness is cleared as a `WouldBlock` would clear it, and the `recv` that would only
+/// say `EAGAIN` is not made (one syscall less per message each way). tokio clears with the
+/// readiness tick it read before the `recv`: bytes whose event the driver handled after
+/// that keep the socket ready, and bytes after the `recv` bring an event of their own, so
+/// no wake-up is lost. EOF stays seen (tokio never clears a closed read half). A read cut
+/// short at TCP urgent data leaves bytes behind until the sender sends again or the tunnel
+/// idles out: only that sender's own bytes wait, as in proxies that read to a short read.
+fn read_small<'b>(
+    from: &TcpStream,
+    buf: &'b mut [MaybeUninit<u8>],
+) -> io::Result<(&'b [u8], bool)> {
+    let capacity = buf.len();
+    let mut short: Option<&'b [u8]> = None;
+    let slot = &mut short;
+    let read = from.try_io(Interest::READABLE, move || {
+        #[cfg(test)]
+        tests::RECVS.with(|n| n.set(n.get() + 1));
+        let read = recv_into(from, buf)?;
+        if read.is_empty() || read.len() == capacity {
+            return Ok(read);
+        }
+        *slot = Some(read);
+        Err(io::ErrorKind::WouldBlock.into())
+    });
+    match (read, short) {
+        (Ok(read), _) => Ok((read, false)),
+        (Err(e), Some(read)) if e.kind() == io::ErrorKind::WouldBlock => Ok((read, true)),
+        (Err(e), _) => Err(e),
+    }
 }
 
 /// Move bytes `from` → pipe → `to` until `from` would block or hits EOF, going on from
@@ -711,6 +748,60 @@ mod tests {
         assert!(got == sent, "upstream got {} bytes", got.len());
         drop(upstream); // the other direction ends too
         ended_closed(relayed, &counters, sent.len() as u64, 0).await;
+    }
+
+    thread_local! {
+        /// `recv`s made by [`read_small`] on this thread.
+        pub(super) static RECVS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A short read is its burst's last: one `recv` per small message, not a second one to
+    /// hear `EAGAIN`; and the next message, and bytes that arrive with the FIN, still get
+    /// through (no wake-up lost by clearing the readiness). One thread: the relay's `recv`s
+    /// are the ones counted here.
+    #[tokio::test]
+    async fn a_short_read_is_the_last_recv_of_its_burst() {
+        let (mut agent, agent_side) = pair().await;
+        let (mut upstream, upstream_side) = pair().await;
+        let (relayed, counters) = spawn_relay(agent_side, upstream_side, true);
+        const ROUNDS: usize = 100;
+        let run = async {
+            let before = RECVS.with(std::cell::Cell::get);
+            for i in 0..ROUNDS {
+                let msg = [i as u8; 100];
+                agent.write_all(&msg).await.unwrap();
+                let mut got = [0u8; 100];
+                upstream.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, msg);
+                upstream.write_all(&got[..60]).await.unwrap();
+                let mut back = [0u8; 60];
+                agent.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, [i as u8; 60]);
+            }
+            let recvs = RECVS.with(std::cell::Cell::get) - before;
+            // One per message each way; a few more if a message ever came in two segments.
+            assert!(
+                (2 * ROUNDS..2 * ROUNDS + 10).contains(&recvs),
+                "{recvs} recvs for {} messages",
+                2 * ROUNDS
+            );
+            // Bytes and FIN back to back, both ways.
+            agent.write_all(b"last words").await.unwrap();
+            agent.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"last words");
+            upstream.write_all(b"bye").await.unwrap();
+            upstream.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            agent.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"bye");
+        };
+        tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("no wake-up lost");
+        let (up, down) = (ROUNDS as u64 * 100 + 10, ROUNDS as u64 * 60 + 3);
+        ended_closed(relayed, &counters, up, down).await;
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! Must never block the data path: [`Telemetry::record`] hands the record to a bounded queue
 //! and counts what does not fit.
 
+mod json;
 mod log;
 pub mod metrics;
 mod process;

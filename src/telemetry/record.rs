@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use super::json::Object;
 use crate::policy::Reason;
 
 /// Which listener served the connection.
@@ -112,35 +113,46 @@ impl ConnectionRecord {
     /// no string per record.
     pub fn write_json(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         let mut stamp = [0u8; 64];
-        let line = Line {
-            timestamp: rfc3339(self.start, &mut stamp),
-            action: self.action(),
-            reason: self.reason.map(Reason::as_str),
-            duration_ns: u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX),
-            agent: &self.agent,
-            source_ip: self.source.ip(),
-            source_port: self.source.port(),
-            destination_domain: self.destination_domain.as_deref(),
-            destination_ip: self.destination_ip,
-            destination_port: self.destination_port,
-            original_ip: self.original_destination.map(|a| a.ip()),
-            original_port: self.original_destination.map(|a| a.port()),
-            mismatch: self.destination_mismatch.then_some(true),
-            server_name: self.server_name.as_deref(),
-            ech: self.ech.then_some(true),
-            http_method: self.http_method.as_deref(),
-            url: self.url.as_deref(),
-            transport: if self.mode == Mode::Dns { "udp" } else { "tcp" },
-            mode: self.mode.as_str(),
-            source_bytes: self.bytes_from_agent,
-            destination_bytes: self.bytes_to_agent,
-            rule: self.rule.as_deref(),
-            generation: self.policy_generation,
-            dns_question_name: self.dns_question_name.as_deref(),
-            dns_question_type: self.dns_question_type,
-            dns_response_code: self.dns_response_code,
-        };
-        serde_json::to_writer(out, &line).map_err(std::io::Error::from)
+        let port = |p: Option<u16>| p.map(u64::from);
+        let mut o = Object::begin(out);
+        o.str("@timestamp", rfc3339(self.start, &mut stamp))?;
+        o.str("event.action", self.action())?;
+        o.opt_str("event.reason", self.reason.map(Reason::as_str))?;
+        let duration_ns = u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX);
+        o.u64("event.duration", duration_ns)?;
+        o.str("agent.name", &self.agent)?;
+        o.ip("source.ip", self.source.ip())?;
+        o.u64("source.port", self.source.port().into())?;
+        o.opt_str("destination.domain", self.destination_domain.as_deref())?;
+        o.opt_ip("destination.ip", self.destination_ip)?;
+        o.opt_u64("destination.port", port(self.destination_port))?;
+        let original = self.original_destination;
+        o.opt_ip(
+            "portcullis.original_destination.ip",
+            original.map(|a| a.ip()),
+        )?;
+        let original_port = port(original.map(|a| a.port()));
+        o.opt_u64("portcullis.original_destination.port", original_port)?;
+        if self.destination_mismatch {
+            o.bool("portcullis.original_destination.mismatch", true)?;
+        }
+        o.opt_str("tls.client.server_name", self.server_name.as_deref())?;
+        if self.ech {
+            o.bool("tls.client.ech", true)?;
+        }
+        o.opt_str("http.request.method", self.http_method.as_deref())?;
+        o.opt_str("url.original", self.url.as_deref())?;
+        let transport = if self.mode == Mode::Dns { "udp" } else { "tcp" };
+        o.str("network.transport", transport)?;
+        o.str("portcullis.mode", self.mode.as_str())?;
+        o.u64("source.bytes", self.bytes_from_agent)?;
+        o.u64("destination.bytes", self.bytes_to_agent)?;
+        o.opt_str("rule.name", self.rule.as_deref())?;
+        o.u64("portcullis.policy_generation", self.policy_generation)?;
+        o.opt_str("dns.question.name", self.dns_question_name.as_deref())?;
+        o.opt_str("dns.question.type", self.dns_question_type)?;
+        o.opt_str("dns.response_code", self.dns_response_code)?;
+        o.end()
     }
 }
 
@@ -159,77 +171,6 @@ fn rfc3339(t: SystemTime, buf: &mut [u8; 64]) -> &str {
     buf.get(..len)
         .and_then(|b| std::str::from_utf8(b).ok())
         .unwrap_or_default()
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    #[serde(rename = "@timestamp")]
-    timestamp: &'a str,
-    #[serde(rename = "event.action")]
-    action: &'static str,
-    #[serde(rename = "event.reason", skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
-    #[serde(rename = "event.duration")]
-    duration_ns: u64,
-    #[serde(rename = "agent.name")]
-    agent: &'a str,
-    #[serde(rename = "source.ip")]
-    source_ip: IpAddr,
-    #[serde(rename = "source.port")]
-    source_port: u16,
-    #[serde(rename = "destination.domain", skip_serializing_if = "Option::is_none")]
-    destination_domain: Option<&'a str>,
-    #[serde(rename = "destination.ip", skip_serializing_if = "Option::is_none")]
-    destination_ip: Option<IpAddr>,
-    #[serde(rename = "destination.port", skip_serializing_if = "Option::is_none")]
-    destination_port: Option<u16>,
-    #[serde(
-        rename = "portcullis.original_destination.ip",
-        skip_serializing_if = "Option::is_none"
-    )]
-    original_ip: Option<IpAddr>,
-    #[serde(
-        rename = "portcullis.original_destination.port",
-        skip_serializing_if = "Option::is_none"
-    )]
-    original_port: Option<u16>,
-    #[serde(
-        rename = "portcullis.original_destination.mismatch",
-        skip_serializing_if = "Option::is_none"
-    )]
-    mismatch: Option<bool>,
-    #[serde(
-        rename = "tls.client.server_name",
-        skip_serializing_if = "Option::is_none"
-    )]
-    server_name: Option<&'a str>,
-    #[serde(rename = "tls.client.ech", skip_serializing_if = "Option::is_none")]
-    ech: Option<bool>,
-    #[serde(
-        rename = "http.request.method",
-        skip_serializing_if = "Option::is_none"
-    )]
-    http_method: Option<&'a str>,
-    #[serde(rename = "url.original", skip_serializing_if = "Option::is_none")]
-    url: Option<&'a str>,
-    #[serde(rename = "network.transport")]
-    transport: &'static str,
-    #[serde(rename = "portcullis.mode")]
-    mode: &'static str,
-    #[serde(rename = "source.bytes")]
-    source_bytes: u64,
-    #[serde(rename = "destination.bytes")]
-    destination_bytes: u64,
-    #[serde(rename = "rule.name", skip_serializing_if = "Option::is_none")]
-    rule: Option<&'a str>,
-    #[serde(rename = "portcullis.policy_generation")]
-    generation: u64,
-    #[serde(rename = "dns.question.name", skip_serializing_if = "Option::is_none")]
-    dns_question_name: Option<&'a str>,
-    #[serde(rename = "dns.question.type", skip_serializing_if = "Option::is_none")]
-    dns_question_type: Option<&'static str>,
-    #[serde(rename = "dns.response_code", skip_serializing_if = "Option::is_none")]
-    dns_response_code: Option<&'static str>,
 }
 
 #[cfg(test)]
@@ -262,5 +203,90 @@ mod tests {
             .unwrap();
         assert_eq!(stamp, whole, "the whole stamp, to the nanosecond");
         assert!(v.get("url.original").is_none());
+    }
+
+    /// Every field, set, under its ECS name, with the value given; unset fields absent;
+    /// strings from the agent (URL, method, question) escaped so the line stays one line.
+    #[test]
+    fn every_field_has_its_name_and_value() {
+        let mut r = ConnectionRecord::begin(
+            Mode::Transparent,
+            "[fd00::11]:40000".parse().unwrap(),
+            Arc::from("coder \"1\""),
+            u64::MAX,
+        );
+        r.duration = Duration::from_nanos(1_234_567);
+        r.reason = Some(Reason::KillSwitch);
+        r.rule = Some(Arc::from("agents/c.toml:allow:*.test"));
+        r.destination_domain = Some("api.test".into());
+        r.destination_ip = Some("192.0.2.7".parse().unwrap());
+        r.destination_port = Some(443);
+        r.original_destination = Some("198.51.100.1:8443".parse().unwrap());
+        r.destination_mismatch = true;
+        r.server_name = Some("api.test".into());
+        r.ech = true;
+        r.http_method = Some("GET\r\n".into());
+        r.url = Some("http://api.test/a\"b\\c\n\u{1}é".into());
+        r.bytes_from_agent = 517;
+        r.bytes_to_agent = 0;
+        r.dns_question_name = Some("x.test".into());
+        r.dns_question_type = Some("AAAA");
+        r.dns_response_code = Some("REFUSED");
+        let line = r.to_json();
+        assert!(!line.contains('\n'), "one line: {line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let expected = serde_json::json!({
+            "@timestamp": v["@timestamp"],
+            "event.action": "deny",
+            "event.reason": Reason::KillSwitch.as_str(),
+            "event.duration": 1_234_567,
+            "agent.name": "coder \"1\"",
+            "source.ip": "fd00::11",
+            "source.port": 40000,
+            "destination.domain": "api.test",
+            "destination.ip": "192.0.2.7",
+            "destination.port": 443,
+            "portcullis.original_destination.ip": "198.51.100.1",
+            "portcullis.original_destination.port": 8443,
+            "portcullis.original_destination.mismatch": true,
+            "tls.client.server_name": "api.test",
+            "tls.client.ech": true,
+            "http.request.method": "GET\r\n",
+            "url.original": "http://api.test/a\"b\\c\n\u{1}é",
+            "network.transport": "tcp",
+            "portcullis.mode": "transparent",
+            "source.bytes": 517,
+            "destination.bytes": 0,
+            "rule.name": "agents/c.toml:allow:*.test",
+            "portcullis.policy_generation": u64::MAX,
+            "dns.question.name": "x.test",
+            "dns.question.type": "AAAA",
+            "dns.response_code": "REFUSED",
+        });
+        assert_eq!(v, expected);
+
+        let bare =
+            ConnectionRecord::begin(Mode::Dns, "10.0.0.1:53".parse().unwrap(), Arc::from("a"), 1);
+        let v: serde_json::Value = serde_json::from_str(&bare.to_json()).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "@timestamp",
+                "agent.name",
+                "destination.bytes",
+                "event.action",
+                "event.duration",
+                "network.transport",
+                "portcullis.mode",
+                "portcullis.policy_generation",
+                "source.bytes",
+                "source.ip",
+                "source.port",
+            ]
+        );
+        assert_eq!(v["network.transport"], "udp");
+        assert_eq!(v["event.action"], "allow");
     }
 }

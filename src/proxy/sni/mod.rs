@@ -8,6 +8,8 @@
 // Untrusted bytes: no indexing or panics, even where clippy would allow them.
 #![deny(clippy::indexing_slicing, clippy::panic, clippy::expect_used)]
 
+use std::borrow::Cow;
+
 /// Largest ClientHello handshake message (body, without the 4-byte header)
 /// we accept. Real hellos (even with post-quantum key shares) are well below.
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
@@ -82,7 +84,7 @@ pub enum Reject {
 /// `buf` must hold every byte received from the start of the connection.
 pub fn parse_client_hello(buf: &[u8]) -> Parse {
     match reassemble(buf) {
-        Ok(Some((message, consumed))) => match parse_body(message) {
+        Ok(Some((message, consumed))) => match parse_body(&message) {
             Ok(hello) => Parse::Done(ClientHello { consumed, ..hello }),
             Err(reject) => Parse::Reject(reject),
         },
@@ -91,15 +93,20 @@ pub fn parse_client_hello(buf: &[u8]) -> Parse {
     }
 }
 
+/// A ClientHello body (borrowed from the records when it fits one) and the bytes its
+/// records took.
+type Reassembled<'a> = (Cow<'a, [u8]>, usize);
+
 /// Collects the handshake message body from the record layer.
 ///
 /// Returns `Ok(None)` when more bytes are needed, otherwise the ClientHello
 /// body and how many bytes of `buf` its records used. Every rejection here
 /// depends only on bytes already present, so a longer `buf` can never turn a
 /// rejection into success (and vice versa).
-fn reassemble(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, Reject> {
-    // The hello is almost always one record: its bytes fit what `buf` holds, in one go.
-    let mut handshake: Vec<u8> = Vec::with_capacity(buf.len());
+fn reassemble(buf: &[u8]) -> Result<Option<Reassembled<'_>>, Reject> {
+    // The hello is almost always one record: its body is then borrowed from `buf`, and
+    // only a hello spread over several records is copied together.
+    let mut handshake: Cow<'_, [u8]> = Cow::Borrowed(&[]);
     // Sum of declared record lengths so far: lets us see a record that runs
     // past the hello before its bytes arrive.
     let mut declared_handshake_bytes: usize = 0;
@@ -123,7 +130,13 @@ fn reassemble(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, Reject> {
             .ok_or(Reject::Malformed)?;
         let available_end = record_end.min(buf.len());
         let fragment = buf.get(fragment_start..available_end).unwrap_or_default();
-        handshake.extend_from_slice(fragment);
+        if records == 1 {
+            handshake = Cow::Borrowed(fragment);
+        } else {
+            let joined = handshake.to_mut();
+            joined.reserve(buf.len().saturating_sub(joined.len()));
+            joined.extend_from_slice(fragment);
+        }
         declared_handshake_bytes = declared_handshake_bytes
             .checked_add(record_len)
             .ok_or(Reject::Malformed)?;
@@ -141,8 +154,16 @@ fn reassemble(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, Reject> {
                 if buf.len() < record_end {
                     return Ok(None);
                 }
-                handshake.drain(..HANDSHAKE_HEADER_LEN);
-                return Ok(Some((handshake, record_end)));
+                let body = match handshake {
+                    Cow::Borrowed(whole) => {
+                        Cow::Borrowed(whole.get(HANDSHAKE_HEADER_LEN..).unwrap_or_default())
+                    }
+                    Cow::Owned(mut whole) => {
+                        whole.drain(..HANDSHAKE_HEADER_LEN);
+                        Cow::Owned(whole)
+                    }
+                };
+                return Ok(Some((body, record_end)));
             }
         }
         if buf.len() < record_end {
@@ -256,8 +277,8 @@ impl<'a> Reader<'a> {
 
 /// Parses a ClientHello body (RFC 8446 §4.1.2; RFC 5246 §7.4.1.2 for the
 /// optional extensions block of older clients).
-fn parse_body(body: Vec<u8>) -> Result<ClientHello, Reject> {
-    let mut reader = Reader::new(&body);
+fn parse_body(body: &[u8]) -> Result<ClientHello, Reject> {
+    let mut reader = Reader::new(body);
     let legacy_version = reader.u16()?;
     // TLS 1.3 pins legacy_version to 0x0303, but RFC 8446 §D.1 expects
     // servers to tolerate higher values; below TLS 1.0 is refused.
@@ -312,31 +333,61 @@ fn parse_body(body: Vec<u8>) -> Result<ClientHello, Reject> {
     Ok(hello)
 }
 
-/// One bit per possible extension type: O(1) duplicate checks even for a
-/// hostile hello with thousands of extensions. 8 KiB on the stack, not the heap: an 8 KiB
-/// allocation per connection cost more than the parse.
+/// The extension types seen so far. Real hellos carry a few dozen at most: those are kept
+/// in a small array and searched (no 8 KiB to clear per hello). A hello with more spills
+/// into one bit per possible type, so even a hostile hello with thousands of extensions
+/// costs O(1) per check.
 struct SeenExtensionTypes {
-    bits: [u64; (u16::MAX as usize + 1) / 64],
+    few: [u16; FEW_EXTENSIONS],
+    count: usize,
+    many: Option<Box<[u64; (u16::MAX as usize + 1) / 64]>>,
 }
+
+/// Extension types kept in [`SeenExtensionTypes`]' array before it spills.
+const FEW_EXTENSIONS: usize = 48;
 
 impl SeenExtensionTypes {
     fn new() -> Self {
         Self {
-            bits: [0; (u16::MAX as usize + 1) / 64],
+            few: [0; FEW_EXTENSIONS],
+            count: 0,
+            many: None,
         }
     }
 
     /// Returns false if the type was already seen.
     fn insert(&mut self, extension_type: u16) -> bool {
-        let index = usize::from(extension_type / 64);
-        let mask = 1u64 << (extension_type % 64);
-        match self.bits.get_mut(index) {
-            Some(word) if *word & mask == 0 => {
-                *word |= mask;
-                true
-            }
-            _ => false,
+        if let Some(bits) = &mut self.many {
+            let index = usize::from(extension_type / 64);
+            let mask = 1u64 << (extension_type % 64);
+            return match bits.get_mut(index) {
+                Some(word) if *word & mask == 0 => {
+                    *word |= mask;
+                    true
+                }
+                _ => false,
+            };
         }
+        let seen = self.few.get(..self.count).unwrap_or_default();
+        if seen.contains(&extension_type) {
+            return false;
+        }
+        match self.few.get_mut(self.count) {
+            Some(slot) => {
+                *slot = extension_type;
+                self.count += 1;
+            }
+            None => {
+                let mut bits = Box::new([0u64; (u16::MAX as usize + 1) / 64]);
+                for &t in self.few.iter().chain(std::iter::once(&extension_type)) {
+                    if let Some(word) = bits.get_mut(usize::from(t / 64)) {
+                        *word |= 1u64 << (t % 64);
+                    }
+                }
+                self.many = Some(bits);
+            }
+        }
+        true
     }
 }
 

@@ -526,6 +526,41 @@ fn malformed_alpn_and_duplicate_extensions() {
     assert_eq!(expect_reject(&one_record(&duplicate)), Reject::Malformed);
 }
 
+/// Many extensions: the duplicate check holds in the small array and after it spills,
+/// for a type first seen on either side of the spill.
+#[test]
+fn duplicates_among_many_extensions() {
+    let many = |n: u16| -> Vec<(u16, Vec<u8>)> { (0..n).map(|i| (1000 + i * 7, vec![])).collect() };
+    for n in [
+        1,
+        FEW_EXTENSIONS as u16 - 1,
+        FEW_EXTENSIONS as u16,
+        60,
+        2000,
+    ] {
+        let mut exts = many(n);
+        exts.push(sni(b"allowed.test"));
+        let hello = expect_done(&one_record(&build_hello(&exts)));
+        assert_eq!(hello.server_name.as_deref(), Some("allowed.test"), "{n}");
+
+        for again in [0, n / 2, n - 1] {
+            let mut exts = many(n);
+            exts.push((1000 + again * 7, vec![]));
+            let reject = expect_reject(&one_record(&build_hello(&exts)));
+            assert_eq!(
+                reject,
+                Reject::Malformed,
+                "{n} extensions, then #{again} again"
+            );
+        }
+        let mut exts = vec![sni(b"allowed.test")];
+        exts.extend(many(n));
+        exts.push(sni(b"evil.test"));
+        let reject = expect_reject(&one_record(&build_hello(&exts)));
+        assert_eq!(reject, Reject::DuplicateServerName, "{n}");
+    }
+}
+
 #[test]
 fn malformed_bodies() {
     let good = typical_hello();
@@ -643,6 +678,17 @@ fn record_layer_rejects() {
 // ---- properties -----------------------------------------------------
 
 proptest! {
+    /// The seen-types set says "new" exactly when a set of all types would.
+    #[test]
+    fn seen_extension_types_match_a_set(types in prop::collection::vec(prop_oneof![any::<u16>(), 0u16..80], 0..300)) {
+        let mut seen = SeenExtensionTypes::new();
+        let mut reference = std::collections::HashSet::new();
+        for t in types {
+            prop_assert_eq!(seen.insert(t), reference.insert(t), "type {}", t);
+        }
+    }
+
+
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let _ = parse_client_hello(&bytes);
