@@ -4,11 +4,12 @@
 //! TCP to TCP (every tunnel) goes through `splice(2)` and a pooled pipe (src/sys/splice.rs):
 //! bulk bytes never enter user space. Small reads (under 16 KiB: requests, replies, TLS
 //! records) are copied through a stack buffer instead, which costs less than splice's two
-//! trips through the pipe; a read that fills the buffer switches the burst to splice. Each
-//! direction waits for readability holding nothing, takes a pipe only while data moves, and
-//! gives it back empty, so an idle tunnel costs its two sockets and a small task, no
-//! buffers. Without a pipe (fd exhaustion) a burst falls back to a buffer copy; non-TCP
-//! streams use [`relay_io`], a plain buffered copy.
+//! trips through the pipe; a read that fills the buffer switches the burst to splice, and a
+//! shorter one ends the burst (see `read_small`). Each direction waits for readability
+//! holding nothing, takes a pipe only while data moves, and gives it back empty, so an idle
+//! tunnel costs its two sockets and a small task, no buffers. Without a pipe (fd
+//! exhaustion) a burst falls back to a buffer copy; non-TCP streams use [`relay_io`], a
+//! plain buffered copy.
 //!
 //! Half-close is propagated: EOF from one side shuts down the write half of the other, and
 //! the other direction keeps flowing until it ends too (its EOF needs no `shutdown`: the

@@ -130,12 +130,16 @@ fn reassemble(buf: &[u8]) -> Result<Option<Reassembled<'_>>, Reject> {
             .ok_or(Reject::Malformed)?;
         let available_end = record_end.min(buf.len());
         let fragment = buf.get(fragment_start..available_end).unwrap_or_default();
-        if records == 1 {
-            handshake = Cow::Borrowed(fragment);
-        } else {
-            let joined = handshake.to_mut();
-            joined.reserve(buf.len().saturating_sub(joined.len()));
-            joined.extend_from_slice(fragment);
+        match &mut handshake {
+            Cow::Borrowed(first) if records == 1 => *first = fragment,
+            Cow::Borrowed(first) => {
+                // A second record: the pieces are joined, in one allocation sized for all.
+                let mut joined = Vec::with_capacity(buf.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(fragment);
+                handshake = Cow::Owned(joined);
+            }
+            Cow::Owned(joined) => joined.extend_from_slice(fragment),
         }
         declared_handshake_bytes = declared_handshake_bytes
             .checked_add(record_len)
