@@ -327,8 +327,8 @@ fn move_now(
     }
     let mut buf = [MaybeUninit::<u8>::uninit(); SMALL];
     for chunks in 1..=BURST_CHUNKS {
-        let (read, drained) = match read_small(from, &mut buf) {
-            Ok(([], _)) => return Ok(Now::Done(Burst::Eof)),
+        let read = match read_small(from, &mut buf) {
+            Ok([]) => return Ok(Now::Done(Burst::Eof)),
             Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Ok(Now::Done(Burst::Drained));
@@ -349,9 +349,6 @@ fn move_now(
             });
         }
         delivered(n, counter, activity, shaping)?;
-        if drained {
-            return Ok(Now::Done(Burst::Drained));
-        }
         if n == SMALL {
             return Ok(Now::empty_after(chunks));
         }
@@ -359,20 +356,18 @@ fn move_now(
     Ok(Now::empty_after(BURST_CHUNKS))
 }
 
-/// One `recv` into `buf`: the bytes read, and whether that emptied the socket.
+/// One `recv` into `buf`: the bytes read (empty at EOF).
 ///
 /// A read shorter than `buf` took all the socket held, so it is the burst's last: the
-/// readiness is cleared as a `WouldBlock` would clear it, and the `recv` that would only
-/// say `EAGAIN` is not made (one syscall less per message each way). tokio clears with the
+/// readiness is cleared as a `WouldBlock` would clear it, and the next read of the burst
+/// stops at that cleared readiness, without the `recv` that would only say `EAGAIN` (one
+/// syscall less per message each way). tokio clears with the
 /// readiness tick it read before the `recv`: bytes whose event the driver handled after
 /// that keep the socket ready, and bytes after the `recv` bring an event of their own, so
 /// no wake-up is lost. EOF stays seen (tokio never clears a closed read half). A read cut
 /// short at TCP urgent data leaves bytes behind until the sender sends again or the tunnel
 /// idles out: only that sender's own bytes wait, as in proxies that read to a short read.
-fn read_small<'b>(
-    from: &TcpStream,
-    buf: &'b mut [MaybeUninit<u8>],
-) -> io::Result<(&'b [u8], bool)> {
+fn read_small<'b>(from: &TcpStream, buf: &'b mut [MaybeUninit<u8>]) -> io::Result<&'b [u8]> {
     let capacity = buf.len();
     let mut short: Option<&'b [u8]> = None;
     let slot = &mut short;
@@ -387,9 +382,8 @@ fn read_small<'b>(
         Err(io::ErrorKind::WouldBlock.into())
     });
     match (read, short) {
-        (Ok(read), _) => Ok((read, false)),
-        (Err(e), Some(read)) if e.kind() == io::ErrorKind::WouldBlock => Ok((read, true)),
-        (Err(e), _) => Err(e),
+        (Err(e), Some(read)) if e.kind() == io::ErrorKind::WouldBlock => Ok(read),
+        (read, _) => read,
     }
 }
 

@@ -84,23 +84,26 @@ pub enum Reject {
 /// `buf` must hold every byte received from the start of the connection.
 pub fn parse_client_hello(buf: &[u8]) -> Parse {
     match reassemble(buf) {
-        Ok(Some((message, consumed))) => match parse_body(&message) {
-            Ok(hello) => Parse::Done(ClientHello { consumed, ..hello }),
-            Err(reject) => Parse::Reject(reject),
-        },
+        Ok(Some((message, consumed))) => {
+            let body = message.get(HANDSHAKE_HEADER_LEN..).unwrap_or_default();
+            match parse_body(body) {
+                Ok(hello) => Parse::Done(ClientHello { consumed, ..hello }),
+                Err(reject) => Parse::Reject(reject),
+            }
+        }
         Ok(None) => Parse::NeedMore,
         Err(reject) => Parse::Reject(reject),
     }
 }
 
-/// A ClientHello body (borrowed from the records when it fits one) and the bytes its
-/// records took.
+/// The ClientHello handshake message, header included (borrowed from the records when it
+/// fits one), and the bytes its records took.
 type Reassembled<'a> = (Cow<'a, [u8]>, usize);
 
 /// Collects the handshake message body from the record layer.
 ///
 /// Returns `Ok(None)` when more bytes are needed, otherwise the ClientHello
-/// body and how many bytes of `buf` its records used. Every rejection here
+/// message and how many bytes of `buf` its records used. Every rejection here
 /// depends only on bytes already present, so a longer `buf` can never turn a
 /// rejection into success (and vice versa).
 fn reassemble(buf: &[u8]) -> Result<Option<Reassembled<'_>>, Reject> {
@@ -158,16 +161,7 @@ fn reassemble(buf: &[u8]) -> Result<Option<Reassembled<'_>>, Reject> {
                 if buf.len() < record_end {
                     return Ok(None);
                 }
-                let body = match handshake {
-                    Cow::Borrowed(whole) => {
-                        Cow::Borrowed(whole.get(HANDSHAKE_HEADER_LEN..).unwrap_or_default())
-                    }
-                    Cow::Owned(mut whole) => {
-                        whole.drain(..HANDSHAKE_HEADER_LEN);
-                        Cow::Owned(whole)
-                    }
-                };
-                return Ok(Some((body, record_end)));
+                return Ok(Some((handshake, record_end)));
             }
         }
         if buf.len() < record_end {
@@ -362,15 +356,7 @@ impl SeenExtensionTypes {
     /// Returns false if the type was already seen.
     fn insert(&mut self, extension_type: u16) -> bool {
         if let Some(bits) = &mut self.many {
-            let index = usize::from(extension_type / 64);
-            let mask = 1u64 << (extension_type % 64);
-            return match bits.get_mut(index) {
-                Some(word) if *word & mask == 0 => {
-                    *word |= mask;
-                    true
-                }
-                _ => false,
-            };
+            return mark(&mut bits[..], extension_type);
         }
         let seen = self.few.get(..self.count).unwrap_or_default();
         if seen.contains(&extension_type) {
@@ -384,14 +370,24 @@ impl SeenExtensionTypes {
             None => {
                 let mut bits = Box::new([0u64; (u16::MAX as usize + 1) / 64]);
                 for &t in self.few.iter().chain(std::iter::once(&extension_type)) {
-                    if let Some(word) = bits.get_mut(usize::from(t / 64)) {
-                        *word |= 1u64 << (t % 64);
-                    }
+                    mark(&mut bits[..], t);
                 }
                 self.many = Some(bits);
             }
         }
         true
+    }
+}
+
+/// Set `extension_type`'s bit; false if it was already set.
+fn mark(bits: &mut [u64], extension_type: u16) -> bool {
+    let mask = 1u64 << (extension_type % 64);
+    match bits.get_mut(usize::from(extension_type / 64)) {
+        Some(word) if *word & mask == 0 => {
+            *word |= mask;
+            true
+        }
+        _ => false,
     }
 }
 
