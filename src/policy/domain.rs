@@ -47,13 +47,17 @@ impl DomainName {
         if ends_in_number(trimmed) {
             return Err(NameError::IpLiteral);
         }
-        let ascii = if trimmed.is_ascii() && !has_ace_label(trimmed) {
-            trimmed.to_ascii_lowercase()
-        } else {
-            // UTS-46 (non-transitional) mapping to A-labels; rejects invalid punycode.
-            idna::domain_to_ascii(trimmed).map_err(|_| NameError::Idna)?
-        };
+        if trimmed.is_ascii() && !has_ace_label(trimmed) {
+            let ascii = trimmed.to_ascii_lowercase();
+            validate_ascii(&ascii)?;
+            // Lowercasing changes no digit and `0x` is matched in any case: the check above
+            // on `trimmed` holds for `ascii` too.
+            return Ok(Self(ascii.into_boxed_str()));
+        }
+        // UTS-46 (non-transitional) mapping to A-labels; rejects invalid punycode.
+        let ascii = idna::domain_to_ascii(trimmed).map_err(|_| NameError::Idna)?;
         validate_ascii(&ascii)?;
+        // The mapping can make digits of other characters (fullwidth `１２７`).
         if ends_in_number(&ascii) {
             return Err(NameError::IpLiteral);
         }
@@ -92,9 +96,16 @@ impl fmt::Debug for DomainName {
     }
 }
 
+// The label loops below split bytes, not `str`s: every connection's name goes through them,
+// and a byte split is a plain loop where `str::split(char)` runs a searcher per label.
+
+/// The labels of `s`, as bytes.
+fn labels(s: &str) -> std::slice::Split<'_, u8, impl FnMut(&u8) -> bool> {
+    s.as_bytes().split(|&b| b == b'.')
+}
+
 fn has_ace_label(s: &str) -> bool {
-    s.split('.')
-        .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"))
+    labels(s).any(|l| l.get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"xn--")))
 }
 
 fn validate_ascii(s: &str) -> Result<(), NameError> {
@@ -104,7 +115,7 @@ fn validate_ascii(s: &str) -> Result<(), NameError> {
     if s.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    for label in s.split('.') {
+    for label in labels(s) {
         if label.is_empty() {
             return Err(NameError::EmptyLabel);
         }
@@ -113,12 +124,12 @@ fn validate_ascii(s: &str) -> Result<(), NameError> {
         }
         // Letters, digits, inner hyphens (RFC 952/1123 §2.1) and underscore, which real
         // service names use.
-        if label.starts_with('-') || label.ends_with('-') {
+        if label.first() == Some(&b'-') || label.last() == Some(&b'-') {
             return Err(NameError::BadCharacter);
         }
         if !label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         {
             return Err(NameError::BadCharacter);
         }
@@ -128,13 +139,17 @@ fn validate_ascii(s: &str) -> Result<(), NameError> {
 
 /// WHATWG URL §3.5 "ends in a number": the last label is decimal digits or `0x` hex.
 fn ends_in_number(s: &str) -> bool {
-    let last = s.rsplit('.').next().unwrap_or(s);
-    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+    let last = s
+        .as_bytes()
+        .rsplit(|&b| b == b'.')
+        .next()
+        .unwrap_or_default();
+    if !last.is_empty() && last.iter().all(u8::is_ascii_digit) {
         return true;
     }
     // `0x…` (any case), checked without allocating: this runs for every connection's name.
-    last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"))
-        && last.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
+    last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case(b"0x"))
+        && last.iter().skip(2).all(u8::is_ascii_hexdigit)
 }
 
 /// A target host as the agent named it: a normalised name or an IP address.
@@ -281,6 +296,71 @@ mod tests {
         assert!(parse_host("256.1.1.1").is_err());
         assert!(parse_host("example.0x").is_err());
         assert!(matches!(parse_host("a.b1").unwrap(), Host::Name(_)));
+    }
+
+    #[test]
+    fn digits_made_by_the_idna_mapping_are_an_address() {
+        assert_eq!(DomainName::parse("１２７.0.0.1"), Err(NameError::IpLiteral));
+        assert_eq!(DomainName::parse("a.０ｘ７ｆ"), Err(NameError::IpLiteral));
+    }
+
+    /// The rules as first written, with `str` splits: the byte loops must agree with them.
+    fn reference(input: &str) -> Result<String, NameError> {
+        let trimmed = input.strip_suffix('.').unwrap_or(input);
+        if trimmed.is_empty() {
+            return Err(NameError::Empty);
+        }
+        let number = |s: &str| {
+            let last = s.rsplit('.').next().unwrap_or(s);
+            (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
+                || (last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"))
+                    && last.bytes().skip(2).all(|b| b.is_ascii_hexdigit()))
+        };
+        if number(trimmed) {
+            return Err(NameError::IpLiteral);
+        }
+        let ace = |s: &str| {
+            s.split('.')
+                .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"))
+        };
+        let ascii = if trimmed.is_ascii() && !ace(trimmed) {
+            trimmed.to_ascii_lowercase()
+        } else {
+            idna::domain_to_ascii(trimmed).map_err(|_| NameError::Idna)?
+        };
+        if ascii.len() > MAX_NAME_LEN {
+            return Err(NameError::TooLong);
+        }
+        for label in ascii.split('.') {
+            if label.is_empty() {
+                return Err(NameError::EmptyLabel);
+            }
+            if label.len() > MAX_LABEL_LEN {
+                return Err(NameError::LabelTooLong);
+            }
+            if label.starts_with('-')
+                || label.ends_with('-')
+                || !label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(NameError::BadCharacter);
+            }
+        }
+        if number(&ascii) {
+            return Err(NameError::IpLiteral);
+        }
+        Ok(ascii)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn byte_loops_agree_with_the_str_rules(
+            s in "([a-fA-FxX0-9_-]{0,5}\\.?){0,6}|[a-z.]{0,70}|(xn--[a-z0-9-]{0,8}\\.)?[a-zé０-９ｘ.-]{0,8}"
+        ) {
+            let ours = DomainName::parse(&s).map(|n| n.as_str().to_owned());
+            proptest::prop_assert_eq!(ours, reference(&s), "{:?}", s);
+        }
     }
 
     #[test]
