@@ -113,11 +113,10 @@ fn write_string(out: &mut impl Write, value: &str) -> io::Result<()> {
             i += 8;
             continue;
         }
-        i += 1;
         if !needs_escape(b) {
+            i += 1;
             continue;
         }
-        let i = i - 1;
         out.write_all(bytes.get(start..i).unwrap_or_default())?;
         match b {
             b'"' => out.write_all(b"\\\"")?,
@@ -131,7 +130,8 @@ fn write_string(out: &mut impl Write, value: &str) -> io::Result<()> {
                 out.write_all(&[b'\\', b'u', b'0', b'0', hex(b >> 4), hex(b)])?;
             }
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.write_all(bytes.get(start..).unwrap_or_default())?;
     out.write_all(b"\"")

@@ -66,6 +66,11 @@ struct VersionLabel {
 }
 
 const MODES: [Mode; 3] = [Mode::Explicit, Mode::Transparent, Mode::Dns];
+
+/// `mode`'s place in [`MODES`], for the per-mode handle arrays.
+fn mode_slot(mode: Mode) -> usize {
+    MODES.iter().position(|x| *x == mode).unwrap_or(0)
+}
 /// Outcome slots per mode: allow, then one per deny reason.
 const OUTCOMES: usize = 1 + Reason::ALL.len();
 
@@ -83,7 +88,7 @@ pub struct AgentMetrics {
 
 impl AgentMetrics {
     fn connection_counter(&self, mode: Mode, reason: Option<Reason>) -> &Counter {
-        let m = MODES.iter().position(|x| *x == mode).unwrap_or(0);
+        let m = mode_slot(mode);
         let r = reason
             .and_then(|r| Reason::ALL.iter().position(|x| *x == r))
             .map_or(0, |i| i + 1);
@@ -120,9 +125,9 @@ pub struct Metrics {
     kill_switch: Family<ScopeLabel, Gauge>,
     pub log_dropped: Counter,
     agents: RwLock<HashMap<String, Arc<AgentMetrics>, BuildHasherDefault<NameHash>>>,
-    /// `connection_duration`'s handle per mode (by [`Mode::index`]), taken from the family
+    /// `connection_duration`'s handle per mode (by [`mode_slot`]), taken from the family
     /// once: a family lookup hashes the label and takes a lock, on every connection.
-    durations: [OnceLock<Histogram>; Mode::COUNT],
+    durations: [OnceLock<Histogram>; MODES.len()],
 }
 
 /// The `agents` map's hash: a multiply-rotate over the name, as rustc's FxHash. Its keys are
@@ -332,7 +337,7 @@ impl Metrics {
         a.connection_counter(rec.mode, rec.reason).inc();
         a.bytes_from_agent.inc_by(rec.bytes_from_agent);
         a.bytes_to_agent.inc_by(rec.bytes_to_agent);
-        let duration = self.durations.get(rec.mode.index()).map(|d| {
+        let duration = self.durations.get(mode_slot(rec.mode)).map(|d| {
             d.get_or_init(|| {
                 let label = ModeLabel {
                     mode: rec.mode.as_str(),

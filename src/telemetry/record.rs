@@ -17,17 +17,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const COUNT: usize = 3;
-
-    /// A distinct index below [`Mode::COUNT`], for per-mode arrays.
-    pub fn index(self) -> usize {
-        match self {
-            Mode::Explicit => 0,
-            Mode::Transparent => 1,
-            Mode::Dns => 2,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Explicit => "explicit",
