@@ -243,15 +243,15 @@ pub(crate) fn relay_outcome(
 /// what clients send there; a hello naming some host is refused.
 fn check_hello(
     checks: &TunnelChecks,
-    hello: &ClientHello,
+    hello: ClientHello,
     rec: &mut ConnectionRecord,
 ) -> Result<(), Reason> {
     rec.ech = hello.ech;
-    rec.server_name = hello.server_name.clone();
+    rec.server_name = hello.server_name;
     if hello.ech && checks.deny_ech {
         return Err(Reason::EchDenied);
     }
-    match (&checks.target.host, &hello.server_name) {
+    match (&checks.target.host, &rec.server_name) {
         (Host::Ip(_), None) => Ok(()),
         (Host::Name(_), None) if checks.allow_missing_sni => Ok(()),
         (Host::Name(_), None) => Err(Reason::NoSni),
@@ -357,7 +357,7 @@ async fn open_upstream<R: AsyncRead + Unpin>(
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
-    check_hello(checks, &hello?, rec)?;
+    check_hello(checks, hello?, rec)?;
     let up = upstream::dial(
         &checks.addrs,
         checks.target.port,

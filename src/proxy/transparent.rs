@@ -105,13 +105,13 @@ fn handle(
                             .store(peeked.len() as u64, Ordering::Relaxed);
                         let hello = hello?;
                         rec.ech = hello.ech;
-                        rec.server_name = hello.server_name.clone();
+                        rec.server_name = hello.server_name;
                         let a = agent.and_then(|id| policy.agent(id));
                         if hello.ech && a.is_some_and(|a| a.deny_ech) {
                             return Err(Reason::EchDenied);
                         }
                         // Never fall back to the original destination: no SNI, no connection.
-                        let sni = hello.server_name.as_deref().ok_or(Reason::NoSni)?;
+                        let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
                         let name =
                             crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
                         let target = Target {

@@ -38,7 +38,7 @@ pub struct ClientHello {
     /// Lowercased host name without trailing dot; `None` if no SNI was sent.
     pub server_name: Option<String>,
     /// ALPN protocol names in client preference order (empty if absent).
-    pub alpn: Vec<Vec<u8>>,
+    pub alpn: Alpn,
     /// The client offered Encrypted Client Hello (ext 0xfe0d), so
     /// `server_name` is only the ECH public name.
     pub ech: bool,
@@ -298,7 +298,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, Reject> {
     }
     let mut hello = ClientHello {
         server_name: None,
-        alpn: Vec::new(),
+        alpn: Alpn::default(),
         ech: false,
         consumed: 0,
     };
@@ -441,22 +441,56 @@ fn normalize_host_name(name: &[u8]) -> Result<String, Reject> {
 
 /// RFC 7301 §3.1: `ProtocolName protocol_name_list<2..2^16-1>`, each name
 /// `opaque ProtocolName<1..2^8-1>`.
-fn parse_alpn(data: &[u8]) -> Result<Vec<Vec<u8>>, Reject> {
+fn parse_alpn(data: &[u8]) -> Result<Alpn, Reject> {
     let mut reader = Reader::new(data);
     let list = reader.vec_u16()?;
     if !reader.is_empty() || list.is_empty() {
         return Err(Reject::Malformed);
     }
     let mut names = Reader::new(list);
-    let mut protocols = Vec::new();
     while !names.is_empty() {
-        let protocol = names.vec_u8()?;
-        if protocol.is_empty() {
+        if names.vec_u8()?.is_empty() {
             return Err(Reject::Malformed);
         }
-        protocols.push(protocol.to_vec());
     }
-    Ok(protocols)
+    Ok(Alpn(list.into()))
+}
+
+/// ALPN protocol names in client preference order, kept as the hello listed them (each
+/// after its length byte, checked by [`parse_alpn`]): one allocation however many names
+/// there are, not one per name and one for the list, on every new tunnel.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Alpn(Box<[u8]>);
+
+impl Alpn {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names, in the client's order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            let (&len, tail) = rest.split_first()?;
+            let (name, tail) = tail.split_at_checked(usize::from(len))?;
+            rest = tail;
+            Some(name)
+        })
+    }
+}
+
+impl PartialEq<Vec<Vec<u8>>> for Alpn {
+    fn eq(&self, other: &Vec<Vec<u8>>) -> bool {
+        self.iter().eq(other.iter().map(Vec::as_slice))
+    }
+}
+
+impl std::fmt::Debug for Alpn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(String::from_utf8_lossy))
+            .finish()
+    }
 }
 
 #[cfg(test)]
