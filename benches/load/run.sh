@@ -282,11 +282,16 @@ t_start=$(date +%s)
 for run in $(seq 1 "$RUNS"); do
   for c in "${configs[@]}"; do
     start_proxy "$c"
+    nstat -n >/dev/null 2>&1 || true   # this namespace's TCP counters, from here
     # shellcheck disable=SC2046 # word splitting of the client arguments is intended
     taskset -c 1 "$GEN" client $(client_args "$c") --pid "$proxy_pid" \
       --clk-tck "$(getconf CLK_TCK)" --secs "$SECS" --idle "$IDLE" \
       --concurrency "$CONCURRENCY" --tests "$TESTS" \
       >"$work/res/$c.$run" 2>"$work/res/$c.$run.err" || true
+    # Retransmitted segments over the whole client run (nearly all in the bulk tests): on
+    # loopback they are reorderings, not losses (README, "What the profiles show").
+    nstat -z TcpRetransSegs 2>/dev/null |
+      awk '$1 == "TcpRetransSegs" {print "tcp_retrans_segs", $2}' >>"$work/res/$c.$run" || true
     [ "$proxy_pid" = 0 ] || stop "$proxy_pid"
     echo "run $run $c: $(tr '\n' ' ' <"$work/res/$c.$run")" >&2
   done
@@ -390,7 +395,8 @@ cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
   for c in "${configs[@]}"; do
     for key in idle_cpu_ms_per_s bulk1_gbit_per_s bulk8_gbit_per_s conns_per_s cpu_us_per_conn ping_p50_us \
       ping_p99_us newconn_p50_us newconn_p99_us rss_kib_per_tunnel idle_tunnels idle_errors \
-      bulk1_errors bulk8_errors conns_errors newconn_errors ping_samples newconn_samples; do
+      bulk1_errors bulk8_errors conns_errors newconn_errors ping_samples newconn_samples \
+      tcp_retrans_segs; do
       v=$(runs_of "$c" "$key")
       [ -n "$v" ] && echo "| $c | $key | $v |"
     done
