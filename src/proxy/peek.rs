@@ -71,3 +71,67 @@ pub async fn read_more<R: AsyncRead + Unpin>(
         Ok(_) => Err(Reason::Malformed),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::selftest::packets::client_hello;
+
+    fn soon(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    /// A hello that arrives a few bytes at a time (a 16-byte pipe: dozens of reads) is read
+    /// whole; `buf` holds every byte in order, the hello and what followed it, for the
+    /// replay.
+    #[tokio::test]
+    async fn a_hello_in_small_pieces_is_kept_byte_for_byte() {
+        let hello = client_hello(Some("pieces.test"), [7; 32]);
+        let mut sent = hello.clone();
+        sent.extend_from_slice(b"early data");
+        let (mut agent, mut gateway) = tokio::io::duplex(16);
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(5) {
+                agent.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            agent
+        });
+        let mut buf = Vec::new();
+        let got = read_client_hello(&mut gateway, &mut buf, soon(5000))
+            .await
+            .unwrap();
+        assert_eq!(got.server_name.as_deref(), Some("pieces.test"));
+        assert_eq!(got.consumed, hello.len());
+        assert_eq!(buf.get(..hello.len()), Some(hello.as_slice()));
+        assert!(b"early data".starts_with(buf.get(hello.len()..).unwrap()));
+        drop(writer.await.unwrap());
+    }
+
+    /// An agent that stops halfway is `Malformed`; one that says nothing hits the deadline.
+    #[tokio::test]
+    async fn eof_midway_is_malformed_and_silence_times_out() {
+        let hello = client_hello(Some("half.test"), [9; 32]);
+        let (mut agent, mut gateway) = tokio::io::duplex(4096);
+        agent
+            .write_all(hello.get(..hello.len() / 2).unwrap())
+            .await
+            .unwrap();
+        drop(agent);
+        let mut buf = Vec::new();
+        let got = read_client_hello(&mut gateway, &mut buf, soon(5000)).await;
+        assert_eq!(got.err(), Some(Reason::Malformed));
+        assert_eq!(buf.len(), hello.len() / 2);
+
+        let (_silent, mut gateway) = tokio::io::duplex(4096);
+        let mut buf = Vec::new();
+        let got = read_client_hello(&mut gateway, &mut buf, soon(50)).await;
+        assert_eq!(got.err(), Some(Reason::Timeout));
+        assert!(buf.is_empty());
+    }
+}
