@@ -469,13 +469,9 @@ impl Alpn {
 
     /// The names, in the client's order.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let mut rest: &[u8] = &self.0;
-        std::iter::from_fn(move || {
-            let (&len, tail) = rest.split_first()?;
-            let (name, tail) = tail.split_at_checked(usize::from(len))?;
-            rest = tail;
-            Some(name)
-        })
+        // The list was checked when parsed: the reader runs out exactly after the last name.
+        let mut names = Reader::new(&self.0);
+        std::iter::from_fn(move || names.vec_u8().ok())
     }
 }
 
