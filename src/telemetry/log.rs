@@ -33,6 +33,9 @@ pub(super) enum LogItem {
 pub struct LogWriter {
     tx: Option<SyncSender<LogItem>>,
     thread: Option<JoinHandle<()>>,
+    /// The writer thread's id, for the tests that count its wake-ups.
+    #[cfg(test)]
+    tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl LogWriter {
@@ -51,13 +54,26 @@ impl LogWriter {
             ),
         };
         let (tx, rx) = sync_channel(queue);
+        #[cfg(test)]
+        let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        #[cfg(test)]
+        let tid_in_thread = tid.clone();
         let thread = std::thread::Builder::new()
             .name("portcullis-log".into())
-            .spawn(move || write_lines(rx, sink))
+            .spawn(move || {
+                #[cfg(test)]
+                tid_in_thread.store(
+                    rustix::thread::gettid().as_raw_nonzero().get(),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+                write_lines(rx, sink);
+            })
             .ok();
         Ok(Self {
             tx: Some(tx),
             thread,
+            #[cfg(test)]
+            tid,
         })
     }
 
@@ -81,8 +97,11 @@ impl LogWriter {
     }
 }
 
-/// How long the writer waits after a record for others to join it in one write.
-const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long the writer lets records gather before it writes them. While records keep coming
+/// it wakes once per window, on its own timer: the data path never wakes it then (a send
+/// into the queue wakes the thread only when it is blocked waiting for the first record).
+/// Lines appear within two windows.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
@@ -95,20 +114,152 @@ fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
         }
         LogItem::Stop => false,
     };
-    'outer: while let Ok(item) = rx.recv() {
+    // Idle: blocked until the first record, which wakes this thread (a futex wake on the
+    // data path's CPU, once per busy spell instead of once per record or per window).
+    'idle: while let Ok(item) = rx.recv() {
         if !write(&mut out, item) {
             break;
         }
-        // Let a busy gateway's records gather for a moment, then write them all and flush:
-        // one wake-up of this thread per window instead of one per connection (each one a
-        // futex wake on the data path's CPU). Lines still appear within milliseconds.
-        std::thread::sleep(BATCH_WINDOW);
-        while let Ok(item) = rx.try_recv() {
-            if !write(&mut out, item) {
-                break 'outer;
+        // Busy: one timer wake-up per window while records keep coming (each wake-up is two
+        // context switches on the data path's core), then back to blocking.
+        loop {
+            std::thread::sleep(BATCH_WINDOW);
+            let mut any = false;
+            while let Ok(item) = rx.try_recv() {
+                any = true;
+                if !write(&mut out, item) {
+                    break 'idle;
+                }
+            }
+            let _ = out.flush();
+            if !any {
+                continue 'idle;
             }
         }
-        let _ = out.flush();
     }
     let _ = out.flush();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Mode;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    fn started(dir: &Path) -> (LogWriter, SyncSender<LogItem>, PathBuf) {
+        let path = dir.join("connections.log");
+        let writer = LogWriter::start(&LogDestination::File(path.clone()), 65_536).unwrap();
+        let tx = writer.sender();
+        (writer, tx, path)
+    }
+
+    fn record(port: u16) -> LogItem {
+        let source = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        LogItem::Record(ConnectionRecord::begin(
+            Mode::Explicit,
+            source,
+            "t".into(),
+            1,
+        ))
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Wait (at most 2 s, polling) until the file has `n` lines.
+    fn wait_for_lines(path: &Path, n: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if lines(path).len() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        lines(path).len() >= n
+    }
+
+    /// The writer thread's voluntary context switches so far (each sleep or blocking wait
+    /// that ended is one).
+    fn writer_wakeups(writer: &LogWriter) -> u64 {
+        let tid = writer.tid.load(Ordering::SeqCst);
+        assert_ne!(tid, 0, "the writer thread has not started");
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Lines reach the file while the gateway runs, not only at the end: the first of a
+    /// busy spell, a record after the writer went back to waiting, and a burst; `finish`
+    /// writes whatever is still queued.
+    #[test]
+    fn lines_appear_within_windows_and_finish_writes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, tx, path) = started(dir.path());
+        tx.send(record(1)).unwrap();
+        assert!(wait_for_lines(&path, 1), "the first line was not written");
+        // Long enough for a window with nothing: the writer blocks again.
+        std::thread::sleep(BATCH_WINDOW * 4);
+        tx.send(record(2)).unwrap();
+        assert!(
+            wait_for_lines(&path, 2),
+            "a line after an idle spell was not written"
+        );
+        for port in 3..=500 {
+            tx.send(record(port)).unwrap();
+        }
+        assert!(
+            wait_for_lines(&path, 500),
+            "a burst was not written while running"
+        );
+        tx.send(record(501)).unwrap();
+        writer.finish();
+        let written = lines(&path);
+        assert_eq!(written.len(), 501);
+        for (i, line) in written.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["source.port"], i + 1, "line {i}: {line}");
+        }
+    }
+
+    /// While records keep coming the writer wakes once per window on its own timer, never
+    /// once per record (each wake-up is two context switches on the data path's core):
+    /// 1,500 records over 300 ms cost about 30 wake-ups. Waking per record would be 1,500;
+    /// the earlier design (a 2 ms window, and a wake-up from the sender for each) about 300.
+    #[test]
+    fn a_busy_writer_wakes_once_per_window_not_per_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, tx, path) = started(dir.path());
+        tx.send(record(1)).unwrap();
+        assert!(wait_for_lines(&path, 1));
+        let before = writer_wakeups(&writer);
+        let started = Instant::now();
+        let mut sent = 1;
+        while started.elapsed() < Duration::from_millis(300) && sent < 100_000 {
+            tx.send(record(2)).unwrap();
+            sent += 1;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let elapsed = started.elapsed();
+        let wakeups = writer_wakeups(&writer) - before;
+        let windows = (elapsed.as_millis() / BATCH_WINDOW.as_millis()) as u64;
+        writer.finish();
+        assert_eq!(lines(&path).len(), sent);
+        assert!(
+            wakeups <= 2 * windows + 10,
+            "{wakeups} writer wake-ups for {sent} records in {elapsed:?} ({windows} windows)"
+        );
+    }
 }
