@@ -15,7 +15,9 @@ fn main() {
         .init();
     let config = cli.config.as_deref();
     let code = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => match tokio::runtime::Runtime::new() {
+        Command::Run => match cli::runtime(
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        ) {
             Ok(rt) => rt.block_on(cli::run(config)),
             Err(e) => {
                 eprintln!("cannot start runtime: {e}");
