@@ -92,7 +92,13 @@ pub fn spawn(shared: Arc<Shared>, forwarder: Arc<Forwarder>, listener: DnsListen
         tcp,
         Mode::Dns,
         move |shared, stream, peer, slot| {
-            serve_tcp_connection(shared, forwarder.clone(), stream, peer, slot)
+            Box::pin(serve_tcp_connection(
+                shared,
+                forwarder.clone(),
+                stream,
+                peer,
+                slot,
+            ))
         },
     ));
 }

@@ -36,7 +36,13 @@ use crate::proxy::forward::{ForwardTo, ProxyBody, empty, forward, limited, refus
 
 /// Serve the explicit proxy on `listener` until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    crate::proxy::accept_loop(shared, listener, Mode::Explicit, serve_connection).await;
+    crate::proxy::accept_loop(
+        shared,
+        listener,
+        Mode::Explicit,
+        |shared, stream, peer, slot| Box::pin(serve_connection(shared, stream, peer, slot)),
+    )
+    .await;
 }
 
 async fn serve_connection(
@@ -171,7 +177,7 @@ async fn handle(
             };
             let peer = rec.source;
             let fut = tunnel(shared.clone(), req, checks, rec, started, slot);
-            super::spawn_supervised(&shared, Mode::Explicit, peer, fut);
+            super::spawn_supervised(&shared, Mode::Explicit, peer, Box::pin(fut));
             empty(StatusCode::OK)
         }
         target::Request::Forward {

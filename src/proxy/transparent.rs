@@ -38,7 +38,15 @@ use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 
 /// Serve one transparent listener until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    crate::proxy::accept_loop(shared, listener, Mode::Transparent, handle).await;
+    // The connection's future and its relay's are two allocations, each small enough for
+    // glibc's fast path (`boxed_small`).
+    crate::proxy::accept_loop(
+        shared,
+        listener,
+        Mode::Transparent,
+        |shared, stream, peer, slot| crate::proxy::boxed_small(handle(shared, stream, peer, slot)),
+    )
+    .await;
 }
 
 /// What the original destination port says the agent must speak.
@@ -275,7 +283,8 @@ fn tunnel<'a>(
             .tunnels
             .register(agent.clone(), target.clone(), cancel.clone());
         let idle = shared.config.idle_timeout;
-        let end = relay(agent_io, up, idle, &cancel, counters, shaping).await;
+        let end =
+            crate::proxy::boxed_small(relay(agent_io, up, idle, &cancel, counters, shaping)).await;
         crate::proxy::explicit::relay_outcome(shared, agent, end, &registration)
             .map(|()| Handover::Done)
     }
