@@ -165,6 +165,21 @@ mod tests {
         (writer, tx, path)
     }
 
+    /// [`started`], with one line written: the writer thread is up and has its id set.
+    fn started_and_written(dir: &Path) -> (LogWriter, SyncSender<LogItem>, PathBuf) {
+        let (writer, tx, path) = started(dir);
+        tx.send(record(1)).unwrap();
+        assert!(wait_for_lines(&path, 1), "the first line was not written");
+        (writer, tx, path)
+    }
+
+    /// `/proc/self/task/<writer>/<file>`.
+    fn writer_proc(writer: &LogWriter, file: &str) -> String {
+        let tid = writer.tid.load(Ordering::SeqCst);
+        assert_ne!(tid, 0, "the writer thread has not started");
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/{file}")).unwrap()
+    }
+
     fn record(port: u16) -> LogItem {
         let source = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         LogItem::Record(ConnectionRecord::begin(
@@ -198,10 +213,7 @@ mod tests {
     /// The writer thread's voluntary context switches so far (each sleep or blocking wait
     /// that ended is one).
     fn writer_wakeups(writer: &LogWriter) -> u64 {
-        let tid = writer.tid.load(Ordering::SeqCst);
-        assert_ne!(tid, 0, "the writer thread has not started");
-        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
-        status
+        writer_proc(writer, "status")
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .unwrap()
@@ -215,11 +227,8 @@ mod tests {
     #[test]
     fn the_writer_runs_below_the_data_path() {
         let dir = tempfile::tempdir().unwrap();
-        let (writer, tx, path) = started(dir.path());
-        tx.send(record(1)).unwrap();
-        assert!(wait_for_lines(&path, 1));
-        let tid = writer.tid.load(Ordering::SeqCst);
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let (writer, _tx, _path) = started_and_written(dir.path());
+        let stat = writer_proc(&writer, "stat");
         // After the parenthesised name: state is field 3 of stat(5), nice field 19.
         let after_name = stat.rsplit_once(')').unwrap().1;
         let nice: i32 = after_name
@@ -238,9 +247,7 @@ mod tests {
     #[test]
     fn lines_appear_within_windows_and_finish_writes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let (writer, tx, path) = started(dir.path());
-        tx.send(record(1)).unwrap();
-        assert!(wait_for_lines(&path, 1), "the first line was not written");
+        let (writer, tx, path) = started_and_written(dir.path());
         // Long enough for a window with nothing: the writer blocks again.
         std::thread::sleep(BATCH_WINDOW * 4);
         tx.send(record(2)).unwrap();
@@ -272,9 +279,7 @@ mod tests {
     #[test]
     fn a_busy_writer_wakes_once_per_window_not_per_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (writer, tx, path) = started(dir.path());
-        tx.send(record(1)).unwrap();
-        assert!(wait_for_lines(&path, 1));
+        let (writer, tx, path) = started_and_written(dir.path());
         let before = writer_wakeups(&writer);
         let started = Instant::now();
         let mut sent = 1;
