@@ -172,9 +172,9 @@ async fn agent_dns_goes_only_through_the_filtering_forwarder() {
         "after the ruleset, the public resolver must have seen only the control questions"
     );
     // Refused questions are always logged (4 of them: 2 transports × 2 resolvers named).
-    let refused = gw
-        .lines()
-        .into_iter()
+    let logged = gw.settled_lines().await;
+    let refused = logged
+        .iter()
         .filter(|l| {
             l["portcullis.mode"] == "dns"
                 && l["dns.question.name"] == "x7f3k2q9.evil.test"
@@ -182,5 +182,5 @@ async fn agent_dns_goes_only_through_the_filtering_forwarder() {
                 && l["dns.response_code"] == "REFUSED"
         })
         .count();
-    assert_eq!(refused, 4, "log: {:#?}", gw.lines());
+    assert_eq!(refused, 4, "log: {logged:#?}");
 }

@@ -319,7 +319,7 @@ async fn transparent_gateway_end_to_end() {
         "agent not in kill_sources: {}",
         stdout(&set)
     );
-    let lines_before = gw.lines().len();
+    let lines_before = gw.settled_lines().await.len();
     assert!(
         !curl(format!(
             "--max-time 2 --cacert {ca} --resolve allowed.test:443:{INTERNET} https://allowed.test/"
@@ -353,7 +353,7 @@ async fn transparent_gateway_end_to_end() {
         stdout(&counters)
     );
     assert_eq!(
-        gw.lines().len(),
+        gw.settled_lines().await.len(),
         lines_before,
         "killed traffic still reached portcullis"
     );

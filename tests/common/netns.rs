@@ -305,6 +305,22 @@ impl NsGateway {
             .collect()
     }
 
+    /// The log's lines once it has stopped growing: no new line for 200 ms, at most 5 s.
+    /// The writer batches lines (10 ms windows), so a line can land a little after the
+    /// connection it records has ended: count lines only once they have settled.
+    pub async fn settled_lines(&self) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut last = self.lines().len();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = self.lines();
+            if now.len() == last || tokio::time::Instant::now() >= deadline {
+                return now;
+            }
+            last = now.len();
+        }
+    }
+
     pub async fn line_where(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
