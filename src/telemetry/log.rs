@@ -114,11 +114,16 @@ const WRITER_NICE: i32 = 10;
 
 fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
-    let write = |out: &mut BufWriter<_>, item| match item {
+    // Each record is formatted whole, then handed to the buffer in one piece, so the buffer
+    // only ever writes whole lines: a reader tailing the file never finds a record cut at
+    // a 64 KiB flush.
+    let mut line = Vec::with_capacity(1024);
+    let mut write = move |out: &mut BufWriter<_>, item| match item {
         LogItem::Record(r) => {
-            // The newline even after a failed write: the next record starts a line of its own.
-            let _ = r.write_json(out);
-            let _ = out.write_all(b"\n");
+            line.clear();
+            let _ = r.write_json(&mut line);
+            line.push(b'\n');
+            let _ = out.write_all(&line);
             true
         }
         LogItem::Stop => false,
@@ -220,6 +225,43 @@ mod tests {
             .trim()
             .parse()
             .unwrap()
+    }
+
+    /// A sink that keeps each `write` call's bytes apart.
+    #[derive(Clone, Default)]
+    struct Writes(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every write to the sink ends at the end of a line, also when a burst fills the
+    /// 64 KiB buffer many times over: a reader tailing the file sees whole records only.
+    #[test]
+    fn the_sink_is_written_whole_lines_at_a_time() {
+        let (tx, rx) = sync_channel(4096);
+        for port in 1..=2000 {
+            tx.send(record(port)).unwrap();
+        }
+        tx.send(LogItem::Stop).unwrap();
+        let writes = Writes::default();
+        write_lines(rx, Box::new(writes.clone()));
+        let writes = writes.0.lock().unwrap();
+        assert!(writes.len() > 2, "the burst should take several writes");
+        for (i, w) in writes.iter().enumerate() {
+            assert_eq!(w.last(), Some(&b'\n'), "write {i} ends mid-line");
+        }
+        let lines: usize = writes
+            .iter()
+            .map(|w| w.iter().filter(|&&b| b == b'\n').count())
+            .sum();
+        assert_eq!(lines, 2000);
     }
 
     /// The writer runs below the data path (a higher nice value; raising one's own needs

@@ -445,7 +445,7 @@ impl TestGateway {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-            let lines: Vec<serde_json::Value> = text
+            let lines: Vec<serde_json::Value> = whole_lines(&text)
                 .lines()
                 .map(|l| serde_json::from_str(l).expect("log line is JSON"))
                 .collect();
@@ -461,6 +461,13 @@ impl TestGateway {
             r.shutdown(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// `text` up to its last newline: a line still being written (a reader can catch a write
+/// halfway) is not a line yet.
+pub fn whole_lines(text: &str) -> &str {
+    text.get(..text.rfind('\n').map_or(0, |i| i + 1))
+        .unwrap_or_default()
 }
 
 pub fn localhost_resolver(names: &[&str]) -> StaticResolver {

@@ -298,8 +298,8 @@ impl Drop for NsGateway {
 
 impl NsGateway {
     pub fn lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        super::whole_lines(&text)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
