@@ -163,16 +163,12 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
-    fn started(dir: &Path) -> (LogWriter, SyncSender<LogItem>, PathBuf) {
+    /// A writer to `dir/connections.log`, its queue and the file's path, with one line
+    /// written: the writer thread is up and has its id set.
+    fn started_and_written(dir: &Path) -> (LogWriter, SyncSender<LogItem>, PathBuf) {
         let path = dir.join("connections.log");
         let writer = LogWriter::start(&LogDestination::File(path.clone()), 65_536).unwrap();
         let tx = writer.sender();
-        (writer, tx, path)
-    }
-
-    /// [`started`], with one line written: the writer thread is up and has its id set.
-    fn started_and_written(dir: &Path) -> (LogWriter, SyncSender<LogItem>, PathBuf) {
-        let (writer, tx, path) = started(dir);
         tx.send(record(1)).unwrap();
         assert!(wait_for_lines(&path, 1), "the first line was not written");
         (writer, tx, path)
