@@ -11,6 +11,10 @@
 #     HAProxy             127.0.0.1:15002, mode tcp, req.ssl_sni → backend   (nbthread 1)
 #     nginx               127.0.0.1:15003, stream + ssl_preread, map SNI → backend (1 worker)
 #     Squid               127.0.0.1:3129, CONNECT to backend.bench.test:9443 (workers 1)
+#     relay_splice        127.0.0.1:15004, loadgen relay: the smallest relay there is (a
+#     relay_copy          127.0.0.1:15005  blocking thread per direction, splice or copy,
+#                         no policy); bulk tests only. What they reach is the ceiling of
+#                         any relay on this machine's loopback (gen/src/relay.rs)
 #   loadgen client        taskset -c 1, the same core as the backend
 #
 # Transparent mode on loopback without nftables: with interception = "tproxy" portcullis
@@ -261,6 +265,12 @@ start_proxy() {   # config → sets $proxy_pid (0 for direct)
     squid)
       taskset -c 0 squid -N -f "$work/squid/squid.conf" >>"$work/squid/out.log" 2>&1 &
       proxy_pid=$!; pids+=("$proxy_pid"); wait_port 127.0.0.1 3129 ;;
+    relay_splice)
+      taskset -c 0 "$GEN" relay --listen 127.0.0.1:15004 --to 127.0.0.2:9443 &
+      proxy_pid=$!; pids+=("$proxy_pid"); wait_port 127.0.0.1 15004 ;;
+    relay_copy)
+      taskset -c 0 "$GEN" relay --listen 127.0.0.1:15005 --to 127.0.0.2:9443 --copy &
+      proxy_pid=$!; pids+=("$proxy_pid"); wait_port 127.0.0.1 15005 ;;
   esac
   sleep 0.3   # let it finish starting (nginx forks its worker after binding)
 }
@@ -272,21 +282,31 @@ client_args() {
     haproxy) echo "--path sni --addr 127.0.0.1:15002" ;;
     nginx) echo "--path sni --addr 127.0.0.1:15003" ;;
     squid) echo "--path connect --addr 127.0.0.1:3129" ;;
+    relay_splice) echo "--path sni --addr 127.0.0.1:15004" ;;
+    relay_copy) echo "--path sni --addr 127.0.0.1:15005" ;;
+  esac
+}
+tests_for() {   # config → the tests it runs: the reference relays only the bulk ones
+  case "$1" in
+    relay_*) tr ',' '\n' <<<"$TESTS" | { grep -E '^bulk' || true; } | paste -sd, - ;;
+    *) echo "$TESTS" ;;
   esac
 }
 
-read -r -a configs <<<"${CONFIGS:-direct pc_sni pc_connect haproxy nginx squid}"
+read -r -a configs <<<"${CONFIGS:-direct pc_sni pc_connect haproxy nginx squid relay_splice relay_copy}"
 mkdir -p "$work/res"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 t_start=$(date +%s)
 for run in $(seq 1 "$RUNS"); do
   for c in "${configs[@]}"; do
+    tests=$(tests_for "$c")
+    [ -n "$tests" ] || continue
     start_proxy "$c"
     nstat -n >/dev/null 2>&1 || true   # this namespace's TCP counters, from here
     # shellcheck disable=SC2046 # word splitting of the client arguments is intended
     taskset -c 1 "$GEN" client $(client_args "$c") --pid "$proxy_pid" \
       --clk-tck "$(getconf CLK_TCK)" --secs "$SECS" --idle "$IDLE" \
-      --concurrency "$CONCURRENCY" --tests "$TESTS" \
+      --concurrency "$CONCURRENCY" --tests "$tests" \
       >"$work/res/$c.$run" 2>"$work/res/$c.$run.err" || true
     # Retransmitted segments over the whole client run (nearly all in the bulk tests): on
     # loopback they are reorderings, not losses (README, "What the profiles show").
@@ -388,6 +408,25 @@ cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
   echo "the same client talking to the backend itself (its latency cells are the base the other"
   echo "columns add to). Best peer: the best of HAProxy and nginx (SNI) or Squid (CONNECT)."
   echo
+  if [ -n "$(med relay_splice bulk1_gbit_per_s)$(med relay_copy bulk1_gbit_per_s)" ]; then
+    echo "The ceiling: the smallest relay there is (\`loadgen relay\`, a blocking thread per"
+    echo "direction, no policy), by splice through a 256 KiB pipe and by copy through a 256 KiB"
+    echo "buffer, on the same core, in the same run."
+    echo
+    echo "| figure (↑) | direct | minimal relay, splice | minimal relay, copy | portcullis SNI ÷ splice relay | portcullis CONNECT ÷ splice relay | splice relay ÷ direct |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for n in 1 8; do
+      k=bulk${n}_gbit_per_s
+      printf '| bulk throughput, %s, Gbit/s | %s | %s | %s | %s | %s | %s |\n' \
+        "$([ "$n" = 1 ] && echo '1 stream' || echo "$n streams")" \
+        "$(fmt "$(med direct "$k")" 2)" "$(fmt "$(med relay_splice "$k")" 2)" \
+        "$(fmt "$(med relay_copy "$k")" 2)" \
+        "$(ratio "$(med pc_sni "$k")" "$(med relay_splice "$k")")" \
+        "$(ratio "$(med pc_connect "$k")" "$(med relay_splice "$k")")" \
+        "$(ratio "$(med relay_splice "$k")" "$(med direct "$k")")"
+    done
+    echo
+  fi
   echo "<details><summary>every run</summary>"
   echo
   echo "| config | figure | runs |"

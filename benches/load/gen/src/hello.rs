@@ -34,7 +34,9 @@ pub fn client_hello(server_name: &str) -> Vec<u8> {
     push_ext(
         &mut ext,
         0x0010,
-        &[0, 12, 2, b'h', b'2', 8, b'h', b't', b't', b'p', b'/', b'1', b'.', b'1'],
+        &[
+            0, 12, 2, b'h', b'2', 8, b'h', b't', b't', b'p', b'/', b'1', b'.', b'1',
+        ],
     ); // ALPN
     push_ext(&mut ext, 0x002b, &[4, 0x03, 0x04, 0x03, 0x03]); // supported_versions
     push_ext(&mut ext, 0x002d, &[1, 1]); // psk_key_exchange_modes

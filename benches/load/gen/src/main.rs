@@ -11,11 +11,15 @@
 //! - `sni`: TCP to the proxy's SNI listener, ClientHello, read the answer;
 //!
 //! and prints one `name value` line per figure (machine-readable, parsed by run.sh).
+//!
+//! `loadgen relay --listen ADDR --to ADDR [--copy]`: a minimal relay, the reference for
+//! the bulk tests (relay.rs).
 //! With `--pid`, the proxy's CPU ticks and RSS are read from /proc around a test.
 //! Everything runs on one current-thread runtime: run.sh pins this process to one core.
 
 mod hello;
 mod procfs;
+mod relay;
 
 use std::io;
 use std::net::SocketAddr;
@@ -44,7 +48,22 @@ fn main() {
             }
         }
         Some("client") => rt.block_on(client(&args)),
-        _ => fail("usage: loadgen backend --listen ADDR | loadgen client --path P --addr A ..."),
+        Some("relay") => {
+            let listen = addr(&opt(&args, "--listen").unwrap_or_else(|| fail("--listen")));
+            let to = addr(&opt(&args, "--to").unwrap_or_else(|| fail("--to")));
+            let mode = if args.iter().any(|a| a == "--copy") {
+                relay::Mode::Copy
+            } else {
+                relay::Mode::Splice
+            };
+            if let Err(e) = relay::run(listen, to, mode) {
+                fail(&format!("relay: {e}"));
+            }
+        }
+        _ => fail(
+            "usage: loadgen backend --listen ADDR | loadgen client --path P --addr A ... \
+             | loadgen relay --listen ADDR --to ADDR [--copy]",
+        ),
     }
 }
 
@@ -215,7 +234,8 @@ async fn client(args: &[String]) {
     let secs: f64 = num(args, "--secs", 3.0);
     let idle: usize = num(args, "--idle", 5000);
     let concurrency: usize = num(args, "--concurrency", 64);
-    let tests = opt(args, "--tests").unwrap_or_else(|| "idlecpu,rss,bulk1,bulk8,conns,ping,newconn".into());
+    let tests =
+        opt(args, "--tests").unwrap_or_else(|| "idlecpu,rss,bulk1,bulk8,conns,ping,newconn".into());
     let target = std::sync::Arc::new(target);
     let window = Duration::from_secs_f64(secs);
     for test in tests.split(',') {
@@ -295,22 +315,25 @@ async fn bulk(t: &std::sync::Arc<Target>, streams: usize, window: Duration) {
     let mut handles = Vec::new();
     for _ in 0..streams {
         let t = t.clone();
-        handles.push(tokio::spawn(tokio::time::timeout(window + Duration::from_secs(15), async move {
-            let mut s = open(&t).await?;
-            s.write_all(b"S").await?;
-            let mut buf = vec![0u8; 256 * 1024];
-            let start = Instant::now();
-            let end = start + window;
-            let mut bytes = 0u64;
-            while Instant::now() < end {
-                let n = s.read(&mut buf).await?;
-                if n == 0 {
-                    break;
+        handles.push(tokio::spawn(tokio::time::timeout(
+            window + Duration::from_secs(15),
+            async move {
+                let mut s = open(&t).await?;
+                s.write_all(b"S").await?;
+                let mut buf = vec![0u8; 256 * 1024];
+                let start = Instant::now();
+                let end = start + window;
+                let mut bytes = 0u64;
+                while Instant::now() < end {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    bytes += n as u64;
                 }
-                bytes += n as u64;
-            }
-            Ok::<f64, io::Error>(bytes as f64 / start.elapsed().as_secs_f64())
-        })));
+                Ok::<f64, io::Error>(bytes as f64 / start.elapsed().as_secs_f64())
+            },
+        )));
     }
     let mut rate = 0.0;
     let mut errors = 0;
