@@ -237,7 +237,8 @@ impl Running {
     }
 }
 
-/// Save the budgets and refresh their gauges every few seconds, and once more at shutdown.
+/// Save the budgets (when they changed) and refresh their gauges every few seconds, and once
+/// more at shutdown.
 async fn persist_budgets(shared: Arc<Shared>) {
     loop {
         let stop = tokio::select! {

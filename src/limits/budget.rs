@@ -42,7 +42,7 @@ pub enum BudgetError {
 }
 
 /// On-disk form. `reset_hour_utc` is informational: the configured hour wins.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Stored {
     version: u32,
@@ -208,17 +208,45 @@ impl Budgets {
         period_start(p, self.reset_hour_utc).saturating_add(DAY_SECS)
     }
 
+    /// Writes the file crash-safely: [`Budgets::snapshot`], then [`Snapshot::write`].
+    pub fn save(&self) -> Result<(), BudgetError> {
+        self.snapshot().write()
+    }
+
+    /// The counters as the file will hold them, to be written later. Taking one is a copy
+    /// of the counters (one entry per agent), so a caller that shares `Budgets` behind a
+    /// lock holds it only for that, never while the disk is written and synced.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            path: self.path.clone(),
+            stored: Stored {
+                version: FILE_VERSION,
+                reset_hour_utc: self.reset_hour_utc,
+                period_start: self.period_start,
+                all_exhausted: self.all_exhausted,
+                used: self.used.clone(),
+            },
+        }
+    }
+}
+
+/// The budgets at one moment, and where they go. Two snapshots are equal when they would
+/// write the same file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    path: PathBuf,
+    stored: Stored,
+}
+
+impl Snapshot {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Writes the file crash-safely: temp file in the same directory, fsync,
     /// rename over the old one, fsync the directory so the rename is durable.
-    pub fn save(&self) -> Result<(), BudgetError> {
-        let stored = Stored {
-            version: FILE_VERSION,
-            reset_hour_utc: self.reset_hour_utc,
-            period_start: self.period_start,
-            all_exhausted: self.all_exhausted,
-            used: self.used.clone(),
-        };
-        let mut json = serde_json::to_vec_pretty(&stored).map_err(BudgetError::Serialize)?;
+    pub fn write(&self) -> Result<(), BudgetError> {
+        let mut json = serde_json::to_vec_pretty(&self.stored).map_err(BudgetError::Serialize)?;
         json.push(b'\n');
 
         let io_err = |op: &'static str, path: &Path| {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bandwidth::Bandwidth;
 use bucket::TokenBucket;
-use budget::Budgets;
+use budget::{Budgets, Snapshot};
 use concurrency::{ConcurrencyCaps, Permit};
 
 use crate::policy::{Limits, Policy, Reason};
@@ -87,7 +87,12 @@ pub struct Limiter {
     rates: Mutex<HashMap<Arc<str>, TokenBucket>>,
     concurrency: ConcurrencyCaps,
     bandwidth: Mutex<HashMap<Arc<str>, Arc<Bandwidth>>>,
+    /// Taken by the data path (admission, and every chunk a budgeted tunnel moves): held
+    /// only for counting, never across disk I/O.
     budgets: Mutex<Budgets>,
+    /// What the file last received: an unchanged snapshot is not written again. Held for a
+    /// whole save, so two saves (the periodic one, shutdown's) write in order.
+    saved: Mutex<Option<Snapshot>>,
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -115,6 +120,7 @@ impl Limiter {
             concurrency: ConcurrencyCaps::new(),
             bandwidth: Mutex::default(),
             budgets: Mutex::new(budgets),
+            saved: Mutex::new(None),
         }))
     }
 
@@ -190,16 +196,28 @@ impl Limiter {
         })
     }
 
-    /// Persist the budgets (periodically and at shutdown).
+    /// Persist the budgets (periodically and at shutdown) if they changed since the last
+    /// save. The counters are copied under their lock and written without it: a slow disk
+    /// (an fsync can take seconds) must not stall the tunnels that charge them, nor, on a
+    /// one-thread runtime, the whole data path.
     pub fn save(&self) {
-        let b = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(dir) = b.path().parent()
+        let mut saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = self
+            .budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshot();
+        if saved.as_ref() == Some(&snapshot) {
+            return;
+        }
+        if let Some(dir) = snapshot.path().parent()
             && let Err(e) = std::fs::create_dir_all(dir)
         {
             tracing::error!(error = %e, "budget state directory not created");
         }
-        if let Err(e) = b.save() {
-            tracing::error!(error = %e, "budget state not saved");
+        match snapshot.write() {
+            Ok(()) => *saved = Some(snapshot),
+            Err(e) => tracing::error!(error = %e, "budget state not saved"),
         }
     }
 
@@ -246,5 +264,101 @@ mod tests {
                 .reason,
             Reason::BudgetExceeded
         );
+    }
+
+    /// Budgets that did not change are not written again: the file stays the one the
+    /// last save renamed into place (same inode) until a tunnel charges something.
+    #[test]
+    fn unchanged_budgets_are_not_rewritten() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let limiter = Limiter::load(dir.path(), 0).unwrap();
+        let file = dir.path().join(BUDGET_FILE);
+        let inode = || std::fs::metadata(&file).unwrap().ino();
+        limiter.save();
+        let first = inode();
+        // Checked after each save: a third write could reuse the first file's inode.
+        for _ in 0..2 {
+            limiter.save();
+            assert_eq!(inode(), first, "unchanged budgets were written again");
+        }
+        let agent: Arc<str> = Arc::from("coder-1");
+        let limits = Limits {
+            daily_bytes: Some(1000),
+            ..Limits::default()
+        };
+        let admitted = limiter.admit(&agent, &limits, Instant::now()).unwrap();
+        assert!(admitted.shaping.budget.unwrap().charge(10));
+        limiter.save();
+        assert_ne!(inode(), first, "a charge was not saved");
+        assert!(
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .contains("\"coder-1\": 10")
+        );
+    }
+
+    /// A save that waits on the disk does not hold the counters: the data path charges
+    /// and admits meanwhile. The temp file is a FIFO, so the save blocks in `open` until
+    /// the test reads it; the test looks at the lock only once the saving thread sleeps
+    /// there.
+    #[test]
+    fn a_slow_save_never_holds_the_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let limiter = Limiter::load(dir.path(), 0).unwrap();
+        let agent: Arc<str> = Arc::from("coder-1");
+        let limits = Limits {
+            daily_bytes: Some(1_000_000),
+            ..Limits::default()
+        };
+        let meter = limiter
+            .admit(&agent, &limits, Instant::now())
+            .unwrap()
+            .shaping
+            .budget
+            .unwrap();
+        assert!(meter.charge(1234));
+        let fifo = dir.path().join(format!(".{BUDGET_FILE}.tmp"));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let saver = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || {
+                tid_tx
+                    .send(rustix::thread::gettid().as_raw_nonzero().get())
+                    .unwrap();
+                limiter.save();
+            }
+        });
+        let tid = tid_rx.recv().unwrap();
+        let sleeping = || {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
+                .unwrap_or(false)
+        };
+        let mut waited = 0;
+        while !sleeping() && waited < 1000 {
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        assert!(sleeping(), "the save never reached the FIFO");
+        // The saver is inside the write: the counters must be free.
+        let free = limiter.budgets.try_lock().is_ok();
+        let charged = free && meter.charge(1);
+        // Let the save go on: it reads what it snapshotted (the FIFO cannot be synced, so
+        // this save then fails and logs; the next one writes the file).
+        let mut written = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::open(&fifo).unwrap(), &mut written)
+            .unwrap();
+        saver.join().unwrap();
+        assert!(free, "the save held the budget counters while writing");
+        assert!(charged);
+        assert!(written.contains("\"coder-1\": 1234"), "{written}");
     }
 }
