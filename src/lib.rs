@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod gateway;
+pub mod hash;
 pub mod killswitch;
 pub mod limits;
 pub mod nft;

@@ -6,7 +6,6 @@
 //! Triggers: the rules directory is watched (debounced; rename-into-place and symlink swaps
 //! are directory events too), SIGHUP, and `POST /v1/reload`. Reloads run one at a time.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Shared;
+use crate::hash::RuleKeyMap;
 use crate::policy::{Policy, Target};
 
 /// What the last reload did, for `/healthz`.
@@ -29,7 +29,7 @@ pub struct LastReload {
 #[derive(Debug, Default)]
 pub struct Tunnels {
     next: AtomicU64,
-    live: Mutex<HashMap<u64, TunnelEntry>>,
+    live: Mutex<RuleKeyMap<u64, TunnelEntry>>,
 }
 
 #[derive(Debug)]
@@ -64,7 +64,7 @@ impl Drop for TunnelRegistration {
 impl Tunnels {
     /// The live map, even after a panic elsewhere poisoned the lock: skipping it would let
     /// a tunnel escape revocation (fail open); every update to it is a single insert/remove.
-    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, TunnelEntry>> {
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, RuleKeyMap<u64, TunnelEntry>> {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

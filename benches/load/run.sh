@@ -46,6 +46,8 @@ TESTS=${TESTS:-idlecpu,rss,bulk1,bulk8,conns,ping,newconn}   # a subset for quic
 OUT=${OUT:-$repo/benches/load/results.md}
 GEN=$repo/benches/load/gen/target/release/portcullis-loadgen
 PC=$repo/target/release/portcullis
+# PC_B: a second portcullis binary for A/B runs (config pc_sni_b, the SNI setup with it)
+PC_B=${PC_B:-$PC}
 
 if [ -z "${PCB_INNER:-}" ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -251,6 +253,10 @@ start_proxy() {   # config → sets $proxy_pid (0 for direct)
       (cd "$work/pc-sni" && exec taskset -c 0 "$PC" --config portcullis.toml run \
         >>"$work/pc-sni/out.log" 2>&1) &
       proxy_pid=$!; pids+=("$proxy_pid"); wait_port 127.0.0.1 9443 ;;
+    pc_sni_b)
+      (cd "$work/pc-sni" && exec taskset -c 0 "$PC_B" --config portcullis.toml run \
+        >>"$work/pc-sni/out-b.log" 2>&1) &
+      proxy_pid=$!; pids+=("$proxy_pid"); wait_port 127.0.0.1 9443 ;;
     pc_connect)
       (cd "$work/pc-connect" && exec taskset -c 0 "$PC" --config portcullis.toml run \
         >>"$work/pc-connect/out.log" 2>&1) &
@@ -277,7 +283,7 @@ start_proxy() {   # config → sets $proxy_pid (0 for direct)
 client_args() {
   case "$1" in
     direct) echo "--path direct --addr 127.0.0.2:9443" ;;
-    pc_sni) echo "--path sni --addr 127.0.0.1:9443" ;;
+    pc_sni | pc_sni_b) echo "--path sni --addr 127.0.0.1:9443" ;;
     pc_connect) echo "--path connect --addr 127.0.0.1:3128" ;;
     haproxy) echo "--path sni --addr 127.0.0.1:15002" ;;
     nginx) echo "--path sni --addr 127.0.0.1:15003" ;;

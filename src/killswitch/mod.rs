@@ -11,7 +11,6 @@ pub mod state;
 pub mod totp;
 pub mod webhook;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +19,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::hash::RuleKeyMap;
 use crate::nft::Nft;
 use crate::policy::Policy;
 use state::{KillEntry, KillState, Loaded};
@@ -87,7 +87,7 @@ impl View {
 
 struct Tokens {
     all: CancellationToken,
-    agents: HashMap<String, CancellationToken>,
+    agents: RuleKeyMap<String, CancellationToken>,
 }
 
 /// What a kill or revive did, returned to the caller as JSON.
@@ -157,7 +157,7 @@ impl KillSwitch {
             totp_guard: Mutex::new(TotpGuard::new()),
             tokens: Mutex::new(Tokens {
                 all,
-                agents: HashMap::new(),
+                agents: RuleKeyMap::default(),
             }),
             parent: parent.clone(),
             ops: tokio::sync::Mutex::new(()),

@@ -12,7 +12,6 @@ pub mod pattern;
 pub mod rules;
 mod verdict;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +19,8 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::hash::RuleKeyMap;
 
 pub use compile::{CompileErrors, compile};
 pub use domain::{DomainName, Host, parse_host};
@@ -98,10 +99,10 @@ pub struct Policy {
     generation: u64,
     default_ports: Box<[u16]>,
     agents: Vec<AgentPolicy>,
-    by_name: HashMap<Arc<str>, AgentId>,
-    by_host_source: HashMap<IpAddr, AgentId>,
+    by_name: RuleKeyMap<Arc<str>, AgentId>,
+    by_host_source: RuleKeyMap<IpAddr, AgentId>,
     by_net_source: Vec<(IpNet, AgentId)>,
-    by_username: HashMap<String, AgentId>,
+    by_username: RuleKeyMap<String, AgentId>,
 }
 
 /// Name used in logs and metrics for connections that matched no agent.
@@ -120,10 +121,10 @@ impl Policy {
             generation,
             default_ports: Box::new([80, 443]),
             agents: Vec::new(),
-            by_name: HashMap::new(),
-            by_host_source: HashMap::new(),
+            by_name: RuleKeyMap::default(),
+            by_host_source: RuleKeyMap::default(),
             by_net_source: Vec::new(),
-            by_username: HashMap::new(),
+            by_username: RuleKeyMap::default(),
         }
     }
 

@@ -5,11 +5,11 @@
 //! by normalised names, looked up once per label of the observed name. No glob engine: a
 //! glob `*` crosses dots and costs milliseconds at thousands of patterns.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use super::domain::{DomainName, NameError};
+use crate::hash::RuleKeyMap;
 
 /// Which names a pattern covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,9 +122,9 @@ struct Entry {
 /// hash lookups, whatever the number of patterns.
 #[derive(Debug, Default, Clone)]
 pub struct DomainSet {
-    exact: HashMap<Box<str>, Vec<Entry>>,
+    exact: RuleKeyMap<Box<str>, Vec<Entry>>,
     /// `*.base` and `.base`, keyed by base; an entry here matches names strictly below it.
-    below: HashMap<Box<str>, Vec<Entry>>,
+    below: RuleKeyMap<Box<str>, Vec<Entry>>,
     len: usize,
 }
 

@@ -121,7 +121,7 @@ fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
     let mut write = move |out: &mut BufWriter<_>, item| match item {
         LogItem::Record(r) => {
             line.clear();
-            let _ = r.write_json(&mut line);
+            r.write_json(&mut line);
             line.push(b'\n');
             let _ = out.write_all(&line);
             true

@@ -5,8 +5,6 @@
 //! are created once and cached, so recording a connection is a handful of atomic adds, not
 //! label lookups by string.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::record::{ConnectionRecord, Mode};
+use crate::hash::RuleKeyMap;
 use crate::policy::Reason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,32 +123,10 @@ pub struct Metrics {
     policy_reloads: Family<ResultLabel, Counter>,
     kill_switch: Family<ScopeLabel, Gauge>,
     pub log_dropped: Counter,
-    agents: RwLock<HashMap<String, Arc<AgentMetrics>, BuildHasherDefault<NameHash>>>,
+    agents: RwLock<RuleKeyMap<String, Arc<AgentMetrics>>>,
     /// `connection_duration`'s handle per mode (by [`mode_slot`]), taken from the family
     /// once: a family lookup hashes the label and takes a lock, on every connection.
     durations: [OnceLock<Histogram>; MODES.len()],
-}
-
-/// The `agents` map's hash: a multiply-rotate over the name, as rustc's FxHash. Its keys are
-/// agent names from the rules (and `unknown`), never chosen by an agent, so a keyed hash's
-/// flood resistance buys nothing here, and SipHash costs more than the rest of the lookup.
-#[derive(Default)]
-struct NameHash(u64);
-
-impl Hasher for NameHash {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            if let Some(head) = word.get_mut(..chunk.len()) {
-                head.copy_from_slice(chunk);
-            }
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 impl std::fmt::Debug for Metrics {

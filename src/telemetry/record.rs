@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::json::Object;
+use super::json::{Object, key};
 use crate::policy::Reason;
 
 /// Which listener served the connection.
@@ -102,78 +102,222 @@ impl ConnectionRecord {
     /// The record as one JSON line (no trailing newline).
     pub fn to_json(&self) -> String {
         let mut out = Vec::with_capacity(512);
-        let _ = self.write_json(&mut out);
+        self.write_json(&mut out);
         String::from_utf8(out).unwrap_or_default()
     }
 
     /// [`ConnectionRecord::to_json`] written straight into `out` (the log writer's buffer):
     /// no string per record.
-    pub fn write_json(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    pub fn write_json(&self, out: &mut Vec<u8>) {
         let mut stamp = [0u8; 64];
         let port = |p: Option<u16>| p.map(u64::from);
         let mut o = Object::begin(out);
-        o.str("@timestamp", rfc3339(self.start, &mut stamp))?;
-        o.str("event.action", self.action())?;
-        o.opt_str("event.reason", self.reason.map(Reason::as_str))?;
+        o.str(key!("@timestamp"), rfc3339(self.start, &mut stamp));
+        o.str(key!("event.action"), self.action());
+        o.opt_str(key!("event.reason"), self.reason.map(Reason::as_str));
         let duration_ns = u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX);
-        o.u64("event.duration", duration_ns)?;
-        o.str("agent.name", &self.agent)?;
-        o.ip("source.ip", self.source.ip())?;
-        o.u64("source.port", self.source.port().into())?;
-        o.opt_str("destination.domain", self.destination_domain.as_deref())?;
-        o.opt_ip("destination.ip", self.destination_ip)?;
-        o.opt_u64("destination.port", port(self.destination_port))?;
+        o.u64(key!("event.duration"), duration_ns);
+        o.str(key!("agent.name"), &self.agent);
+        o.ip(key!("source.ip"), self.source.ip());
+        o.u64(key!("source.port"), self.source.port().into());
+        o.opt_str(
+            key!("destination.domain"),
+            self.destination_domain.as_deref(),
+        );
+        o.opt_ip(key!("destination.ip"), self.destination_ip);
+        o.opt_u64(key!("destination.port"), port(self.destination_port));
         let original = self.original_destination;
         o.opt_ip(
-            "portcullis.original_destination.ip",
+            key!("portcullis.original_destination.ip"),
             original.map(|a| a.ip()),
-        )?;
+        );
         let original_port = port(original.map(|a| a.port()));
-        o.opt_u64("portcullis.original_destination.port", original_port)?;
+        o.opt_u64(key!("portcullis.original_destination.port"), original_port);
         if self.destination_mismatch {
-            o.bool("portcullis.original_destination.mismatch", true)?;
+            o.bool(key!("portcullis.original_destination.mismatch"), true);
         }
-        o.opt_str("tls.client.server_name", self.server_name.as_deref())?;
+        o.opt_str(key!("tls.client.server_name"), self.server_name.as_deref());
         if self.ech {
-            o.bool("tls.client.ech", true)?;
+            o.bool(key!("tls.client.ech"), true);
         }
-        o.opt_str("http.request.method", self.http_method.as_deref())?;
-        o.opt_str("url.original", self.url.as_deref())?;
+        o.opt_str(key!("http.request.method"), self.http_method.as_deref());
+        o.opt_str(key!("url.original"), self.url.as_deref());
         let transport = if self.mode == Mode::Dns { "udp" } else { "tcp" };
-        o.str("network.transport", transport)?;
-        o.str("portcullis.mode", self.mode.as_str())?;
-        o.u64("source.bytes", self.bytes_from_agent)?;
-        o.u64("destination.bytes", self.bytes_to_agent)?;
-        o.opt_str("rule.name", self.rule.as_deref())?;
-        o.u64("portcullis.policy_generation", self.policy_generation)?;
-        o.opt_str("dns.question.name", self.dns_question_name.as_deref())?;
-        o.opt_str("dns.question.type", self.dns_question_type)?;
-        o.opt_str("dns.response_code", self.dns_response_code)?;
-        o.end()
+        o.str(key!("network.transport"), transport);
+        o.str(key!("portcullis.mode"), self.mode.as_str());
+        o.u64(key!("source.bytes"), self.bytes_from_agent);
+        o.u64(key!("destination.bytes"), self.bytes_to_agent);
+        o.opt_str(key!("rule.name"), self.rule.as_deref());
+        o.u64(key!("portcullis.policy_generation"), self.policy_generation);
+        o.opt_str(key!("dns.question.name"), self.dns_question_name.as_deref());
+        o.opt_str(key!("dns.question.type"), self.dns_question_type);
+        o.opt_str(key!("dns.response_code"), self.dns_response_code);
+        o.end();
     }
 }
 
-/// `t` in RFC 3339, formatted into `buf` (a stamp is at most 35 bytes; empty if it fails).
+/// `t` in RFC 3339, UTC, formatted into `buf`: what `time`'s `Rfc3339` writes (the fraction
+/// without trailing zeros, none when it is zero), by hand from 1970 to the end of 9999
+/// (`time` took about 400 instructions a line for it), by `time` before 1970, and empty
+/// after 9999 (RFC 3339 has four digits for the year, and `time` panics there).
 fn rfc3339(t: SystemTime, buf: &mut [u8; 64]) -> &str {
-    let mut rest = &mut buf[..];
-    let formatted = time::OffsetDateTime::from(t)
-        .format_into(&mut rest, &time::format_description::well_known::Rfc3339);
-    // Measured by what was written: the count `format_into` returns leaves out the
-    // fraction's digits (time 0.3).
-    let len = if formatted.is_ok() {
-        64 - rest.len()
-    } else {
-        0
+    let len = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) if since.as_secs() <= LAST_SECOND_OF_9999 => civil_stamp(since, buf),
+        Ok(_) => 0,
+        Err(_) => stamp_by_time(t, buf),
     };
     buf.get(..len)
         .and_then(|b| std::str::from_utf8(b).ok())
         .unwrap_or_default()
 }
 
+/// 9999-12-31T23:59:59Z, in seconds since the epoch.
+const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
+
+/// `since` (at most [`LAST_SECOND_OF_9999`]) as `YYYY-MM-DDTHH:MM:SS[.fraction]Z`; its length.
+fn civil_stamp(since: Duration, buf: &mut [u8; 64]) -> usize {
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let of_day = secs % 86_400;
+    let mut at = Cursor { buf, len: 0 };
+    at.digits(year, 4);
+    at.byte(b'-');
+    at.digits(month, 2);
+    at.byte(b'-');
+    at.digits(day, 2);
+    at.byte(b'T');
+    at.digits(of_day / 3600, 2);
+    at.byte(b':');
+    at.digits(of_day / 60 % 60, 2);
+    at.byte(b':');
+    at.digits(of_day % 60, 2);
+    let mut nanos = u64::from(since.subsec_nanos());
+    if nanos != 0 {
+        let mut width = 9;
+        while nanos % 10 == 0 {
+            nanos /= 10;
+            width -= 1;
+        }
+        at.byte(b'.');
+        at.digits(nanos, width);
+    }
+    at.byte(b'Z');
+    at.len
+}
+
+/// Where [`civil_stamp`] writes next.
+struct Cursor<'a> {
+    buf: &'a mut [u8; 64],
+    len: usize,
+}
+
+impl Cursor<'_> {
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    /// `value`'s last `width` decimal digits, zero-padded.
+    fn digits(&mut self, mut value: u64, width: usize) {
+        let end = self.len + width;
+        for at in (self.len..end).rev() {
+            if let Some(slot) = self.buf.get_mut(at) {
+                *slot = b'0' + (value % 10) as u8;
+            }
+            value /= 10;
+        }
+        self.len = end.min(self.buf.len());
+    }
+}
+
+/// Day `days` after 1970-01-01 as (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// [`rfc3339`] by the `time` crate, for times up to the end of 9999 (past it `time` panics);
+/// the stamp's length, 0 if it cannot be formatted.
+fn stamp_by_time(t: SystemTime, buf: &mut [u8; 64]) -> usize {
+    let mut rest = &mut buf[..];
+    let formatted = time::OffsetDateTime::from(t)
+        .format_into(&mut rest, &time::format_description::well_known::Rfc3339);
+    // Measured by what was written: the count `format_into` returns leaves out the
+    // fraction's digits (time 0.3).
+    if formatted.is_ok() {
+        64 - rest.len()
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The stamp by hand is the stamp `time` writes, for any second from the epoch to
+        /// the end of 9999 and any fraction (whole seconds and round fractions included).
+        #[test]
+        fn the_hand_made_stamp_is_times(
+            secs in prop_oneof![0..=LAST_SECOND_OF_9999, Just(0u64), Just(LAST_SECOND_OF_9999),
+                                Just(951_782_400u64), Just(4_107_542_399u64)],
+            nanos in prop_oneof![0..1_000_000_000u32, Just(0u32), Just(500_000_000u32),
+                                 Just(1u32), Just(999_999_999u32), Just(120_000u32)],
+        ) {
+            let t = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+            let mut by_hand = [0u8; 64];
+            let mut by_time = [0u8; 64];
+            let len = civil_stamp(Duration::new(secs, nanos), &mut by_hand);
+            let expected = stamp_by_time(t, &mut by_time);
+            prop_assert_eq!(&by_hand[..len], &by_time[..expected]);
+            prop_assert_eq!(rfc3339(t, &mut by_hand).as_bytes(), &by_time[..expected]);
+        }
+    }
+
+    /// Every day from 1970 to 2500 and of the last ten years of 9999 (each at another time
+    /// of day and fraction): the calendar by hand is `time`'s on each of them.
+    #[test]
+    fn every_day_is_times_day() {
+        let mut by_hand = [0u8; 64];
+        let mut by_time = [0u8; 64];
+        let last_day = LAST_SECOND_OF_9999 / 86_400;
+        let days = (0..=194_000u64).chain(last_day - 3_660..=last_day);
+        for day in days {
+            let since = Duration::new(
+                day * 86_400 + day * 7_919 % 86_400,
+                (day * 104_729) as u32 % 1_000_000_000,
+            );
+            let len = civil_stamp(since, &mut by_hand);
+            let expected = stamp_by_time(SystemTime::UNIX_EPOCH + since, &mut by_time);
+            assert_eq!(by_hand[..len], by_time[..expected], "day {day}");
+        }
+    }
+
+    /// Before the epoch the stamp is `time`'s; past 9999 it is empty (and nothing panics).
+    #[test]
+    fn stamps_outside_the_hand_made_range() {
+        let mut buf = [0u8; 64];
+        let before = SystemTime::UNIX_EPOCH - Duration::new(86_400, 5);
+        assert_eq!(rfc3339(before, &mut buf), "1969-12-30T23:59:59.999999995Z");
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_SECOND_OF_9999 + 1);
+        assert_eq!(rfc3339(after, &mut buf), "");
+        let leap = SystemTime::UNIX_EPOCH + Duration::new(951_782_400, 120_000);
+        assert_eq!(rfc3339(leap, &mut buf), "2000-02-29T00:00:00.00012Z");
+    }
 
     #[test]
     fn json_line_uses_ecs_names() {
