@@ -7,10 +7,11 @@
 //! reaches the low bits a table indexes by and the top bits it tags with. About 30
 //! instructions a lookup where SipHash took about 180, seven times per tunnel (callgrind).
 //! (A plain multiply, as rustc's FxHash, leaves the low bits blind to a word's high bytes:
-//! addresses 10.0.0.x all fell in one bucket; the test below keeps that from coming back.) SipHash's keyed
-//! flood resistance matters only where an agent decides what is inserted, so the maps that
-//! hold what an agent sends (the resolver's name cache, the per-source connection counts,
-//! the DNS forwarder's tables) keep the standard hasher.
+//! addresses 10.0.0.x all fell in one bucket; the test below keeps that from coming back.)
+//!
+//! SipHash's keyed flood resistance matters only where an agent decides what is inserted,
+//! so the maps that hold what an agent sends (the resolver's name cache, the per-source
+//! connection counts, the DNS forwarder's tables) keep the standard hasher.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -61,7 +62,6 @@ fn fold(a: u64, b: u64) -> u64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::hash::BuildHasher;
