@@ -3,6 +3,13 @@
 use clap::Parser;
 use portcullis::cli::{self, Cli, Command};
 
+/// The shipped build's allocator (README, "The allocator"): per new tunnel about 4k fewer
+/// instructions than glibc's malloc, whose aligned allocations (tokio's tasks and I/O
+/// registrations) take its slow path, and less memory per idle tunnel.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let cli = Cli::parse();
     // Diagnostics go to stderr; stdout is the connection log's by default.

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
 # As root on Debian it installs what the tests need (curl, nftables, iproute2, openssl,
-# iputils-ping, python3, prometheus).
+# iputils-ping, python3, prometheus, make for the jemalloc build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl nft:nftables ip:iproute2 openssl:openssl ping:iputils-ping python3:python3 prometheus:prometheus; do
+for pair in curl:curl nft:nftables ip:iproute2 openssl:openssl ping:iputils-ping python3:python3 prometheus:prometheus \
+  make:make; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -22,6 +23,8 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The shipped build's feature (jemalloc as the allocator) must pass the same lints.
+cargo clippy --all-targets --locked --features jemalloc -- -D warnings
 cargo test --all-targets --locked
 bash tests/promtool.sh
 bash tests/systemd.sh

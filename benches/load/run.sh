@@ -72,7 +72,8 @@ if [ -z "${PCB_INNER:-}" ]; then
     done
   fi
   if [ -z "${SKIP_BUILD:-}" ]; then   # SKIP_BUILD=1: use the binaries already built
-    cargo build --release --locked --quiet
+    # What ships (the Debian package) allocates with jemalloc: measure that build.
+    cargo build --release --locked --quiet --features jemalloc
     (cd benches/load/gen && cargo build --release --quiet)
   fi
   exec unshare --net -- env PCB_INNER=1 bash "$0" "$@"
