@@ -94,10 +94,12 @@ ldd "$root/usr/bin/portcullis" >"$scratch/ldd.txt" || fail "ldd usr/bin/portcull
 if grep -vE 'linux-vdso|ld-linux|lib(c|m|gcc_s|pthread|dl|rt)\.so' "$scratch/ldd.txt"; then
   fail "usr/bin/portcullis links more than glibc (see above)"
 fi
-# What ships allocates with jemalloc (the `jemalloc` feature, [package.metadata.deb]): linked
-# in statically, so its entry point is among the binary's symbols (the deb profile strips
-# debug information only).
-nm "$root/usr/bin/portcullis" >"$scratch/symbols.txt" || fail "nm usr/bin/portcullis"
+# Symbol names stay (a panic's backtrace names functions; [profile.deb] drops only DWARF), and
+# what ships allocates with jemalloc (the `jemalloc` feature, [package.metadata.deb]), linked
+# in statically: its entry point is among those symbols.
+nm "$root/usr/bin/portcullis" >"$scratch/symbols.txt" 2>&1 \
+  || fail "usr/bin/portcullis has no symbol table: $(head -c 200 "$scratch/symbols.txt")"
+grep -qE ' T main$' "$scratch/symbols.txt" || fail "usr/bin/portcullis lacks the symbol main"
 grep -qE ' T _rjem_malloc$' "$scratch/symbols.txt" \
   || fail "usr/bin/portcullis is not built with jemalloc (feature jemalloc)"
 (cd "$root" && find etc -type f | sed 's|^|/|' | sort) >"$scratch/etc-files"
