@@ -3,7 +3,7 @@
 use clap::Parser;
 use portcullis::cli::{self, Cli, Command};
 
-/// The shipped build's allocator (README, "The allocator"): per new tunnel about 4k fewer
+/// The shipped build's allocator (README, "The allocator"): per new tunnel about 3k fewer
 /// instructions than glibc's malloc, whose aligned allocations (tokio's tasks and I/O
 /// registrations) take its slow path, and less memory per idle tunnel.
 #[cfg(feature = "jemalloc")]
