@@ -99,7 +99,8 @@ fi
 # in statically: its entry point is among those symbols.
 nm "$root/usr/bin/portcullis" >"$scratch/symbols.txt" 2>&1 \
   || fail "usr/bin/portcullis has no symbol table: $(head -c 200 "$scratch/symbols.txt")"
-grep -qE ' T main$' "$scratch/symbols.txt" || fail "usr/bin/portcullis lacks the symbol main"
+grep -qE ' T main$' "$scratch/symbols.txt" \
+  || fail "usr/bin/portcullis has no symbol main (stripped?): $(head -c 200 "$scratch/symbols.txt")"
 grep -qE ' T _rjem_malloc$' "$scratch/symbols.txt" \
   || fail "usr/bin/portcullis is not built with jemalloc (feature jemalloc)"
 (cd "$root" && find etc -type f | sed 's|^|/|' | sort) >"$scratch/etc-files"
