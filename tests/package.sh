@@ -98,7 +98,7 @@ fi
 # what ships allocates with jemalloc (the `jemalloc` feature, [package.metadata.deb]), linked
 # in statically: its entry point is among those symbols.
 nm "$root/usr/bin/portcullis" >"$scratch/symbols.txt" 2>&1 \
-  || fail "usr/bin/portcullis has no symbol table: $(head -c 200 "$scratch/symbols.txt")"
+  || fail "nm usr/bin/portcullis failed: $(head -c 200 "$scratch/symbols.txt")"
 grep -qE ' T main$' "$scratch/symbols.txt" \
   || fail "usr/bin/portcullis has no symbol main (stripped?): $(head -c 200 "$scratch/symbols.txt")"
 grep -qE ' T _rjem_malloc$' "$scratch/symbols.txt" \
