@@ -30,6 +30,7 @@ struct RawConfig {
     timeouts: RawTimeouts,
     caps: RawCaps,
     dns: RawDns,
+    admin: RawAdmin,
 }
 
 impl Default for RawConfig {
@@ -48,6 +49,7 @@ impl Default for RawConfig {
             timeouts: RawTimeouts::default(),
             caps: RawCaps::default(),
             dns: RawDns::default(),
+            admin: RawAdmin::default(),
         }
     }
 }
@@ -211,6 +213,51 @@ impl Default for RawCaps {
     }
 }
 
+/// `[admin]`: the management API's own bounds, and the local control socket.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    /// Connections the admin listener holds at once; beyond it new ones are closed at once.
+    max_connections: usize,
+    /// A request head must arrive within this.
+    header_timeout_ms: u64,
+    /// A request body must arrive within this.
+    body_timeout_ms: u64,
+    /// No admin connection lives longer than this, keep-alive or not.
+    connection_timeout_ms: u64,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <the file's content>`.
+    metrics_token_file: Option<PathBuf>,
+    /// The local control socket (`portcullis kill`, `revive`, `status`, `unlock-revive`,
+    /// `reload` on the gateway itself), relative to `state_dir`; "" turns it off.
+    control_socket: PathBuf,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 5_000,
+            connection_timeout_ms: 30_000,
+            metrics_token_file: None,
+            control_socket: PathBuf::from("control.sock"),
+        }
+    }
+}
+
+/// The admin listener's bounds and the control socket (`[admin]`).
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub connection_timeout: Duration,
+    pub metrics_token_file: Option<PathBuf>,
+    /// As configured (relative to `state_dir`), `None` when turned off: use
+    /// [`Config::control_socket`].
+    pub control_socket: Option<PathBuf>,
+}
+
 // --- [dns]: the filtering DNS forwarder (src/dns/) ---
 
 #[derive(Debug, Deserialize)]
@@ -340,9 +387,18 @@ pub struct Config {
     /// `listen.dns`: DNS forwarder addresses (UDP and TCP each).
     pub dns_listen: Vec<SocketAddr>,
     pub dns: DnsSettings,
+    pub admin: AdminSettings,
 }
 
 impl Config {
+    /// The local control socket's path (`[admin] control_socket` under `state_dir`), if on.
+    pub fn control_socket(&self) -> Option<PathBuf> {
+        self.admin
+            .control_socket
+            .as_ref()
+            .map(|p| self.state_dir.join(p))
+    }
+
     /// The gateway manages nftables (kill sets) when the ruleset is configured.
     pub fn manages_nftables(&self) -> bool {
         !self.nft_agent_interfaces.is_empty() || !self.nft_agent_networks.is_empty()
@@ -483,6 +539,21 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         p => LogDestination::File(resolve(PathBuf::from(p))),
     };
     let dns = compile_dns(raw.dns, key_error)?;
+    let a = raw.admin;
+    if a.max_connections == 0 {
+        return Err(key_error(
+            "admin.max_connections",
+            "must be at least 1".into(),
+        ));
+    }
+    let admin = AdminSettings {
+        max_connections: a.max_connections,
+        header_timeout: Duration::from_millis(a.header_timeout_ms.max(1)),
+        body_timeout: Duration::from_millis(a.body_timeout_ms.max(1)),
+        connection_timeout: Duration::from_millis(a.connection_timeout_ms.max(1)),
+        metrics_token_file: a.metrics_token_file.map(&resolve),
+        control_socket: (!a.control_socket.as_os_str().is_empty()).then_some(a.control_socket),
+    };
     Ok(Config {
         source: None,
         rules_dir: resolve(raw.rules_dir),
@@ -519,6 +590,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         max_request_head_bytes: raw.caps.max_request_head_bytes,
         dns_listen: raw.listen.dns,
         dns,
+        admin,
     })
 }
 

@@ -57,6 +57,30 @@ pub enum StartError {
     Limits(String),
     #[error("dns forwarder: {0}")]
     Dns(#[from] crate::dns::DnsError),
+    #[error("cannot bind the control socket {path}: {source}")]
+    ControlSocket {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin.metrics_token_file {path}: {why}")]
+    MetricsToken {
+        path: std::path::PathBuf,
+        why: String,
+    },
+}
+
+/// The `/metrics` bearer token: the file's content, trimmed; at least 16 bytes.
+fn read_token(path: &std::path::Path) -> Result<Arc<[u8]>, StartError> {
+    let fail = |why: String| StartError::MetricsToken {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(fail("the token must be at least 16 characters".into()));
+    }
+    Ok(Arc::from(token.as_bytes()))
 }
 
 /// A started gateway. Drop it only after [`Running::shutdown`].
@@ -78,16 +102,28 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     // Fail closed: the kill state is read before any listener opens.
     let cut = CancellationToken::new();
-    let secrets =
-        killswitch::read_secrets(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
+    let keys =
+        killswitch::read_keys(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
     let totp = killswitch::read_totp(config.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
-    let nft = config.manages_nftables().then(crate::nft::Nft::default);
-    let kill = KillSwitch::load(&config.state_dir, secrets, totp, nft, &cut);
-    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budget_reset_hour_utc)
-        .map_err(StartError::Limits)?;
+    let metrics_token = match &config.admin.metrics_token_file {
+        Some(f) => Some(read_token(f)?),
+        None => None,
+    };
     let log = LogWriter::start(&config.log_destination, config.log_queue)?;
     let telemetry = Telemetry::new(&log);
+    let nft = config.manages_nftables().then(crate::nft::Nft::default);
+    let kill = KillSwitch::load(
+        &config.state_dir,
+        keys,
+        totp,
+        nft,
+        &cut,
+        telemetry.clone(),
+        crate::admin::unix_now(),
+    );
+    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budget_reset_hour_utc)
+        .map_err(StartError::Limits)?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -127,6 +163,13 @@ pub async fn start(
     };
     let admin = match config.admin_listen {
         Some(a) => Some(bind("admin", a).await?),
+        None => None,
+    };
+    let control = match config.control_socket() {
+        Some(path) => Some(
+            crate::admin::local::bind(&path)
+                .map_err(|source| StartError::ControlSocket { path, source })?,
+        ),
         None => None,
     };
     telemetry
@@ -202,7 +245,14 @@ pub async fn start(
         .spawn(crate::reload::on_sighup(shared.clone()));
     shared.tracker.spawn(persist_budgets(shared.clone()));
     if let Some(l) = admin {
-        shared.tracker.spawn(crate::admin::serve(shared.clone(), l));
+        shared
+            .tracker
+            .spawn(crate::admin::serve(shared.clone(), l, metrics_token));
+    }
+    if let Some(l) = control {
+        shared
+            .tracker
+            .spawn(crate::admin::local::serve(shared.clone(), l));
     }
     Ok(Running {
         shared,

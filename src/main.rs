@@ -36,6 +36,8 @@ fn main() {
         Command::Kill { agent, reason } => cli::kill(config, agent.as_deref(), reason.as_deref()),
         Command::Revive { totp, agent } => cli::revive(config, agent.as_deref(), &totp),
         Command::Status => cli::status(config),
+        Command::UnlockRevive => cli::unlock_revive(config),
+        Command::Reload => cli::reload(config),
         Command::ApplyRuleset => cli::apply_ruleset(config),
         Command::Explain { agent, target } => cli::explain(config, &agent, &target),
         Command::Selftest(args) => cli::selftest(*args),

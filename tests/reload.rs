@@ -110,7 +110,7 @@ async fn a_broken_file_keeps_the_last_good_policy_and_reports_it() {
         "{metrics}"
     );
     // An explicit reload reports the same error.
-    let (code, body) = admin_request(gw.admin, "POST", "/v1/reload", &[], b"").await;
+    let (code, body) = signed_reload(gw.admin).await;
     assert_eq!(code, 422, "{body}");
     gw.stop().await;
 }
@@ -132,7 +132,7 @@ async fn live_tunnels_the_new_policy_denies_are_closed() {
         agent(port, &["b.test"]),
     )
     .unwrap();
-    let (code, _) = admin_request(gw.admin, "POST", "/v1/reload", &[], b"").await;
+    let (code, _) = signed_reload(gw.admin).await;
     assert_eq!(code, 200);
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 16];
@@ -198,7 +198,7 @@ async fn fifty_reloads_under_200_clients_fail_no_allowed_connection() {
     for i in 0..50 {
         // Each generation keeps a.test and adds an unrelated name.
         std::fs::write(&file, agent(port, &["a.test", &format!("extra{i}.test")])).unwrap();
-        let (code, body) = admin_request(gw.admin, "POST", "/v1/reload", &[], b"").await;
+        let (code, body) = signed_reload(gw.admin).await;
         assert_eq!(code, 200, "{body}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -238,7 +238,7 @@ async fn reading_the_rules_does_not_trigger_a_reload() {
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(generation(&gw), 1, "reloaded with no change at all");
-    let (code, _) = admin_request(gw.admin, "POST", "/v1/reload", &[], b"").await;
+    let (code, _) = signed_reload(gw.admin).await;
     assert_eq!(code, 200);
     assert_eq!(generation(&gw), 2);
     // Reading the files (by the reload above, and by anyone else) is not a change.

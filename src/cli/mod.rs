@@ -14,7 +14,7 @@ use crate::nft::{self, RulesetSpec};
 use crate::policy::{Decision, Policy, Target};
 use crate::proxy::target::parse_authority;
 use crate::proxy::upstream::DnsResolver;
-pub use remote::{kill, revive, status};
+pub use remote::{kill, reload, revive, status, unlock_revive};
 pub use selftest::{SelftestArgs, selftest};
 
 #[derive(Debug, Parser)]
@@ -34,23 +34,34 @@ pub enum Command {
     Run,
     /// Validate the config and the rules, print a summary; exit 1 with every error.
     Check,
-    /// Engage the kill switch through the admin API (signed with the local secret).
+    /// Engage the kill switch: through the local control socket (root or the service
+    /// user), else the admin API signed with the local webhook secret. Exit 0 when engaged
+    /// and written to disk.
     Kill {
         /// One agent; without it, every agent.
         #[arg(long)]
         agent: Option<String>,
+        /// Why, recorded in the state file and the log.
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Reopen routes: needs the current TOTP code.
+    /// Reopen routes: needs the current TOTP code. Failed codes are counted; after five,
+    /// revive is locked for a growing back-off (see `unlock-revive`).
     Revive {
+        /// The current 6-digit code from the authenticator.
         #[arg(long)]
         totp: String,
+        /// One agent; without it, every agent (and a corrupt state).
         #[arg(long)]
         agent: Option<String>,
     },
-    /// Show the kill switch state.
+    /// Show the kill switch state and any revive lock-out.
     Status,
+    /// Clear every revive lock-out earned by failed TOTP codes (control socket only: run
+    /// it on the gateway as root or the service user).
+    UnlockRevive,
+    /// Reload the rules now (control socket, else the signed admin API).
+    Reload,
     /// Print the nftables ruleset for this config.
     PrintRuleset,
     /// Apply the nftables ruleset atomically (one `nft -f` batch, table replaced whole).

@@ -1,5 +1,8 @@
-//! Commands that talk to a running gateway's admin API: `kill`, `revive`, `status`. Kill
-//! and revive requests are signed like Standard Webhooks with the local secret file.
+//! Commands that talk to the running gateway on this machine: `kill`, `revive`, `status`,
+//! `unlock-revive`, `reload`. They use the local control socket (`[admin] control_socket`)
+//! when it answers: no secret needed, and nothing on the network side (connection cap,
+//! replay memory) can keep a kill out. Without it, kill, revive, status and reload go to the
+//! admin API, signed like Standard Webhooks with the local secret file.
 
 use std::path::Path;
 
@@ -96,37 +99,127 @@ fn print_call(result: Result<(u16, String), String>) -> i32 {
     }
 }
 
-pub fn kill(config_path: Option<&Path>, agent: Option<&str>, reason: Option<&str>) -> i32 {
+/// One request over the control socket. `Ok(None)` when there is no socket to talk to
+/// (turned off, absent, refused, or not ours to open): the caller may use the admin API.
+fn control_call(
+    config: &Config,
+    request: &serde_json::Value,
+) -> Result<Option<(u16, String)>, String> {
+    use std::io::{ErrorKind, Read, Write};
+    let Some(path) = config.control_socket() else {
+        return Ok(None);
+    };
+    let mut s = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused | ErrorKind::PermissionDenied
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let timeout = Some(std::time::Duration::from_secs(15));
+    s.set_read_timeout(timeout)
+        .and_then(|()| s.set_write_timeout(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut line = request.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut resp = String::new();
+    s.take(1 << 20)
+        .read_to_string(&mut resp)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(resp.trim()).map_err(|_| {
+        format!(
+            "{}: the gateway closed without an answer (is this user root or the service user?)",
+            path.display()
+        )
+    })?;
+    let status = v["status"]
+        .as_u64()
+        .and_then(|s| u16::try_from(s).ok())
+        .ok_or("control socket: no status in the answer")?;
+    Ok(Some((status, format!("{}\n", v["body"]))))
+}
+
+/// The control socket if it answers, else the admin API (signed when `signed`).
+fn local_or_admin(
+    config_path: Option<&Path>,
+    request: serde_json::Value,
+    path: &str,
+    http_body: Option<serde_json::Value>,
+) -> i32 {
     let call = load_config(config_path).and_then(|config| {
-        let body = serde_json::json!({
-            "scope": if agent.is_some() { "agent" } else { "all" },
-            "agent": agent,
-            "reason": reason.unwrap_or("portcullis kill (cli)"),
-        })
-        .to_string();
-        let headers = signed_headers(&config, body.as_bytes())?;
-        admin_call(&config, "POST", "/v1/kill", &headers, body.as_bytes())
+        if let Some(answer) = control_call(&config, &request)? {
+            return Ok(answer);
+        }
+        match http_body {
+            Some(body) => {
+                let body = body.to_string();
+                let headers = signed_headers(&config, body.as_bytes())?;
+                admin_call(&config, "POST", path, &headers, body.as_bytes())
+            }
+            None => admin_call(&config, "GET", path, &[], b""),
+        }
     });
     print_call(call)
+}
+
+pub fn kill(config_path: Option<&Path>, agent: Option<&str>, reason: Option<&str>) -> i32 {
+    let reason = reason.unwrap_or("portcullis kill (cli)");
+    local_or_admin(
+        config_path,
+        serde_json::json!({ "op": "kill", "agent": agent, "reason": reason }),
+        "/v1/kill",
+        Some(serde_json::json!({
+            "scope": if agent.is_some() { "agent" } else { "all" },
+            "agent": agent,
+            "reason": reason,
+        })),
+    )
 }
 
 pub fn revive(config_path: Option<&Path>, agent: Option<&str>, totp: &str) -> i32 {
-    let call = load_config(config_path).and_then(|config| {
-        let body = serde_json::json!({
+    local_or_admin(
+        config_path,
+        serde_json::json!({ "op": "revive", "agent": agent, "totp": totp }),
+        "/v1/revive",
+        Some(serde_json::json!({
             "scope": if agent.is_some() { "agent" } else { "all" },
             "agent": agent,
             "totp": totp,
-        })
-        .to_string();
-        let headers = signed_headers(&config, body.as_bytes())?;
-        admin_call(&config, "POST", "/v1/revive", &headers, body.as_bytes())
-    });
-    print_call(call)
+        })),
+    )
 }
 
 pub fn status(config_path: Option<&Path>) -> i32 {
-    print_call(
-        load_config(config_path)
-            .and_then(|config| admin_call(&config, "GET", "/v1/status", &[], b"")),
+    local_or_admin(
+        config_path,
+        serde_json::json!({ "op": "status" }),
+        "/v1/status",
+        None,
     )
+}
+
+pub fn reload(config_path: Option<&Path>) -> i32 {
+    local_or_admin(
+        config_path,
+        serde_json::json!({ "op": "reload" }),
+        "/v1/reload",
+        Some(serde_json::json!({})),
+    )
+}
+
+/// Clear every revive lock-out: on the gateway only, through the control socket.
+pub fn unlock_revive(config_path: Option<&Path>) -> i32 {
+    let call = load_config(config_path).and_then(|config| {
+        control_call(&config, &serde_json::json!({ "op": "unlock-revive" }))?.ok_or_else(|| {
+            "the control socket is not reachable: unlock-revive runs on the gateway, as root or the service user".to_owned()
+        })
+    });
+    print_call(call)
 }

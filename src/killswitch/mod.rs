@@ -1,33 +1,43 @@
-//! The kill switch (DESIGN §8): one signed webhook call cuts every route out, for all agents
-//! or one, and only a signed call with a current TOTP code reopens them.
+//! The kill switch: one signed webhook call cuts every route out, for all agents or one, and
+//! only a signed call with a current TOTP code reopens them (docs/kill-switch.md).
 //!
 //! Owns the killed state (durable, fail-closed: unreadable means killed), the cancellation
-//! tree that closes live tunnels (all → agent → tunnel), and keeping the nftables
-//! `kill_sources` sets equal to the state. The pieces: `webhook` (Standard Webhooks
-//! signatures, replay guard), `totp` (RFC 6238), `state` (the file). Must not decide anything
-//! about domains; the data path only asks [`KillSwitch::is_killed`].
+//! tree that closes live tunnels (all → agent → tunnel), keeping the nftables `kill_sources`
+//! sets equal to the state, and everything that guards it: who may ask (`webhook`: Standard
+//! Webhooks signatures and a replay guard that never locks a kill out), how often revive may
+//! be tried (`attempts`), the TOTP check (`totp`), and the log line and metric of every
+//! refused request. The state file (`state`) holds the kill and the revive guard together.
+//! Must not decide anything about domains; the data path only asks [`KillSwitch::is_killed`].
 
+pub mod attempts;
 pub mod state;
 pub mod totp;
 pub mod webhook;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use serde::Deserialize;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::hash::RuleKeyMap;
 use crate::nft::Nft;
 use crate::policy::Policy;
+use crate::telemetry::Telemetry;
 use state::{KillEntry, KillState, Loaded};
 use totp::{TotpGuard, TotpSecret};
 use webhook::{ReplayGuard, Secret, SignedRequest, WebhookError};
 
 /// File name of the state inside `state_dir`.
 pub const STATE_FILE: &str = "killswitch.json";
+/// Accepted request ids kept in the state file at most (they leave it as their timestamp
+/// leaves the replay window; a flood beyond this forgets the oldest, which only matters for
+/// kills, and a replayed kill only closes).
+const MAX_DURABLE_IDS: usize = 1_024;
 
 /// What a request asks to cut or reopen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,16 +69,64 @@ pub struct Request {
     pub totp: Option<String>,
 }
 
+/// Who asked: the webhook key that signed the request (`key:<file name>`), or `local` (the
+/// control socket, reachable only by root and the service user). Revive attempts are counted
+/// per sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sender(Arc<str>);
+
+impl Sender {
+    pub fn local() -> Self {
+        Sender(Arc::from("local"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A webhook key and the name its sender is known by.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub sender: Sender,
+    pub secret: Secret,
+}
+
+/// The signed request as it arrived, with where it came from (for the log).
+#[derive(Debug, Clone, Copy)]
+pub struct Signed<'a> {
+    pub request: SignedRequest<'a>,
+    pub source: Option<IpAddr>,
+}
+
+/// An authenticated request: who sent it, its id and timestamp (remembered durably once it
+/// acted), and where it came from (for the log).
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted<'a> {
+    pub sender: &'a Sender,
+    pub id: Option<(&'a str, i64)>,
+    pub source: Option<IpAddr>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KillError {
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] WebhookError),
     #[error("a valid TOTP code is required to revive")]
-    BadTotp,
+    BadTotp {
+        /// Set when this failure locked revive.
+        locked_until: Option<i64>,
+    },
+    #[error("revive is locked after failed attempts until {until} (unix time)")]
+    Locked { until: i64 },
+    #[error("revive is not configured (no TOTP secret)")]
+    ReviveNotConfigured,
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the kill switch has no webhook secret configured")]
     NotConfigured,
+    #[error("the state could not be written; nothing reopened")]
+    NotWritten,
 }
 
 /// The state as the data path reads it.
@@ -83,6 +141,15 @@ impl View {
     fn is_killed(&self, agent: &str) -> bool {
         self.corrupt.is_some() || self.state.is_killed(agent)
     }
+}
+
+/// The authoritative state, changed one operation at a time: a revive's lock check, TOTP
+/// check and failure count happen under one lock, so concurrent guesses cannot slip in
+/// between the check and the count.
+#[derive(Debug, Default)]
+struct Ledger {
+    state: KillState,
+    corrupt: Option<String>,
 }
 
 struct Tokens {
@@ -103,16 +170,20 @@ pub struct Report {
 pub struct KillSwitch {
     path: PathBuf,
     view: ArcSwap<View>,
+    /// The webhook secrets, and the sender each one names (same order).
     secrets: Vec<Secret>,
+    senders: Vec<Sender>,
     totp: Option<TotpSecret>,
+    /// Ids seen in the replay window, in memory; seeded from the state file at start.
     replay: Mutex<ReplayGuard>,
-    totp_guard: Mutex<TotpGuard>,
+    ops: tokio::sync::Mutex<Ledger>,
     tokens: Mutex<Tokens>,
     /// Parent of every tunnel token: the process-wide `cut` (shutdown).
     parent: CancellationToken,
-    /// Kill/revive run one at a time.
-    ops: tokio::sync::Mutex<()>,
     nft: Option<Nft>,
+    /// The last nftables sync's error, for `/healthz`.
+    nft_error: Mutex<Option<String>>,
+    telemetry: Telemetry,
 }
 
 impl std::fmt::Debug for KillSwitch {
@@ -125,43 +196,79 @@ impl std::fmt::Debug for KillSwitch {
 
 impl KillSwitch {
     /// Read the state before anything listens (fail closed: corrupt or unreadable = killed).
+    /// `now` (unix seconds) judges which remembered ids are still inside the replay window.
     pub fn load(
         state_dir: &Path,
-        secrets: Vec<Secret>,
+        keys: Vec<Key>,
         totp: Option<TotpSecret>,
         nft: Option<Nft>,
         parent: &CancellationToken,
+        telemetry: Telemetry,
+        now: i64,
     ) -> Self {
         let path = state_dir.join(STATE_FILE);
-        let view = match state::load(&path) {
-            Loaded::Fresh => View::default(),
-            Loaded::State(state) => View {
+        let ledger = match state::load(&path) {
+            Loaded::Fresh => Ledger::default(),
+            Loaded::State(state) => Ledger {
                 state,
                 corrupt: None,
             },
             Loaded::Corrupt(why) => {
                 tracing::error!(path = %path.display(), %why, "kill switch state unreadable: every agent is KILLED until a signed revive");
-                View {
+                Ledger {
                     state: KillState::default(),
                     corrupt: Some(why),
                 }
             }
         };
+        let restored = ledger
+            .state
+            .all
+            .iter()
+            .map(|e| ("all", e))
+            .chain(ledger.state.agents.iter().map(|(a, e)| (a.as_str(), e)));
+        for (scope, entry) in restored {
+            tracing::warn!(scope, reason = %entry.reason, at_unix = entry.at_unix, "kill switch restored from the state file: KILLED");
+            telemetry.event(
+                "kill_switch",
+                &[
+                    ("event.action", "kill_restored".into()),
+                    ("portcullis.kill_switch.scope", scope.into()),
+                    (
+                        "portcullis.kill_switch.reason",
+                        entry.reason.as_str().into(),
+                    ),
+                    ("portcullis.kill_switch.at_unix", entry.at_unix.into()),
+                ],
+            );
+        }
+        let mut replay = ReplayGuard::default();
+        for (id, ts) in &ledger.state.guard.ids {
+            // Out-of-window ids are refused by the window anyway.
+            let _ = replay.check_and_remember(id, *ts, now);
+        }
+        let view = View {
+            state: ledger.state.clone(),
+            corrupt: ledger.corrupt.clone(),
+        };
         let all = parent.child_token();
+        let (senders, secrets) = keys.into_iter().map(|k| (k.sender, k.secret)).unzip();
         Self {
             path,
             view: ArcSwap::from_pointee(view),
             secrets,
+            senders,
             totp,
-            replay: Mutex::new(ReplayGuard::default()),
-            totp_guard: Mutex::new(TotpGuard::new()),
+            replay: Mutex::new(replay),
+            ops: tokio::sync::Mutex::new(ledger),
             tokens: Mutex::new(Tokens {
                 all,
                 agents: RuleKeyMap::default(),
             }),
             parent: parent.clone(),
-            ops: tokio::sync::Mutex::new(()),
             nft,
+            nft_error: Mutex::new(None),
+            telemetry,
         }
     }
 
@@ -190,21 +297,66 @@ impl KillSwitch {
         tunnel
     }
 
-    /// Check a webhook's signature, timestamp and id (replay). `now` in unix seconds.
-    pub fn authenticate(&self, req: &SignedRequest<'_>, now: i64) -> Result<(), KillError> {
+    /// Check a request's signature, timestamp and id (replay), for `action` (`kill`,
+    /// `revive`, `reload`). `now` in unix seconds. Every refusal is logged and counted.
+    pub fn authenticate(
+        &self,
+        action: &'static str,
+        req: &Signed<'_>,
+        now: i64,
+    ) -> Result<Sender, KillError> {
         if self.secrets.is_empty() {
             return Err(KillError::NotConfigured);
         }
-        webhook::verify(&self.secrets, req, now)?;
-        let ts: i64 = req
-            .timestamp
-            .parse()
-            .map_err(|_| WebhookError::BadTimestamp)?;
-        self.replay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .check_and_remember(req.id, ts, now)?;
-        Ok(())
+        let checked = webhook::verify(&self.secrets, &req.request, now).and_then(|index| {
+            let ts: i64 = req
+                .request
+                .timestamp
+                .parse()
+                .map_err(|_| WebhookError::BadTimestamp)?;
+            self.replay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .check_and_remember(req.request.id, ts, now)?;
+            Ok(index)
+        });
+        match checked {
+            Ok(index) => self
+                .senders
+                .get(index)
+                .cloned()
+                .ok_or(KillError::Unauthorized(WebhookError::BadSignature)),
+            Err(e) => {
+                self.refused(action, e.reason(), None, req.source, None);
+                Err(KillError::Unauthorized(e))
+            }
+        }
+    }
+
+    /// One refused request: a log line and the metric.
+    fn refused(
+        &self,
+        action: &str,
+        reason: &'static str,
+        sender: Option<&Sender>,
+        source: Option<IpAddr>,
+        locked_until: Option<i64>,
+    ) {
+        self.telemetry.metrics.kill_switch_auth_failure(reason);
+        self.telemetry.event(
+            "kill_switch",
+            &[
+                ("event.action", "deny".into()),
+                ("event.reason", reason.into()),
+                ("portcullis.kill_switch.request", action.into()),
+                (
+                    "portcullis.kill_switch.sender",
+                    sender.map(Sender::as_str).into(),
+                ),
+                ("source.ip", source.map(|ip| ip.to_string()).into()),
+                ("portcullis.kill_switch.locked_until", locked_until.into()),
+            ],
+        );
     }
 
     /// Validate a request body into a scope; an agent scope must name an agent of `policy`.
@@ -221,23 +373,23 @@ impl KillSwitch {
 
     /// Engage: state to disk (fsync) → new connections refused → live tunnels cut → nft
     /// sets updated. If the state cannot be written, the kill still takes effect in memory
-    /// and the report says so.
+    /// and the report says so. Never refused: a kill only ever closes.
     pub async fn kill(
         &self,
         scope: Scope,
         reason: String,
-        by: String,
+        by: Accepted<'_>,
         now: i64,
         policy: &Policy,
         nets: &[IpNet],
     ) -> Report {
-        let _op = self.ops.lock().await;
-        let current = self.view.load();
-        let mut next = current.state.clone();
+        let mut ledger = self.ops.lock().await;
+        let live = self.live_tunnels(&scope, policy);
+        let mut next = ledger.state.clone();
         let entry = KillEntry {
-            reason,
+            reason: reason.clone(),
             at_unix: now,
-            by,
+            by: by.sender.as_str().to_owned(),
         };
         match &scope {
             Scope::All => next.all = Some(entry),
@@ -245,74 +397,180 @@ impl KillSwitch {
                 next.agents.insert(a.clone(), entry);
             }
         }
+        remember_id(&mut next, by.id, now);
         let state_written = self.write(&next).await;
+        ledger.state = next.clone();
         self.view.store(Arc::new(View {
             state: next.clone(),
-            corrupt: current.corrupt.clone(),
+            corrupt: ledger.corrupt.clone(),
         }));
         self.cut(&scope);
         let nft = self
-            .sync_nft(&next, current.corrupt.is_some(), policy, nets)
+            .sync_nft(&next, ledger.corrupt.is_some(), policy, nets)
             .await;
+        drop(ledger);
+        self.telemetry.metrics.set_kill_switch(scope.label(), true);
+        tracing::warn!(scope = scope.label(), by = by.sender.as_str(), tunnels = live, state_written, %nft, "KILL SWITCH ENGAGED");
+        self.telemetry.event(
+            "kill_switch",
+            &[
+                ("event.action", "kill".into()),
+                ("portcullis.kill_switch.scope", scope.label().into()),
+                ("portcullis.kill_switch.sender", by.sender.as_str().into()),
+                ("portcullis.kill_switch.reason", reason.into()),
+                ("portcullis.kill_switch.tunnels_cut", live.into()),
+                ("portcullis.kill_switch.state_written", state_written.into()),
+            ],
+        );
         Report {
             action: "kill",
             scope: scope.label().to_owned(),
             state_written,
-            tunnels_cut: 0,
+            tunnels_cut: live,
             nft,
         }
     }
 
-    /// Reopen `scope` after checking the TOTP code. Reviving `all` also clears a corrupt
-    /// state and every per-agent kill.
+    /// Tunnels that a kill of `scope` cuts, from the live-tunnel gauges.
+    fn live_tunnels(&self, scope: &Scope, policy: &Policy) -> i64 {
+        let metrics = &self.telemetry.metrics;
+        match scope {
+            Scope::All => policy
+                .agents()
+                .map(|(_, a)| metrics.agent(&a.name).active_tunnels.get())
+                .chain(std::iter::once(
+                    metrics
+                        .agent(crate::policy::UNKNOWN_AGENT)
+                        .active_tunnels
+                        .get(),
+                ))
+                .sum(),
+            Scope::Agent(a) => metrics.agent(a).active_tunnels.get(),
+        }
+    }
+
+    /// Reopen `scope` after checking the TOTP code, unless revive is locked for the sender
+    /// (then refused whatever the code, and not counted). A wrong code is counted, durably,
+    /// and may lock revive. Reviving `all` also clears a corrupt state and every per-agent
+    /// kill.
     pub async fn revive(
         &self,
         scope: Scope,
         code: &str,
+        by: Accepted<'_>,
         now: i64,
         policy: &Policy,
         nets: &[IpNet],
     ) -> Result<Report, KillError> {
-        let totp = self.totp.as_ref().ok_or(KillError::BadTotp)?;
-        if u64::try_from(now).is_err()
-            || !self
-                .totp_guard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .accept(totp, code, now.unsigned_abs())
+        let totp = self.totp.as_ref().ok_or(KillError::ReviveNotConfigured)?;
+        let (sender, source) = (by.sender, by.source);
+        let mut ledger = self.ops.lock().await;
+        if let Some(until) = ledger
+            .state
+            .guard
+            .attempts
+            .locked_until(sender.as_str(), now)
         {
-            return Err(KillError::BadTotp);
+            drop(ledger);
+            self.refused("revive", "totp_locked", Some(sender), source, Some(until));
+            return Err(KillError::Locked { until });
         }
-        let _op = self.ops.lock().await;
-        let current = self.view.load();
-        let (next, corrupt) = match &scope {
-            Scope::All => (KillState::default(), None),
+        let mut guard = TotpGuard::with_last_step(ledger.state.guard.totp_last_step);
+        let accepted = u64::try_from(now).is_ok_and(|n| guard.accept(totp, code, n));
+        if !accepted {
+            let mut next = ledger.state.clone();
+            let locked_until = next.guard.attempts.failed(sender.as_str(), now);
+            // Counted in memory even if the write fails; the write makes it survive a restart.
+            let _ = self.write(&next).await;
+            ledger.state = next;
+            drop(ledger);
+            if let Some(until) = locked_until {
+                tracing::warn!(
+                    sender = sender.as_str(),
+                    until,
+                    "revive LOCKED after failed TOTP codes"
+                );
+            }
+            self.refused("revive", "totp_invalid", Some(sender), source, locked_until);
+            return Err(KillError::BadTotp { locked_until });
+        }
+        let mut next = ledger.state.clone();
+        next.guard.totp_last_step = guard.last_step();
+        next.guard.attempts.succeeded(sender.as_str());
+        remember_id(&mut next, by.id, now);
+        let corrupt = match &scope {
+            Scope::All => {
+                next.all = None;
+                next.agents.clear();
+                None
+            }
             Scope::Agent(a) => {
-                let mut s = current.state.clone();
-                s.agents.remove(a);
-                (s, current.corrupt.clone())
+                next.agents.remove(a);
+                ledger.corrupt.clone()
             }
         };
-        let state_written = self.write(&next).await;
-        if !state_written {
-            // Never reopen in memory what would come back killed after a restart.
-            return Err(KillError::BadRequest(
-                "the state could not be written; nothing reopened".into(),
-            ));
+        if !self.write(&next).await {
+            // Never reopen in memory what would come back killed after a restart; the code
+            // stays spent.
+            ledger.state.guard.totp_last_step = guard.last_step();
+            return Err(KillError::NotWritten);
         }
+        ledger.state = next.clone();
+        ledger.corrupt = corrupt.clone();
         self.view.store(Arc::new(View {
             state: next.clone(),
             corrupt: corrupt.clone(),
         }));
         self.renew_tokens(&scope);
         let nft = self.sync_nft(&next, corrupt.is_some(), policy, nets).await;
+        drop(ledger);
+        let metrics = &self.telemetry.metrics;
+        if scope == Scope::All {
+            for (_, a) in policy.agents() {
+                metrics.set_kill_switch(&a.name, false);
+            }
+        }
+        metrics.set_kill_switch(scope.label(), false);
+        tracing::warn!(
+            scope = scope.label(),
+            by = sender.as_str(),
+            "kill switch revived"
+        );
+        self.telemetry.event(
+            "kill_switch",
+            &[
+                ("event.action", "revive".into()),
+                ("portcullis.kill_switch.scope", scope.label().into()),
+                ("portcullis.kill_switch.sender", sender.as_str().into()),
+            ],
+        );
         Ok(Report {
             action: "revive",
             scope: scope.label().to_owned(),
-            state_written,
+            state_written: true,
             tunnels_cut: 0,
             nft,
         })
+    }
+
+    /// An operator on the gateway clears every failed-attempt count and revive lock.
+    /// Returns whether the cleared state was written.
+    pub async fn clear_lockout(&self) -> bool {
+        let mut ledger = self.ops.lock().await;
+        let mut next = ledger.state.clone();
+        next.guard.attempts.clear();
+        let written = self.write(&next).await;
+        ledger.state = next;
+        drop(ledger);
+        tracing::warn!("revive lock-out cleared by an operator on the gateway");
+        self.telemetry.event(
+            "kill_switch",
+            &[
+                ("event.action", "lockout_cleared".into()),
+                ("portcullis.kill_switch.sender", "local".into()),
+            ],
+        );
+        written
     }
 
     async fn write(&self, state: &KillState) -> bool {
@@ -373,11 +631,14 @@ impl KillSwitch {
             return "skipped (no nftables configured)".into();
         };
         let wanted = killed_nets(state, corrupt, policy, nets);
-        match tokio::task::spawn_blocking(move || nft.sync_killed(&wanted)).await {
-            Ok(Ok(())) => "ok".into(),
-            Ok(Err(e)) => format!("error: {e}"),
-            Err(e) => format!("error: {e}"),
-        }
+        let result = match tokio::task::spawn_blocking(move || nft.sync_killed(&wanted)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("error: {e}")),
+            Err(e) => Some(format!("error: {e}")),
+        };
+        let report = result.clone().unwrap_or_else(|| "ok".into());
+        *self.nft_error.lock().unwrap_or_else(|p| p.into_inner()) = result;
+        report
     }
 
     /// Bring the nftables sets in line with the state (at start-up).
@@ -387,16 +648,50 @@ impl KillSwitch {
             .await
     }
 
-    /// `GET /v1/status`.
-    pub fn status(&self) -> serde_json::Value {
-        let v = self.view.load();
-        serde_json::json!({
-            "all": v.state.all,
-            "agents": v.state.agents,
-            "corrupt": v.corrupt,
+    /// `GET /v1/status` and the control socket's `status`: what is killed, why and since
+    /// when, and whether revive is locked. Never shows request ids or secrets.
+    pub async fn status(&self, now: i64) -> serde_json::Value {
+        let ledger = self.ops.lock().await;
+        let entry = |e: &KillEntry| json!({ "reason": e.reason, "at_unix": e.at_unix, "by": public_sender(&e.by) });
+        let agents: serde_json::Map<String, serde_json::Value> = ledger
+            .state
+            .agents
+            .iter()
+            .map(|(a, e)| (a.clone(), entry(e)))
+            .collect();
+        let (global, senders) = ledger.state.guard.attempts.locks(now);
+        json!({
+            "all": ledger.state.all.as_ref().map(entry),
+            "agents": agents,
+            "corrupt": ledger.corrupt,
             "configured": !self.secrets.is_empty(),
             "revive_configured": self.totp.is_some(),
+            "revive_locked": { "all_senders_until": global, "senders": senders },
         })
+    }
+
+    /// Why `/healthz` should say `degraded`, as far as the kill switch knows.
+    pub fn health_reasons(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let v = self.view.load();
+        if v.corrupt.is_some() {
+            out.push("kill_switch: state unreadable, every agent killed".to_owned());
+        } else if v.state.all.is_some() {
+            out.push("kill_switch: every agent killed".to_owned());
+        }
+        if !v.state.agents.is_empty() {
+            let names: Vec<&str> = v.state.agents.keys().map(String::as_str).collect();
+            out.push(format!("kill_switch: agents killed: {}", names.join(", ")));
+        }
+        if let Some(e) = self
+            .nft_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            out.push(format!("nftables: kill sets not synchronised: {e}"));
+        }
+        out
     }
 
     /// Scopes currently engaged, for the metrics gauge.
@@ -407,6 +702,36 @@ impl KillSwitch {
             out.push("all".into());
         }
         out
+    }
+}
+
+/// Older state files recorded the webhook id in `by`; only sender names are shown.
+fn public_sender(by: &str) -> &str {
+    if by == "local" || by == "cli" || by.starts_with("key:") {
+        by
+    } else {
+        "webhook"
+    }
+}
+
+/// Add an accepted request's id to the durable guard, dropping ids whose timestamp left the
+/// replay window and, beyond [`MAX_DURABLE_IDS`], the oldest.
+fn remember_id(state: &mut KillState, id: Option<(&str, i64)>, now: i64) {
+    let ids = &mut state.guard.ids;
+    let oldest = now.saturating_sub(webhook::TOLERANCE_SECS);
+    ids.retain(|_, ts| *ts >= oldest);
+    if let Some((id, ts)) = id {
+        ids.insert(id.to_owned(), ts);
+    }
+    while ids.len() > MAX_DURABLE_IDS {
+        let Some(first) = ids
+            .iter()
+            .min_by_key(|(_, ts)| **ts)
+            .map(|(id, _)| id.clone())
+        else {
+            break;
+        };
+        ids.remove(&first);
     }
 }
 
@@ -434,11 +759,25 @@ pub fn killed_nets(
 
 /// Read secrets: each file holds one `whsec_…` secret (several files = rotation).
 pub fn read_secrets(files: &[PathBuf]) -> Result<Vec<Secret>, String> {
+    read_keys(files).map(|keys| keys.into_iter().map(|k| k.secret).collect())
+}
+
+/// Read the webhook keys, each named `key:<file name>` (the sender revive attempts are
+/// counted by).
+pub fn read_keys(files: &[PathBuf]) -> Result<Vec<Key>, String> {
     files
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            Secret::parse(&text).map_err(|e| format!("{}: {e}", f.display()))
+            let secret = Secret::parse(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+            let name = f.file_name().map_or_else(
+                || f.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            Ok(Key {
+                sender: Sender(Arc::from(format!("key:{name}"))),
+                secret,
+            })
         })
         .collect()
 }

@@ -1,5 +1,8 @@
-//! Durable kill state: the JSON file format (`"version": 1`), a fail-closed loader and an
-//! atomic, fsynced writer.
+//! Durable kill state: the JSON file format (`"version": 2`; version 1 files, which had no
+//! revive guard, still load), a fail-closed loader and an atomic, fsynced writer.
+//!
+//! The revive guard (used TOTP step, accepted request ids, failed-attempt counts) lives in the
+//! same file, so one atomic write covers a revive and what stops it being replayed.
 //!
 //! Must not: decide policy beyond "unreadable means killed" (callers act on [`Loaded`]),
 //! read the clock, or ever report "not killed" for a file it could not fully understand.
@@ -11,12 +14,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The only on-disk format version this code understands.
-pub const VERSION: u64 = 1;
+/// The on-disk format version written.
+pub const VERSION: u64 = 2;
+/// The version before the revive guard: read, never written.
+const VERSION_1: u64 = 1;
 /// A state file is a few KiB; anything this big is not ours, and reading it all would hurt.
 const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Exactly these top-level keys; serde alone would let a missing `all` default to "not killed".
-const TOP_LEVEL_KEYS: [&str; 3] = ["version", "all", "agents"];
+const TOP_LEVEL_KEYS: [&str; 4] = ["version", "all", "agents", "guard"];
+const TOP_LEVEL_KEYS_V1: [&str; 3] = ["version", "all", "agents"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -40,6 +46,22 @@ pub struct KillState {
     pub all: Option<KillEntry>,
     /// Agents cut off individually, by agent name.
     pub agents: BTreeMap<String, KillEntry>,
+    /// What stops a revive from being guessed or replayed, across restarts too.
+    pub guard: Guard,
+}
+
+/// The durable half of revive's anti-replay and anti-guessing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guard {
+    /// The last TOTP time step a revive used: no code of this step or an earlier one is
+    /// accepted again, so a captured revive cannot be replayed after a restart either.
+    pub totp_last_step: Option<u64>,
+    /// Ids of accepted kills and revives (id → webhook timestamp) still inside the replay
+    /// window, so a restart does not forget them.
+    pub ids: BTreeMap<String, i64>,
+    /// Failed revive attempts and the lock-outs they earned.
+    pub attempts: super::attempts::Attempts,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,14 +109,22 @@ struct OnDiskRef<'a> {
     version: u64,
     all: &'a Option<KillEntry>,
     agents: &'a BTreeMap<String, KillEntry>,
+    guard: &'a Guard,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OnDisk {
+    #[expect(
+        dead_code,
+        reason = "judged from the JSON value first; declared so deny_unknown_fields accepts it"
+    )]
     version: u64,
     all: Option<KillEntry>,
     agents: BTreeMap<String, KillEntry>,
+    /// Absent only in version 1 files (checked before this is read).
+    #[serde(default)]
+    guard: Guard,
 }
 
 /// Read the state at `path`. Missing → `Fresh`; anything else short of a fully valid
@@ -143,22 +173,28 @@ fn parse(bytes: &[u8]) -> Result<KillState, String> {
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
     let object = value.as_object().ok_or("top level is not an object")?;
-    match object.get("version") {
-        Some(v) if v.as_u64() == Some(VERSION) => {}
+    let keys: &[&str] = match object.get("version") {
+        Some(v) if v.as_u64() == Some(VERSION) => &TOP_LEVEL_KEYS,
+        Some(v) if v.as_u64() == Some(VERSION_1) => {
+            if object.contains_key("guard") {
+                return Err("unknown field \"guard\" in a version 1 file".to_owned());
+            }
+            &TOP_LEVEL_KEYS_V1
+        }
         Some(v) => return Err(format!("unsupported version {v}")),
         None => return Err("missing version".to_owned()),
-    }
-    for key in TOP_LEVEL_KEYS {
-        if !object.contains_key(key) {
+    };
+    for key in keys {
+        if !object.contains_key(*key) {
             return Err(format!("missing field {key:?}"));
         }
     }
     let on_disk: OnDisk =
         serde_json::from_value(value).map_err(|e| format!("invalid state: {e}"))?;
-    debug_assert_eq!(on_disk.version, VERSION);
     Ok(KillState {
         all: on_disk.all,
         agents: on_disk.agents,
+        guard: on_disk.guard,
     })
 }
 
@@ -180,6 +216,7 @@ pub fn store(path: &Path, state: &KillState) -> Result<(), StateError> {
         version: VERSION,
         all: &state.all,
         agents: &state.agents,
+        guard: &state.guard,
     })?;
     json.push(b'\n');
 
@@ -250,9 +287,16 @@ mod tests {
         let mut agents = BTreeMap::new();
         agents.insert("agent-7".to_owned(), entry("msg_abc"));
         agents.insert("ünïcode agent".to_owned(), entry("cli"));
+        let mut guard = Guard {
+            totp_last_step: Some(56_666_666),
+            ..Guard::default()
+        };
+        guard.ids.insert("msg_abc".to_owned(), 1_700_000_000);
+        guard.attempts.failed("key:webhook.secret", 1_700_000_000);
         KillState {
             all: Some(entry("cli")),
             agents,
+            guard,
         }
     }
 
@@ -283,9 +327,15 @@ mod tests {
         let (_d, p) = dir();
         store(&p, &sample()).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
-        assert_eq!(v["version"], 1);
+        assert_eq!(v["version"], 2);
         assert_eq!(v["all"]["by"], "cli");
         assert_eq!(v["agents"]["agent-7"]["by"], "msg_abc");
+        assert_eq!(v["guard"]["totp_last_step"], 56_666_666);
+        assert_eq!(v["guard"]["ids"]["msg_abc"], 1_700_000_000);
+        assert_eq!(
+            v["guard"]["attempts"]["senders"]["key:webhook.secret"]["failures"],
+            1
+        );
     }
 
     #[test]
@@ -344,7 +394,7 @@ mod tests {
     fn wrong_or_missing_version_is_corrupt() {
         let (_d, p) = dir();
         for doc in [
-            r#"{"version":2,"all":null,"agents":{}}"#,
+            r#"{"version":3,"all":null,"agents":{},"guard":{}}"#,
             r#"{"version":0,"all":null,"agents":{}}"#,
             r#"{"version":"1","all":null,"agents":{}}"#,
             r#"{"version":1.0,"all":null,"agents":{}}"#,
@@ -366,6 +416,12 @@ mod tests {
             r#"{"version":1,"all":{"reason":"r","at_unix":1},"agents":{}}"#,
             r#"{"version":1,"all":null,"agents":{"a":null}}"#,
             r#"{"version":1,"all":null,"agents":[]}"#,
+            // Version 2 needs its guard, whole; version 1 has none.
+            r#"{"version":2,"all":null,"agents":{}}"#,
+            r#"{"version":1,"all":null,"agents":{},"guard":{"totp_last_step":null,"ids":{},"attempts":{"global":{"failures":0,"locked_until":null},"senders":{}}}}"#,
+            r#"{"version":2,"all":null,"agents":{},"guard":{"totp_last_step":null}}"#,
+            r#"{"version":2,"all":null,"agents":{},"guard":{"totp_last_step":-1,"ids":{},"attempts":{"global":{"failures":0,"locked_until":null},"senders":{}}}}"#,
+            r#"{"version":2,"all":null,"agents":{},"guard":{"totp_last_step":null,"ids":{},"attempts":{"global":{"failures":0,"locked_until":null},"senders":{}},"x":1}}"#,
             r#"[1]"#,
             r#"null"#,
         ] {
@@ -378,6 +434,9 @@ mod tests {
     fn minimal_valid_document_loads() {
         let (_d, p) = dir();
         fs::write(&p, r#"{"version":1,"all":null,"agents":{}}"#).unwrap();
+        assert_eq!(load(&p), Loaded::State(KillState::default()));
+        let v2 = r#"{"version":2,"all":null,"agents":{},"guard":{"totp_last_step":null,"ids":{},"attempts":{"global":{"failures":0,"locked_until":null},"senders":{}}}}"#;
+        fs::write(&p, v2).unwrap();
         assert_eq!(load(&p), Loaded::State(KillState::default()));
     }
 

@@ -102,8 +102,8 @@ pub fn code_at(secret: &TotpSecret, now: u64) -> String {
 /// time step and accepts only later steps, so a code cannot be replayed within its window
 /// and an older (but still in-skew) code cannot follow a newer one.
 ///
-/// In memory only: after a restart the last ≤90 s of codes could be reused once, which the
-/// webhook signature and replay guard in front of revive already cover.
+/// The kill switch persists [`TotpGuard::last_step`] with the kill state, so a code used
+/// before a restart is refused after it too.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TotpGuard {
     last_step: Option<u64>,
@@ -112,6 +112,16 @@ pub struct TotpGuard {
 impl TotpGuard {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A guard that already used `last_step` (read back from the state file).
+    pub fn with_last_step(last_step: Option<u64>) -> Self {
+        Self { last_step }
+    }
+
+    /// The last step accepted, to persist.
+    pub fn last_step(&self) -> Option<u64> {
+        self.last_step
     }
 
     pub fn accept(&mut self, secret: &TotpSecret, code: &str, now: u64) -> bool {
@@ -269,5 +279,20 @@ mod tests {
         let mut g = TotpGuard::new();
         assert!(!g.accept(&s, "abcdef", now));
         assert!(g.accept(&s, &code_at(&s, now), now));
+    }
+
+    #[test]
+    fn guard_read_back_refuses_what_it_used_before() {
+        let s = rfc();
+        let now = 1_700_000_000;
+        let code = code_at(&s, now);
+        let mut before = TotpGuard::new();
+        assert!(before.accept(&s, &code, now));
+        let mut after = TotpGuard::with_last_step(before.last_step());
+        assert!(
+            !after.accept(&s, &code, now + 5),
+            "replayed across a restart"
+        );
+        assert!(after.accept(&s, &code_at(&s, now + STEP_SECS), now + STEP_SECS));
     }
 }

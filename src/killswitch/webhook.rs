@@ -1,6 +1,7 @@
 //! Standard Webhooks signature verification (<https://www.standardwebhooks.com/>) for the
-//! admin kill/revive endpoints: secret parsing, signing, verification with key rotation,
-//! and a bounded replay guard.
+//! admin endpoints (kill, revive, reload): secret parsing, signing, verification with key
+//! rotation (which key matched names the sender), and a bounded replay guard that never
+//! locks anyone out: when full it forgets the oldest ids.
 //!
 //! Must not: read the clock (callers inject `now`), do I/O, log or print key material, or
 //! panic on any input. Every doubt is answered with an error (fail closed).
@@ -13,10 +14,14 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-/// Accepted clock difference between sender and us, either way (spec: 5 minutes).
+/// How old a timestamp may be (spec: 5 minutes).
 pub const TOLERANCE_SECS: i64 = 300;
+/// How far ahead of our clock a timestamp may be. Much less than the spec's 5 minutes: a
+/// future-dated id would otherwise sit in the replay guard for up to 10 minutes, and a flood
+/// of them could fill it.
+pub const FUTURE_SKEW_SECS: i64 = 60;
 /// Default bound on remembered ids in [`ReplayGuard`].
 pub const DEFAULT_REPLAY_CAP: usize = 100_000;
 /// Longest accepted `webhook-id`, in bytes.
@@ -54,8 +59,18 @@ pub enum WebhookError {
     NoSecrets,
     #[error("webhook-id was already used")]
     Replayed,
-    #[error("too many webhook ids remembered; refusing until older ones expire")]
-    TooMany,
+}
+
+impl WebhookError {
+    /// The log and metric reason: `stale` for the clock, `replay` for a reused id,
+    /// `signature_invalid` for everything else (unsigned, malformed or wrongly signed).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WebhookError::Expired | WebhookError::Future => "stale",
+            WebhookError::Replayed => "replay",
+            _ => "signature_invalid",
+        }
+    }
 }
 
 /// An HMAC key, held already keyed so signing can never fail later. Debug never shows it.
@@ -123,9 +138,10 @@ pub fn sign(secret: &Secret, id: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Verify against any of `secrets` (rotation). `now` is injected (unix seconds) — no clock inside.
+/// Returns the index of the secret that matched: the sender's key.
 ///
 /// Does not check for replays: pair it with [`ReplayGuard::check_and_remember`] after success.
-pub fn verify(secrets: &[Secret], req: &SignedRequest, now: i64) -> Result<(), WebhookError> {
+pub fn verify(secrets: &[Secret], req: &SignedRequest, now: i64) -> Result<usize, WebhookError> {
     if secrets.is_empty() {
         return Err(WebhookError::NoSecrets);
     }
@@ -158,15 +174,20 @@ pub fn verify(secrets: &[Secret], req: &SignedRequest, now: i64) -> Result<(), W
 
     // Sign the timestamp exactly as sent: that string is what the sender's MAC covers.
     let mut matched = subtle::Choice::from(0u8);
-    for secret in secrets {
+    let mut index = 0u64;
+    for (i, secret) in secrets.iter().enumerate() {
         let expected = secret.mac(req.id, req.timestamp, req.body);
+        let mut this = subtle::Choice::from(0u8);
         for candidate in &candidates {
             // No early exit: timing shows neither which key nor which entry matched.
-            matched |= expected.ct_eq(candidate.as_slice());
+            this |= expected.ct_eq(candidate.as_slice());
         }
+        // The first key that matched names the sender.
+        index.conditional_assign(&(i as u64), this & !matched);
+        matched |= this;
     }
     if bool::from(matched) {
-        Ok(())
+        usize::try_from(index).map_err(|_| WebhookError::BadSignature)
     } else {
         Err(WebhookError::BadSignature)
     }
@@ -192,12 +213,13 @@ fn parse_timestamp(text: &str) -> Result<i64, WebhookError> {
     text.parse().map_err(|_| WebhookError::BadTimestamp)
 }
 
-/// Inclusive ±[`TOLERANCE_SECS`]; saturating so extreme `now` values cannot overflow.
+/// Inclusive: [`TOLERANCE_SECS`] back, [`FUTURE_SKEW_SECS`] ahead; saturating so extreme
+/// `now` values cannot overflow.
 fn check_window(ts: i64, now: i64) -> Result<(), WebhookError> {
     if ts < now.saturating_sub(TOLERANCE_SECS) {
         return Err(WebhookError::Expired);
     }
-    if ts > now.saturating_add(TOLERANCE_SECS) {
+    if ts > now.saturating_add(FUTURE_SKEW_SECS) {
         return Err(WebhookError::Future);
     }
     Ok(())
@@ -205,9 +227,12 @@ fn check_window(ts: i64, now: i64) -> Result<(), WebhookError> {
 
 /// Remembers ids seen within the tolerance window so a replay is refused.
 ///
-/// Bounded: at most `cap` ids. An id is forgotten only once its timestamp has left the
-/// window (so [`verify`] would refuse it anyway); when full of live ids, new ids are refused
-/// (fail closed) rather than forgetting live ones.
+/// Bounded: at most `cap` ids, ordered by timestamp. An id is forgotten once its timestamp
+/// has left the window (so [`verify`] would refuse it anyway) or, when the guard is full,
+/// oldest first. It never refuses a new id for capacity: that would let anyone holding a
+/// key lock every later kill out. What forgetting early costs is bounded elsewhere: a kill
+/// replayed only closes, and a revive replayed carries a TOTP code whose step was already
+/// used (the kill switch remembers it durably).
 #[derive(Debug)]
 pub struct ReplayGuard {
     cap: usize,
@@ -260,15 +285,20 @@ impl ReplayGuard {
         if timestamp < oldest_live {
             return Err(WebhookError::Expired);
         }
-        if timestamp > now.saturating_add(TOLERANCE_SECS) {
+        if timestamp > now.saturating_add(FUTURE_SKEW_SECS) {
             return Err(WebhookError::Future);
         }
         self.evict_before(oldest_live);
         if self.seen.contains_key(id) {
             return Err(WebhookError::Replayed);
         }
-        if self.seen.len() >= self.cap {
-            return Err(WebhookError::TooMany);
+        while self.seen.len() >= self.cap.max(1) {
+            match self.by_time.pop_first() {
+                Some((_, oldest)) => {
+                    self.seen.remove(&oldest);
+                }
+                None => break,
+            }
         }
         let key: Arc<str> = Arc::from(id);
         self.seen.insert(Arc::clone(&key), timestamp);
@@ -324,7 +354,7 @@ mod tests {
 
     #[test]
     fn reference_vector_verifies() {
-        assert_eq!(verify(&[secret()], &good(), TS), Ok(()));
+        assert_eq!(verify(&[secret()], &good(), TS), Ok(0));
     }
 
     #[test]
@@ -335,7 +365,7 @@ mod tests {
     #[test]
     fn secret_prefix_is_optional_and_input_trimmed() {
         let bare = Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
-        assert_eq!(verify(&[bare], &good(), TS), Ok(()));
+        assert_eq!(verify(&[bare], &good(), TS), Ok(0));
     }
 
     #[test]
@@ -390,8 +420,12 @@ mod tests {
 
     #[test]
     fn window_edges() {
-        assert_eq!(verify(&[secret()], &good(), TS + 300), Ok(()));
-        assert_eq!(verify(&[secret()], &good(), TS - 300), Ok(()));
+        assert_eq!(verify(&[secret()], &good(), TS + 300), Ok(0));
+        assert_eq!(verify(&[secret()], &good(), TS - 60), Ok(0));
+        assert_eq!(
+            verify(&[secret()], &good(), TS - 61),
+            Err(WebhookError::Future)
+        );
         assert_eq!(
             verify(&[secret()], &good(), TS + 301),
             Err(WebhookError::Expired)
@@ -523,14 +557,20 @@ mod tests {
     fn any_of_several_signatures_passes() {
         let s = [secret()];
         let sig = format!("v1,Kx6XrCHUF0DhgEfCQkJxr3+rN2O2ouOAk3BcPakOXs0= v1a,xyz garbage {SIG}");
-        assert_eq!(verify(&s, &req(ID, TS_STR, &sig, BODY), TS), Ok(()));
+        assert_eq!(verify(&s, &req(ID, TS_STR, &sig, BODY), TS), Ok(0));
         let sig = format!("{SIG} v1,Kx6XrCHUF0DhgEfCQkJxr3+rN2O2ouOAk3BcPakOXs0=");
-        assert_eq!(verify(&s, &req(ID, TS_STR, &sig, BODY), TS), Ok(()));
+        assert_eq!(verify(&s, &req(ID, TS_STR, &sig, BODY), TS), Ok(0));
     }
 
     #[test]
     fn rotation_second_secret_matches() {
-        assert_eq!(verify(&[other_secret(), secret()], &good(), TS), Ok(()));
+        assert_eq!(verify(&[other_secret(), secret()], &good(), TS), Ok(1));
+        assert_eq!(verify(&[secret(), other_secret()], &good(), TS), Ok(0));
+        // The same key twice: the first names the sender.
+        assert_eq!(
+            verify(&[other_secret(), secret(), secret()], &good(), TS),
+            Ok(1)
+        );
         // And a request signed by the new key passes with the old one listed first.
         let new_sig = sign(&other_secret(), ID, TS, BODY);
         assert_eq!(
@@ -539,7 +579,7 @@ mod tests {
                 &req(ID, TS_STR, &new_sig, BODY),
                 TS
             ),
-            Ok(())
+            Ok(1)
         );
     }
 
@@ -560,19 +600,40 @@ mod tests {
     }
 
     #[test]
-    fn replay_guard_full_refuses_new_ids() {
+    fn replay_guard_full_forgets_the_oldest_never_refuses() {
         let mut g = ReplayGuard::new(2);
-        assert_eq!(g.check_and_remember("a", TS, TS), Ok(()));
+        assert_eq!(g.check_and_remember("a", TS - 10, TS), Ok(()));
         assert_eq!(g.check_and_remember("b", TS, TS), Ok(()));
+        assert_eq!(g.check_and_remember("c", TS, TS), Ok(()));
+        assert_eq!(g.len(), 2);
+        // The newest are still refused as replays; the oldest was forgotten.
         assert_eq!(
-            g.check_and_remember("c", TS, TS),
-            Err(WebhookError::TooMany)
-        );
-        // Still refuses the old ones as replays, not as TooMany.
-        assert_eq!(
-            g.check_and_remember("a", TS, TS),
+            g.check_and_remember("b", TS, TS),
             Err(WebhookError::Replayed)
         );
+        assert_eq!(
+            g.check_and_remember("c", TS, TS),
+            Err(WebhookError::Replayed)
+        );
+        assert!(!g.seen.contains_key("a"));
+    }
+
+    /// The lock-out seen in the field: 100,000 ids dated as far ahead as allowed fill the
+    /// guard; a new id is still accepted, at once.
+    #[test]
+    fn a_flood_of_future_dated_ids_never_locks_out_a_new_one() {
+        let mut g = ReplayGuard::default();
+        for i in 0..DEFAULT_REPLAY_CAP {
+            let id = format!("flood_{i}");
+            assert_eq!(g.check_and_remember(&id, TS + FUTURE_SKEW_SECS, TS), Ok(()));
+        }
+        assert_eq!(g.len(), DEFAULT_REPLAY_CAP);
+        assert_eq!(g.check_and_remember("the_kill", TS, TS), Ok(()));
+        assert_eq!(
+            g.check_and_remember("flood_beyond", TS + 295, TS),
+            Err(WebhookError::Future)
+        );
+        assert_eq!(g.len(), DEFAULT_REPLAY_CAP);
     }
 
     #[test]
@@ -593,7 +654,7 @@ mod tests {
     fn replay_guard_refuses_out_of_window_and_clock_steps_back() {
         let mut g = ReplayGuard::new(10);
         assert_eq!(
-            g.check_and_remember("a", TS + 301, TS),
+            g.check_and_remember("a", TS + FUTURE_SKEW_SECS + 1, TS),
             Err(WebhookError::Future)
         );
         assert_eq!(g.check_and_remember("a", TS, TS), Ok(()));
@@ -639,7 +700,7 @@ mod tests {
         ) {
             let sig = sign(&secret(), &id, ts, &body);
             let ts_s = ts.to_string();
-            prop_assert_eq!(verify(&[secret()], &req(&id, &ts_s, &sig, &body), ts), Ok(()));
+            prop_assert_eq!(verify(&[secret()], &req(&id, &ts_s, &sig, &body), ts), Ok(0));
         }
     }
 }

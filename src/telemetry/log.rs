@@ -25,6 +25,8 @@ pub enum LogWriterError {
 )]
 pub(super) enum LogItem {
     Record(ConnectionRecord),
+    /// A control-plane event (kill switch, admin), already one JSON object.
+    Line(String),
     /// Write what is queued before this, then exit.
     Stop,
 }
@@ -124,6 +126,11 @@ fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
             r.write_json(&mut line);
             line.push(b'\n');
             let _ = out.write_all(&line);
+            true
+        }
+        LogItem::Line(mut text) => {
+            text.push('\n');
+            let _ = out.write_all(text.as_bytes());
             true
         }
         LogItem::Stop => false,

@@ -55,6 +55,20 @@ struct ScopeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why a kill-switch request was refused before it could act (the metric's `reason`).
+pub const KILL_SWITCH_AUTH_REASONS: [&str; 5] = [
+    "signature_invalid",
+    "stale",
+    "replay",
+    "totp_invalid",
+    "totp_locked",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
     mode: &'static str,
 }
@@ -122,6 +136,7 @@ pub struct Metrics {
     pub policy_generation: Gauge,
     policy_reloads: Family<ResultLabel, Counter>,
     kill_switch: Family<ScopeLabel, Gauge>,
+    kill_switch_auth_failures: Family<ReasonLabel, Counter>,
     pub log_dropped: Counter,
     agents: RwLock<RuleKeyMap<String, Arc<AgentMetrics>>>,
     /// `connection_duration`'s handle per mode (by [`mode_slot`]), taken from the family
@@ -216,6 +231,12 @@ impl Metrics {
             "1 while the kill switch is engaged for the scope (all, or an agent name)",
             kill_switch.clone(),
         );
+        let kill_switch_auth_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "kill_switch_auth_failures",
+            "Kill-switch and admin requests refused: bad signature, stale timestamp, replayed id, wrong TOTP code, or revive locked after failures",
+            kill_switch_auth_failures.clone(),
+        );
         let log_dropped = Counter::default();
         registry.register(
             "log_dropped",
@@ -241,6 +262,11 @@ impl Metrics {
                 scope: "all".into(),
             })
             .set(0);
+        for reason in KILL_SWITCH_AUTH_REASONS {
+            kill_switch_auth_failures
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
         Self {
             registry,
             connections,
@@ -254,6 +280,7 @@ impl Metrics {
             policy_generation,
             policy_reloads,
             kill_switch,
+            kill_switch_auth_failures,
             log_dropped,
             agents: RwLock::default(),
             durations: Default::default(),
@@ -355,6 +382,14 @@ impl Metrics {
                 scope: scope.to_owned(),
             })
             .set(i64::from(engaged));
+    }
+
+    /// One refused kill-switch or admin request; `reason` is one of
+    /// [`KILL_SWITCH_AUTH_REASONS`].
+    pub fn kill_switch_auth_failure(&self, reason: &'static str) {
+        self.kill_switch_auth_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// OpenMetrics text exposition.

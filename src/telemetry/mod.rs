@@ -64,6 +64,30 @@ impl Telemetry {
         }
     }
 
+    /// Log one control-plane event (kill switch, admin) as a JSON line beside the connection
+    /// records: `@timestamp`, `event.category` and `fields` (null fields left out), keys in
+    /// sorted order. Never blocks; a full queue drops and counts it like a record.
+    pub fn event(&self, category: &str, fields: &[(&str, serde_json::Value)]) {
+        let Some(tx) = &self.log else { return };
+        let mut stamp = [0u8; 64];
+        let mut object = serde_json::Map::new();
+        object.insert(
+            "@timestamp".into(),
+            record::rfc3339(std::time::SystemTime::now(), &mut stamp).into(),
+        );
+        object.insert("event.category".into(), category.into());
+        for (k, v) in fields {
+            if !v.is_null() {
+                object.insert((*k).to_owned(), v.clone());
+            }
+        }
+        let line = serde_json::Value::Object(object).to_string();
+        if tx.try_send(LogItem::Line(line)).is_err() {
+            self.counters.log_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.log_dropped.inc();
+        }
+    }
+
     /// Log lines dropped because the queue was full.
     pub fn log_dropped(&self) -> u64 {
         self.counters.log_dropped.load(Ordering::Relaxed)

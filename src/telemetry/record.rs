@@ -160,7 +160,7 @@ impl ConnectionRecord {
 /// without trailing zeros, none when it is zero), by hand from 1970 to the end of 9999
 /// (`time` took about 400 instructions a line for it), by `time` before 1970, and empty
 /// after 9999 (RFC 3339 has four digits for the year, and `time` panics there).
-fn rfc3339(t: SystemTime, buf: &mut [u8; 64]) -> &str {
+pub(super) fn rfc3339(t: SystemTime, buf: &mut [u8; 64]) -> &str {
     let len = match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(since) if since.as_secs() <= LAST_SECOND_OF_9999 => civil_stamp(since, buf),
         Ok(_) => 0,

@@ -341,6 +341,9 @@ pub async fn start_in(
     config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     config.log_destination = LogDestination::File(log_path.clone());
     config.handshake_timeout = Duration::from_secs(2);
+    // Every test gateway has an admin key, so signed admin calls (reload) work.
+    std::fs::write(dir.join("admin.secret"), format!("{ADMIN_WHSEC}\n")).unwrap();
+    config.webhook_secret_files = vec![dir.join("admin.secret")];
     tweak(&mut config, dir);
     let policy = Policy::load(&rules, &config.default_ports, 1).unwrap();
     let running = gateway::start(config, policy, Arc::new(resolver))
@@ -400,6 +403,38 @@ pub async fn open_tunnel(
         .await
         .map_err(|e| e.to_string())?;
     Ok(s)
+}
+
+/// The webhook key every test gateway starts with (tests may configure others).
+pub const ADMIN_WHSEC: &str = "whsec_dGVzdC1hZG1pbi1rZXktZm9yLXNpZ25lZC1jYWxscw==";
+
+/// Standard Webhooks headers for `body`, signed with `secret` at `ts`, under `id`.
+pub fn signed_headers(secret: &str, id: &str, ts: i64, body: &str) -> Vec<(String, String)> {
+    let s = portcullis::killswitch::webhook::Secret::parse(secret).unwrap();
+    vec![
+        ("webhook-id".into(), id.into()),
+        ("webhook-timestamp".into(), ts.to_string()),
+        (
+            "webhook-signature".into(),
+            portcullis::killswitch::webhook::sign(&s, id, ts, body.as_bytes()),
+        ),
+    ]
+}
+
+/// `POST /v1/reload`, signed with [`ADMIN_WHSEC`].
+pub async fn signed_reload(admin: SocketAddr) -> (u16, String) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let id = format!(
+        "reload_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let headers = signed_headers(ADMIN_WHSEC, &id, now, "{}");
+    admin_request(admin, "POST", "/v1/reload", &headers, b"{}").await
 }
 
 /// A POST or GET to the admin API; returns status and body.
