@@ -200,6 +200,11 @@ impl Default for RawTimeouts {
 struct RawCaps {
     max_connections: usize,
     max_connections_per_source: usize,
+    /// One agent's share of `max_connections` (all its source addresses together).
+    max_connections_per_agent: usize,
+    /// Connections from addresses that are no agent's source, together (Basic-auth agents
+    /// connecting from elsewhere count here).
+    max_connections_unknown: usize,
     max_request_head_bytes: usize,
 }
 
@@ -208,6 +213,8 @@ impl Default for RawCaps {
         Self {
             max_connections: 16_384,
             max_connections_per_source: 1_024,
+            max_connections_per_agent: 4_096,
+            max_connections_unknown: 512,
             max_request_head_bytes: 16 * 1024,
         }
     }
@@ -383,6 +390,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    pub max_connections_per_agent: usize,
+    pub max_connections_unknown: usize,
     pub max_request_head_bytes: usize,
     /// `listen.dns`: DNS forwarder addresses (UDP and TCP each).
     pub dns_listen: Vec<SocketAddr>,
@@ -483,6 +492,14 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         (
             "caps.max_connections_per_source",
             raw.caps.max_connections_per_source as u64,
+        ),
+        (
+            "caps.max_connections_per_agent",
+            raw.caps.max_connections_per_agent as u64,
+        ),
+        (
+            "caps.max_connections_unknown",
+            raw.caps.max_connections_unknown as u64,
         ),
         (
             "caps.max_request_head_bytes",
@@ -587,6 +604,8 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         drain_timeout: Duration::from_secs(raw.timeouts.drain_secs),
         max_connections: raw.caps.max_connections,
         max_connections_per_source: raw.caps.max_connections_per_source,
+        max_connections_per_agent: raw.caps.max_connections_per_agent,
+        max_connections_unknown: raw.caps.max_connections_unknown,
         max_request_head_bytes: raw.caps.max_request_head_bytes,
         dns_listen: raw.listen.dns,
         dns,

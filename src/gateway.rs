@@ -192,7 +192,12 @@ pub async fn start(
             error: None,
             revoked: 0,
         }),
-        caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
+        caps: ConnectionCaps::new(crate::proxy::CapLimits {
+            total: config.max_connections,
+            per_source: config.max_connections_per_source,
+            per_agent: config.max_connections_per_agent,
+            unknown: config.max_connections_unknown,
+        }),
         config,
         policy: ArcSwap::from_pointee(policy),
         resolver,

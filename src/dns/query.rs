@@ -2,17 +2,27 @@
 //! log line and counters.
 //!
 //! Order (the first that says no answers): parse → identify the agent by source address
-//! (unknown → REFUSED) → kill switch (REFUSED) → rate limit (REFUSED) → opcode QUERY, one
-//! question (FORMERR), class IN and an allowed type (REFUSED) → `DomainName::parse`
-//! (REFUSED) → `Policy::allows_name` (REFUSED or NXDOMAIN, `dns.refuse_with`) → cache →
-//! upstream (SERVFAIL on failure or deadline) → ECH stripped → rebinding filter.
+//! (unknown → REFUSED) → kill switch (REFUSED) → flood guard (REFUSED `rate_limited`) →
+//! opcode QUERY, one question (FORMERR), class IN and an allowed type (REFUSED) →
+//! `DomainName::parse` (REFUSED) → `Policy::allows_name` (REFUSED or NXDOMAIN,
+//! `dns.refuse_with`) → cache → rate limit (REFUSED `rate_limited`) → upstream (SERVFAIL on
+//! failure or deadline) → ECH stripped → rebinding filter.
+//!
+//! What is limited is what costs or leaks: the rate limit (`dns.queries_per_second`, burst
+//! twice that) is spent by upstream lookups and by refusals, never by answers from the cache
+//! (real clients resolve per connection and burst). Concurrent questions for the same name
+//! and type share one upstream lookup, spent once. The flood guard (ten times the rate,
+//! burst twenty times) bounds what one agent's queries, cached or not, take of the
+//! forwarder. Refusals past the log's per-agent share are summarised, not dropped
+//! (telemetry).
 //!
 //! Nothing before `allows_name` says yes ever reaches the upstream. Must not hold a lock
 //! across an await and must not block: the socket loops call [`Forwarder::prepare`]
 //! inline and only [`Forwarder::resolve`] waits (on the upstream, under a deadline).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -35,6 +45,8 @@ const EDNS_PAYLOAD: u16 = 1232;
 const UDP_PLAIN_MAX: usize = 512;
 /// Upstream questions in flight at once; beyond it queries get SERVFAIL (`overloaded`).
 const MAX_IN_FLIGHT: usize = 4096;
+/// The flood guard's rate, as a multiple of `dns.queries_per_second`.
+const FLOOD_FACTOR: u32 = 10;
 
 /// How the query arrived: decides the reply size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +69,17 @@ pub enum Step {
     Resolve(Pending),
 }
 
+/// One upstream lookup, shared by every concurrent question for the same (name, type).
+type Lookup = Arc<tokio::sync::OnceCell<Result<Arc<Answer>, String>>>;
+
 /// A question that passed every check and is not in the cache.
 pub struct Pending {
     question: Question,
     name: DomainName,
-    _slot: OwnedSemaphorePermit,
+    key: (Box<str>, u16),
+    lookup: Lookup,
+    /// Held by the question that started the lookup (and paid for it).
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 /// What is known about the question being answered.
@@ -84,6 +102,9 @@ pub struct Forwarder {
     upstream: Upstream,
     cache: ResponseCache,
     limiter: RateLimiter,
+    flood: RateLimiter,
+    /// Upstream lookups in progress, by (name, type).
+    lookups: Mutex<HashMap<(Box<str>, u16), Lookup>>,
     sampler: Sampler,
     allowed_types: Vec<u16>,
     refuse_code: ResponseCode,
@@ -97,6 +118,8 @@ impl Forwarder {
             upstream: Upstream::new(&config.resolver_upstreams, config.resolver_timeout)?,
             cache: ResponseCache::new(d.cache_entries, d.max_ttl),
             limiter: RateLimiter::new(d.queries_per_second),
+            flood: RateLimiter::with_burst(d.queries_per_second.saturating_mul(FLOOD_FACTOR), 2),
+            lookups: Mutex::default(),
             sampler: Sampler::default(),
             allowed_types: d.allowed_types.clone(),
             refuse_code: if d.refuse_with_nxdomain {
@@ -157,50 +180,102 @@ impl Forwarder {
         if shared.killswitch.is_killed(&q.agent_name) {
             return self.refuse(shared, &q, Reason::KillSwitch, ResponseCode::Refused);
         }
-        if !self.limiter.admit(&q.agent_name, started) {
+        if !self.flood.admit(&q.agent_name, started) {
             return self.refuse(shared, &q, Reason::RateLimited, ResponseCode::Refused);
         }
+        // Refusals spend the rate limit (whatever is left of it) but keep their reason.
+        let refuse = |reason, rcode| {
+            let _ = self.limiter.admit(&q.agent_name, started);
+            self.refuse(shared, &q, reason, rcode)
+        };
         if q.request.metadata.op_code != OpCode::Query {
-            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::NotImp);
+            return refuse(Reason::Malformed, ResponseCode::NotImp);
         }
         let [query] = q.request.queries.as_slice() else {
-            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::FormErr);
+            return refuse(Reason::Malformed, ResponseCode::FormErr);
         };
         let rtype = query.query_type();
         if query.query_class() != DNSClass::IN || !self.allowed_types.contains(&u16::from(rtype)) {
-            return self.refuse(shared, &q, Reason::NotAllowed, ResponseCode::Refused);
+            return refuse(Reason::NotAllowed, ResponseCode::Refused);
         }
         let Ok(name) = DomainName::parse(q.asked.as_deref().unwrap_or_default()) else {
-            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::Refused);
+            return refuse(Reason::Malformed, ResponseCode::Refused);
         };
         if !q.policy.allows_name(agent, &name) {
-            return self.refuse(shared, &q, Reason::NotAllowed, self.refuse_code);
+            return refuse(Reason::NotAllowed, self.refuse_code);
         }
         if let Some(hit) = self.cache.get(name.as_str(), u16::from(rtype), started) {
             return Step::Reply(self.answer(shared, &q, &name, &hit.answer, hit.age_secs));
         }
+        let key: (Box<str>, u16) = (name.as_str().into(), u16::from(rtype));
+        let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lookup) = lookups.get(&key).filter(|l| !l.initialized()).cloned() {
+            // Someone already asks the upstream this: wait for that answer, for free.
+            drop(lookups);
+            return Step::Resolve(Pending {
+                question: q,
+                name,
+                key,
+                lookup,
+                _slot: None,
+            });
+        }
+        if !self.limiter.admit(&q.agent_name, started) {
+            drop(lookups);
+            return self.refuse(shared, &q, Reason::RateLimited, ResponseCode::Refused);
+        }
         let Ok(slot) = self.in_flight.clone().try_acquire_owned() else {
+            drop(lookups);
             return self.refuse(shared, &q, Reason::Overloaded, ResponseCode::ServFail);
         };
+        let lookup = Lookup::default();
+        lookups.insert(key.clone(), lookup.clone());
+        drop(lookups);
         Step::Resolve(Pending {
             question: q,
             name,
-            _slot: slot,
+            key,
+            lookup,
+            _slot: Some(slot),
         })
     }
 
     /// Ask the upstream for a question [`Forwarder::prepare`] let through, and answer it.
     pub async fn resolve(&self, shared: &Shared, pending: Pending) -> Vec<u8> {
-        let Pending { question, name, .. } = pending;
+        let Pending {
+            question,
+            name,
+            key,
+            lookup,
+            ..
+        } = pending;
         let rtype = question.rtype.unwrap_or(RecordType::A);
-        match self.upstream.query(&name, rtype).await {
-            Ok(mut answer) => {
-                filter::strip_ech(&mut answer.records);
-                let answer =
-                    self.cache
-                        .insert(name.as_str(), u16::from(rtype), answer, Instant::now());
-                self.answer(shared, &question, &name, &answer, 0)
+        let result = lookup
+            .get_or_init(|| async {
+                match self.upstream.query(&name, rtype).await {
+                    Ok(mut answer) => {
+                        filter::strip_ech(&mut answer.records);
+                        Ok(self.cache.insert(
+                            name.as_str(),
+                            u16::from(rtype),
+                            answer,
+                            Instant::now(),
+                        ))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
+            .clone();
+        {
+            // Done: later questions go to the cache (or start a new lookup).
+            let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+            if lookups.get(&key).is_some_and(|l| Arc::ptr_eq(l, &lookup)) {
+                lookups.remove(&key);
             }
+        }
+        match result {
+            Ok(answer) => self.answer(shared, &question, &name, &answer, 0),
             Err(e) => {
                 tracing::debug!(name = name.as_str(), error = %e, "dns upstream failed");
                 // The policy said yes; the upstream did not answer. Counted as allowed,
