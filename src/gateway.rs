@@ -249,6 +249,7 @@ pub async fn start(
         .tracker
         .spawn(crate::reload::on_sighup(shared.clone()));
     shared.tracker.spawn(persist_budgets(shared.clone()));
+    shared.tracker.spawn(log_summaries(shared.clone()));
     if let Some(l) = admin {
         shared
             .tracker
@@ -284,6 +285,7 @@ impl Running {
         // Tunnels charged their last bytes as they ended: save the final budgets.
         let limiter = s.limiter.clone();
         let _ = tokio::task::spawn_blocking(move || limiter.save()).await;
+        s.telemetry.flush_summaries();
         if let Some(log) = self.log.take() {
             // Other Telemetry clones may still be alive in detached tasks; do not wait on
             // them forever.
@@ -306,6 +308,21 @@ async fn persist_budgets(shared: Arc<Shared>) {
             s.limiter.publish(&s.policy.load(), &s.telemetry.metrics);
         })
         .await;
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Every second, a summary line for what the agents' log shares held back; once more at
+/// shutdown.
+async fn log_summaries(shared: Arc<Shared>) {
+    loop {
+        let stop = tokio::select! {
+            () = shared.stop_accepting.cancelled() => true,
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        shared.telemetry.flush_summaries();
         if stop {
             return;
         }

@@ -143,11 +143,18 @@ impl Forwarder {
         let started = Instant::now();
         let policy = shared.policy.load_full();
         let agent = policy.agent_by_source(peer.ip());
+        // The flood guard comes before parsing: what one agent (or every unknown source,
+        // together) sends beyond it costs a header copy, so its flood cannot hold up the
+        // others' questions behind it on the socket.
+        let agent_name = policy.agent_name(agent);
+        if !self.flood.admit(&agent_name, started) {
+            return shed(shared, &policy, agent_name, peer, packet, started);
+        }
         let mut q = Question {
             request: Message::new(0, MessageType::Response, OpCode::Query),
             limit: UDP_PLAIN_MAX,
             peer,
-            agent_name: policy.agent_name(agent),
+            agent_name,
             policy,
             agent,
             asked: None,
@@ -179,9 +186,6 @@ impl Forwarder {
         }
         if shared.killswitch.is_killed(&q.agent_name) {
             return self.refuse(shared, &q, Reason::KillSwitch, ResponseCode::Refused);
-        }
-        if !self.flood.admit(&q.agent_name, started) {
-            return self.refuse(shared, &q, Reason::RateLimited, ResponseCode::Refused);
         }
         // Refusals spend the rate limit (whatever is left of it) but keep their reason.
         let refuse = |reason, rcode| {
@@ -409,6 +413,42 @@ impl Forwarder {
         rec.dns_response_code = Some(rcode_name(rcode));
         shared.telemetry.record(rec);
     }
+}
+
+/// A query past the flood guard: REFUSED built from its header alone (the question is not
+/// echoed, so careful clients drop it and back off, as after response rate limiting),
+/// counted and logged as `rate_limited` (the log's per-agent share summarises a flood).
+fn shed(
+    shared: &Shared,
+    policy: &Policy,
+    agent_name: Arc<str>,
+    peer: SocketAddr,
+    packet: &[u8],
+    started: Instant,
+) -> Step {
+    let Some(header) = packet.get(..12) else {
+        return Step::Ignore;
+    };
+    if header[2] & 0x80 != 0 {
+        return Step::Ignore; // a response: never answered
+    }
+    shared
+        .telemetry
+        .metrics
+        .agent(&agent_name)
+        .dns_refused
+        .inc();
+    let mut rec = ConnectionRecord::begin(Mode::Dns, peer, agent_name, policy.generation());
+    rec.duration = started.elapsed();
+    rec.reason = Some(Reason::RateLimited);
+    rec.dns_response_code = Some(rcode_name(ResponseCode::Refused));
+    shared.telemetry.record(rec);
+    let mut reply = [0u8; 12];
+    reply[..2].copy_from_slice(&header[..2]);
+    // QR, the opcode and RD as asked; RA; RCODE 5 (REFUSED); every count 0.
+    reply[2] = 0x80 | (header[2] & 0x79);
+    reply[3] = 0x80 | 5;
+    Step::Reply(reply.to_vec())
 }
 
 /// Public addresses, and special ones the agent's `allow_cidrs` cover (any port: the name
