@@ -206,6 +206,9 @@ struct RawCaps {
     /// connecting from elsewhere count here).
     max_connections_unknown: usize,
     max_request_head_bytes: usize,
+    /// Bytes all connections together may hold in hellos and request heads not yet
+    /// complete, beyond 4 KiB each.
+    max_handshake_bytes: usize,
 }
 
 impl Default for RawCaps {
@@ -216,6 +219,7 @@ impl Default for RawCaps {
             max_connections_per_agent: 4_096,
             max_connections_unknown: 512,
             max_request_head_bytes: 16 * 1024,
+            max_handshake_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -280,6 +284,8 @@ struct RawDns {
     max_ttl_secs: u32,
     /// (name, type) pairs kept in the response cache; 0 disables it.
     cache_entries: usize,
+    /// Bytes the response cache may hold (estimated); no answer over an eighth of it.
+    cache_bytes: usize,
     /// A TCP connection with no query for this long is closed.
     tcp_idle_secs: u64,
 }
@@ -294,6 +300,7 @@ impl Default for RawDns {
             queries_per_second: 100,
             max_ttl_secs: 300,
             cache_entries: 10_000,
+            cache_bytes: 8 * 1024 * 1024,
             tcp_idle_secs: 10,
         }
     }
@@ -309,6 +316,7 @@ pub struct DnsSettings {
     pub queries_per_second: u32,
     pub max_ttl: Duration,
     pub cache_entries: usize,
+    pub cache_bytes: usize,
     pub tcp_idle: Duration,
 }
 
@@ -347,6 +355,7 @@ fn compile_dns(
         queries_per_second: raw.queries_per_second,
         max_ttl: Duration::from_secs(u64::from(raw.max_ttl_secs)),
         cache_entries: raw.cache_entries,
+        cache_bytes: raw.cache_bytes,
         tcp_idle: Duration::from_secs(raw.tcp_idle_secs),
     })
 }
@@ -393,6 +402,7 @@ pub struct Config {
     pub max_connections_per_agent: usize,
     pub max_connections_unknown: usize,
     pub max_request_head_bytes: usize,
+    pub max_handshake_bytes: usize,
     /// `listen.dns`: DNS forwarder addresses (UDP and TCP each).
     pub dns_listen: Vec<SocketAddr>,
     pub dns: DnsSettings,
@@ -607,6 +617,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         max_connections_per_agent: raw.caps.max_connections_per_agent,
         max_connections_unknown: raw.caps.max_connections_unknown,
         max_request_head_bytes: raw.caps.max_request_head_bytes,
+        max_handshake_bytes: raw.caps.max_handshake_bytes,
         dns_listen: raw.listen.dns,
         dns,
         admin,

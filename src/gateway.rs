@@ -34,6 +34,8 @@ pub struct Shared {
     pub resolver: Arc<dyn Resolve>,
     pub telemetry: Telemetry,
     pub caps: Arc<ConnectionCaps>,
+    /// Bytes held in hellos and request heads not yet complete, all connections together.
+    pub handshake: Arc<crate::proxy::peek::HandshakeBudget>,
     /// Fired on SIGTERM: listeners stop accepting.
     pub stop_accepting: CancellationToken,
     /// Fired when draining is over: live tunnels close.
@@ -198,6 +200,7 @@ pub async fn start(
             per_agent: config.max_connections_per_agent,
             unknown: config.max_connections_unknown,
         }),
+        handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
         config,
         policy: ArcSwap::from_pointee(policy),
         resolver,

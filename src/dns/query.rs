@@ -116,7 +116,7 @@ impl Forwarder {
         let d = &config.dns;
         Ok(Self {
             upstream: Upstream::new(&config.resolver_upstreams, config.resolver_timeout)?,
-            cache: ResponseCache::new(d.cache_entries, d.max_ttl),
+            cache: ResponseCache::new(d.cache_entries, d.cache_bytes, d.max_ttl),
             limiter: RateLimiter::new(d.queries_per_second),
             flood: RateLimiter::with_burst(d.queries_per_second.saturating_mul(FLOOD_FACTOR), 2),
             lookups: Mutex::default(),
@@ -258,6 +258,7 @@ impl Forwarder {
             .get_or_init(|| async {
                 match self.upstream.query(&name, rtype).await {
                     Ok(mut answer) => {
+                        filter::cap_records(&mut answer.records);
                         filter::strip_ech(&mut answer.records);
                         Ok(self.cache.insert(
                             name.as_str(),

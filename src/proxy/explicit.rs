@@ -359,7 +359,8 @@ async fn open_upstream<R: AsyncRead + Unpin>(
     rec: &mut ConnectionRecord,
 ) -> Result<TcpStream, Reason> {
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let hello = read_client_hello(agent_io, &mut peeked, deadline).await;
+    let mut held = shared.handshake.account();
+    let hello = read_client_hello(agent_io, &mut peeked, &mut held, deadline).await;
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);

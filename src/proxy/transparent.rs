@@ -100,14 +100,20 @@ fn handle(
             };
             let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
             let mut peeked = Vec::new();
+            let mut held = shared.handshake.account();
             match expect {
                 Expect::Tls => {
                     // Boxed phases (hello, dial, HTTP): their state is freed before the
                     // relay, so it does not weigh on every idle tunnel. What the hello tells
                     // is kept; the hello itself is not.
                     let (target, admission) = {
-                        let hello =
-                            Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
+                        let hello = Box::pin(read_client_hello(
+                            &mut stream,
+                            &mut peeked,
+                            &mut held,
+                            deadline,
+                        ))
+                        .await;
                         counters
                             .from_agent
                             .store(peeked.len() as u64, Ordering::Relaxed);
@@ -152,6 +158,7 @@ fn handle(
                     let target = Box::pin(read_http_target(
                         &mut stream,
                         &mut peeked,
+                        &mut held,
                         deadline,
                         original.port(),
                         cfg.max_request_head_bytes,
@@ -295,6 +302,7 @@ fn tunnel<'a>(
 async fn read_http_target(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    held: &mut crate::proxy::peek::Held,
     deadline: tokio::time::Instant,
     port: u16,
     cap: usize,
@@ -318,7 +326,7 @@ async fn read_http_target(
             return Err(Reason::Malformed);
         }
         // As before, one read may take the head past `cap` by less than a read's size.
-        crate::proxy::peek::read_more(stream, buf, usize::MAX, deadline).await?;
+        crate::proxy::peek::read_more(stream, buf, usize::MAX, held, deadline).await?;
     }
 }
 
