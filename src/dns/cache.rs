@@ -66,7 +66,7 @@ impl ResponseCache {
     /// stored records are capped too, so a cached answer never outlives what it says.
     pub fn insert(&self, name: &str, rtype: u16, mut answer: Answer, now: Instant) -> Arc<Answer> {
         answer.ttl = answer.ttl.min(self.max_ttl);
-        for r in &mut answer.records {
+        for r in answer.records.iter_mut().chain(&mut answer.authority) {
             r.ttl = r.ttl.min(self.max_ttl);
         }
         let answer = Arc::new(answer);
@@ -142,6 +142,7 @@ mod tests {
                 ttl,
                 RData::A(A(Ipv4Addr::new(203, 0, 113, 1))),
             )],
+            authority: Vec::new(),
             ttl,
         }
     }
