@@ -3,7 +3,8 @@
 //!
 //! Phases of one request: identify → parse target → evaluate → resolve/check/dial →
 //! respond (403/407/5xx, or 200 + relay, or forwarded response) → one record. A denied
-//! request never touches an upstream.
+//! request never touches an upstream. In a tunnel, a ClientHello the checks refuse (SNI
+//! not the CONNECT host, no SNI, ECH) gets a TLS `access_denied` alert before the close.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -17,12 +18,13 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
 use crate::policy::{DomainName, Host, Identity, Reason, Target};
 use crate::proxy::ConnectionSlot;
+use crate::proxy::alert::{HelloAlert, refuses_hello};
 use crate::proxy::peek::read_client_hello;
 use crate::proxy::relay::{RelayCounters, RelayEnd, relay, relay_io};
 use crate::proxy::sni::ClientHello;
@@ -349,8 +351,9 @@ async fn tunnel(
 
 /// Read the tunnel's ClientHello (deadline, cap; `peeked` may already hold its start),
 /// check it against the CONNECT target, dial the checked address and replay the hello.
+/// A parsed hello the checks refuse gets the TLS `access_denied` alert before the close.
 /// The hello's buffer is gone before the relay starts: an idle tunnel keeps no bytes.
-async fn open_upstream<R: AsyncRead + Unpin>(
+async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     checks: &TunnelChecks,
     agent_io: &mut R,
@@ -363,7 +366,14 @@ async fn open_upstream<R: AsyncRead + Unpin>(
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
-    check_hello(checks, hello?, rec)?;
+    let hello = hello?;
+    let alert = HelloAlert::for_hello(&hello);
+    if let Err(reason) = check_hello(checks, hello, rec) {
+        if refuses_hello(reason) {
+            alert.send(agent_io).await;
+        }
+        return Err(reason);
+    }
     let up = upstream::dial(
         &checks.addrs,
         checks.target.port,

@@ -5,8 +5,11 @@
 //! resolve the *name* ourselves and dial that address, never the agent's original
 //! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
 //! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
-//! Port 80 connections are then served request by request (hyper); a later request on the
-//! same connection naming another host is refused and the connection closed.
+//! A well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
+//! close (`alert`). Port 80 connections are served request by request (hyper), the first
+//! one included: a refused request gets its HTTP refusal (`403` and `X-Portcullis-Reason`
+//! for a policy denial) and the connection is closed; so is a later request naming another
+//! host. Nothing of a refused request reaches an upstream.
 
 use std::convert::Infallible;
 use std::io;
@@ -27,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::gateway::Shared;
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
 use crate::proxy::ConnectionSlot;
+use crate::proxy::alert::{HelloAlert, refuses_hello};
 use crate::proxy::forward::{ForwardTo, ProxyBody, forward, refusal};
 use crate::proxy::http_head::{HeadParse, parse_request_head};
 use crate::proxy::peek::read_client_hello;
@@ -99,44 +103,21 @@ fn handle(
                 return Err(Reason::Malformed);
             };
             let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
-            let mut peeked = Vec::new();
             match expect {
                 Expect::Tls => {
-                    // Boxed phases (hello, dial, HTTP): their state is freed before the
-                    // relay, so it does not weigh on every idle tunnel. What the hello tells
-                    // is kept; the hello itself is not.
-                    let (target, admission) = {
-                        let hello =
-                            Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
-                        counters
-                            .from_agent
-                            .store(peeked.len() as u64, Ordering::Relaxed);
-                        let hello = hello?;
-                        rec.ech = hello.ech;
-                        rec.server_name = hello.server_name;
-                        let a = agent.and_then(|id| policy.agent(id));
-                        if hello.ech && a.is_some_and(|a| a.deny_ech) {
-                            return Err(Reason::EchDenied);
-                        }
-                        // Never fall back to the original destination: no SNI, no connection.
-                        let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
-                        let name =
-                            crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
-                        let target = Target {
-                            host: Host::Name(name),
-                            port: original.port(),
-                        };
-                        let admission = admit(&shared, &policy, agent, &rec.agent)?;
-                        (target, admission)
-                    };
-                    // The peeked bytes are replayed as the connection opens, then freed:
-                    // an idle tunnel keeps no bytes.
-                    let up = Box::pin(check_and_dial(
-                        &shared, &policy, agent, &target, original, &peeked, &mut rec,
+                    // Boxed phase (hello, checks, dial): its state, the hello's bytes
+                    // included, is freed before the relay, so it does not weigh on every
+                    // idle tunnel. What the hello tells is kept in the record.
+                    let (target, admission, up) = Box::pin(open_tls(
+                        &shared,
+                        (&policy, agent),
+                        &mut stream,
+                        original,
+                        deadline,
+                        &mut rec,
+                        &counters,
                     ))
-                    .await?
-                    .stream;
-                    drop(std::mem::take(&mut peeked));
+                    .await?;
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
                         &shared,
@@ -149,6 +130,7 @@ fn handle(
                     .await
                 }
                 Expect::Http => {
+                    let mut peeked = Vec::new();
                     let target = Box::pin(read_http_target(
                         &mut stream,
                         &mut peeked,
@@ -161,13 +143,8 @@ fn handle(
                         .from_agent
                         .store(peeked.len() as u64, Ordering::Relaxed);
                     let target = target?;
-                    rec.destination_domain = domain_of(&target);
-                    let verdict = policy.evaluate(agent, &target);
-                    rec.rule = verdict.rule.clone();
-                    if let Some(reason) = verdict.deny_reason() {
-                        return Err(reason);
-                    }
-                    // Hand over to per-request serving; each request writes its own record.
+                    // Hand over to per-request serving; each request, the first included, is
+                    // decided and recorded on its own: a refused one gets its HTTP refusal.
                     let conn = HttpConnection {
                         peer,
                         agent,
@@ -200,6 +177,53 @@ enum Handover {
     Done,
     /// Port 80: requests were served and recorded one by one.
     Http,
+}
+
+/// The TLS phase before the relay: read the ClientHello (deadline, cap), check it, admit,
+/// resolve, dial and replay it. A parsed hello refused by policy gets the `access_denied`
+/// alert before the close ([`crate::proxy::alert`]); anything else ends in a bare close.
+async fn open_tls(
+    shared: &Shared,
+    (policy, agent): (&Policy, Option<AgentId>),
+    stream: &mut TcpStream,
+    original: SocketAddr,
+    deadline: tokio::time::Instant,
+    rec: &mut ConnectionRecord,
+    counters: &RelayCounters,
+) -> Result<(Target, crate::limits::Admission, TcpStream), Reason> {
+    let mut peeked = Vec::new();
+    let hello = read_client_hello(stream, &mut peeked, deadline).await;
+    counters
+        .from_agent
+        .store(peeked.len() as u64, Ordering::Relaxed);
+    let hello = hello?;
+    let alert = HelloAlert::for_hello(&hello);
+    let checked = async {
+        rec.ech = hello.ech;
+        rec.server_name = hello.server_name;
+        let a = agent.and_then(|id| policy.agent(id));
+        if hello.ech && a.is_some_and(|a| a.deny_ech) {
+            return Err(Reason::EchDenied);
+        }
+        // Never fall back to the original destination: no SNI, no connection.
+        let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
+        let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
+        let target = Target {
+            host: Host::Name(name),
+            port: original.port(),
+        };
+        let admission = admit(shared, policy, agent, &rec.agent)?;
+        // The peeked bytes are replayed as the connection opens.
+        let up = check_and_dial(shared, policy, agent, &target, original, &peeked, rec).await?;
+        Ok((target, admission, up.stream))
+    }
+    .await;
+    if let Err(reason) = checked
+        && refuses_hello(reason)
+    {
+        alert.send(stream).await;
+    }
+    checked
 }
 
 /// The agent's limits for one more connection (transparent mode closes on refusal; there
@@ -391,11 +415,18 @@ async fn http_request(
     rec.original_destination = Some(original);
     rec.http_method = Some(req.method().as_str().to_owned());
     rec.destination_port = Some(first.port);
+    // Every refusal, the first request's too, is the same: status, reason header, close
+    // (a later request would have to name the same refused host).
     let deny = |mut rec: ConnectionRecord, reason: Reason| {
         rec.reason = Some(reason);
         rec.duration = started.elapsed();
         shared.telemetry.record(rec);
-        refusal(reason)
+        let mut response = refusal(reason);
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        response
     };
     if shared.killswitch.is_killed(&rec.agent) {
         return deny(rec, Reason::KillSwitch);
