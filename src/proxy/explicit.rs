@@ -248,8 +248,18 @@ pub(crate) fn relay_outcome(
 
 /// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
 /// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
-/// what clients send there; a hello naming some host is refused.
+/// what clients send there; a hello naming some host is refused. A refusal comes with the
+/// alert that may answer it.
 fn check_hello(
+    checks: &TunnelChecks,
+    hello: ClientHello,
+    rec: &mut ConnectionRecord,
+) -> Result<(), (Reason, HelloAlert)> {
+    let alert = HelloAlert::for_hello(&hello);
+    check_names(checks, hello, rec).map_err(|reason| (reason, alert))
+}
+
+fn check_names(
     checks: &TunnelChecks,
     hello: ClientHello,
     rec: &mut ConnectionRecord,
@@ -270,6 +280,19 @@ fn check_hello(
         },
         (Host::Ip(_), Some(_)) => Err(Reason::SniMismatch),
     }
+}
+
+/// A hello [`check_hello`] refused: the TLS `access_denied` alert first when the reason
+/// calls for one ([`refuses_hello`]). Deny path only.
+async fn refuse_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    agent_io: &mut S,
+    alert: HelloAlert,
+    reason: Reason,
+) -> Reason {
+    if refuses_hello(reason) {
+        alert.send(agent_io).await;
+    }
+    reason
 }
 
 /// After `200 Connection established`: read the ClientHello (deadline, cap), check it, and
@@ -366,13 +389,9 @@ async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
-    let hello = hello?;
-    let alert = HelloAlert::for_hello(&hello);
-    if let Err(reason) = check_hello(checks, hello, rec) {
-        if refuses_hello(reason) {
-            alert.send(agent_io).await;
-        }
-        return Err(reason);
+    if let Err((reason, alert)) = check_hello(checks, hello?, rec) {
+        // Boxed: the alert's state must not weigh on the allowed path's.
+        return Err(Box::pin(refuse_hello(agent_io, alert, reason)).await);
     }
     let up = upstream::dial(
         &checks.addrs,

@@ -103,21 +103,42 @@ fn handle(
                 return Err(Reason::Malformed);
             };
             let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+            let mut peeked = Vec::new();
             match expect {
                 Expect::Tls => {
-                    // Boxed phase (hello, checks, dial): its state, the hello's bytes
-                    // included, is freed before the relay, so it does not weigh on every
-                    // idle tunnel. What the hello tells is kept in the record.
-                    let (target, admission, up) = Box::pin(open_tls(
-                        &shared,
-                        (&policy, agent),
-                        &mut stream,
-                        original,
-                        deadline,
-                        &mut rec,
-                        &counters,
+                    // Boxed phases (hello, dial, HTTP): their state is freed before the
+                    // relay, so it does not weigh on every idle tunnel. What the hello tells
+                    // is kept; the hello itself is not.
+                    let (target, admission, alert) = {
+                        let hello =
+                            Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
+                        counters
+                            .from_agent
+                            .store(peeked.len() as u64, Ordering::Relaxed);
+                        let hello = hello?;
+                        // A parsed hello: a refusal from here to the dial may get the alert.
+                        let alert = HelloAlert::for_hello(&hello);
+                        rec.ech = hello.ech;
+                        rec.server_name = hello.server_name;
+                        match check_hello(&shared, (&policy, agent), hello.ech, original, &mut rec)
+                        {
+                            Ok((target, admission)) => (target, admission, alert),
+                            Err(reason) => {
+                                return Err(refuse_hello(&shared, stream, alert, reason));
+                            }
+                        }
+                    };
+                    // The peeked bytes are replayed as the connection opens, then freed:
+                    // an idle tunnel keeps no bytes.
+                    let up = match Box::pin(check_and_dial(
+                        &shared, &policy, agent, &target, original, &peeked, &mut rec,
                     ))
-                    .await?;
+                    .await
+                    {
+                        Ok(up) => up.stream,
+                        Err(reason) => return Err(refuse_hello(&shared, stream, alert, reason)),
+                    };
+                    drop(std::mem::take(&mut peeked));
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
                         &shared,
@@ -130,7 +151,6 @@ fn handle(
                     .await
                 }
                 Expect::Http => {
-                    let mut peeked = Vec::new();
                     let target = Box::pin(read_http_target(
                         &mut stream,
                         &mut peeked,
@@ -179,51 +199,44 @@ enum Handover {
     Http,
 }
 
-/// The TLS phase before the relay: read the ClientHello (deadline, cap), check it, admit,
-/// resolve, dial and replay it. A parsed hello refused by policy gets the `access_denied`
-/// alert before the close ([`crate::proxy::alert`]); anything else ends in a bare close.
-async fn open_tls(
+/// What the parsed hello must pass before any name is resolved: ECH (if the agent denies
+/// it), an SNI that is a host name, and the agent's limits. The target it names, and the
+/// admission.
+fn check_hello(
     shared: &Shared,
     (policy, agent): (&Policy, Option<AgentId>),
-    stream: &mut TcpStream,
+    ech: bool,
     original: SocketAddr,
-    deadline: tokio::time::Instant,
     rec: &mut ConnectionRecord,
-    counters: &RelayCounters,
-) -> Result<(Target, crate::limits::Admission, TcpStream), Reason> {
-    let mut peeked = Vec::new();
-    let hello = read_client_hello(stream, &mut peeked, deadline).await;
-    counters
-        .from_agent
-        .store(peeked.len() as u64, Ordering::Relaxed);
-    let hello = hello?;
-    let alert = HelloAlert::for_hello(&hello);
-    let checked = async {
-        rec.ech = hello.ech;
-        rec.server_name = hello.server_name;
-        let a = agent.and_then(|id| policy.agent(id));
-        if hello.ech && a.is_some_and(|a| a.deny_ech) {
-            return Err(Reason::EchDenied);
-        }
-        // Never fall back to the original destination: no SNI, no connection.
-        let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
-        let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
-        let target = Target {
-            host: Host::Name(name),
-            port: original.port(),
-        };
-        let admission = admit(shared, policy, agent, &rec.agent)?;
-        // The peeked bytes are replayed as the connection opens.
-        let up = check_and_dial(shared, policy, agent, &target, original, &peeked, rec).await?;
-        Ok((target, admission, up.stream))
-    }
-    .await;
-    if let Err(reason) = checked
-        && refuses_hello(reason)
+) -> Result<(Target, crate::limits::Admission), Reason> {
+    if ech
+        && agent
+            .and_then(|id| policy.agent(id))
+            .is_some_and(|a| a.deny_ech)
     {
-        alert.send(stream).await;
+        return Err(Reason::EchDenied);
     }
-    checked
+    // Never fall back to the original destination: no SNI, no connection.
+    let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
+    let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
+    let target = Target {
+        host: Host::Name(name),
+        port: original.port(),
+    };
+    let admission = admit(shared, policy, agent, &rec.agent)?;
+    Ok((target, admission))
+}
+
+/// A refusal after a parsed ClientHello (deny path only): the TLS `access_denied` alert
+/// when the reason calls for one ([`refuses_hello`]), written at once (7 bytes into a send
+/// buffer nothing was written to), the write half shut, and the connection handed to a
+/// short drain ([`HelloAlert::write_and_linger`]) so that its close does not reset the
+/// alert away. Otherwise the connection closes when dropped here.
+fn refuse_hello(shared: &Shared, stream: TcpStream, alert: HelloAlert, reason: Reason) -> Reason {
+    if refuses_hello(reason) {
+        alert.write_and_linger(stream, &shared.tracker);
+    }
+    reason
 }
 
 /// The agent's limits for one more connection (transparent mode closes on refusal; there
