@@ -45,8 +45,10 @@ def exchange(host, port, hexbytes):
     s = socket.create_connection((host, int(port)), timeout=3)
     s.sendall(bytes.fromhex(hexbytes))
     got = b""
+    deadline = time.monotonic() + 3
     try:
-        while len(got) < 65536:
+        while len(got) < 65536 and time.monotonic() < deadline:
+            s.settimeout(max(deadline - time.monotonic(), 0.01))
             chunk = s.recv(65536)
             if not chunk:
                 break
