@@ -575,7 +575,10 @@ mod tests {
         let c = parse("[listen]\ndns = [\"10.66.0.1:53\"]\n").unwrap();
         assert_eq!(c.dns_listen, vec!["10.66.0.1:53".parse().unwrap()]);
         assert_eq!(c.dns.allowed_types, vec![1, 28, 5, 65, 64]);
-        assert!(c.dns.refuse_with_nxdomain, "NXDOMAIN by default (docs/dns.md)");
+        assert!(
+            c.dns.refuse_with_nxdomain,
+            "NXDOMAIN by default (docs/dns.md)"
+        );
         let c = parse("[dns]\nrefuse_with = \"refused\"\n").unwrap();
         assert!(!c.dns.refuse_with_nxdomain);
         let e = parse("[dns]\nallowed_types = [\"A\", \"ANY\"]\n").unwrap_err();

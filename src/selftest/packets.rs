@@ -189,11 +189,11 @@ pub fn parse_dns_reply(bytes: &[u8], id: u16) -> Option<DnsReply> {
 }
 
 /// TLS `access_denied` (RFC 8446 §6.2).
-pub const ALERT_ACCESS_DENIED: u8 = 49;
+pub(crate) const ALERT_ACCESS_DENIED: u8 = 49;
 
 /// If `reply` is exactly one plaintext TLS alert record (content type 21), its level and
 /// description: what a gateway that refuses a ClientHello sends before it closes.
-pub fn tls_alert(reply: &[u8]) -> Option<(u8, u8)> {
+pub(crate) fn tls_alert(reply: &[u8]) -> Option<(u8, u8)> {
     match reply {
         [21, 3, _, 0, 2, level, description] => Some((*level, *description)),
         _ => None,
