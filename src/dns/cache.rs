@@ -73,7 +73,7 @@ impl ResponseCache {
     /// stored records are capped too, so a cached answer never outlives what it says.
     pub fn insert(&self, name: &str, rtype: u16, mut answer: Answer, now: Instant) -> Arc<Answer> {
         answer.ttl = answer.ttl.min(self.max_ttl);
-        for r in &mut answer.records {
+        for r in answer.records.iter_mut().chain(&mut answer.authority) {
             r.ttl = r.ttl.min(self.max_ttl);
         }
         let answer = Arc::new(answer);
@@ -136,10 +136,12 @@ impl ResponseCache {
 /// each record (its names and data live on the heap about that size).
 fn estimate(name: &str, answer: &Answer) -> usize {
     use hickory_proto::serialize::binary::BinEncodable;
-    let slots = answer.records.capacity() * std::mem::size_of::<hickory_proto::rr::Record>();
+    let slots = (answer.records.capacity() + answer.authority.capacity())
+        * std::mem::size_of::<hickory_proto::rr::Record>();
     let heap: usize = answer
         .records
         .iter()
+        .chain(&answer.authority)
         .map(|r| r.to_bytes().map_or(512, |b| b.len()))
         .sum();
     name.len() + std::mem::size_of::<Entry>() + std::mem::size_of::<Answer>() + slots + heap
@@ -183,6 +185,7 @@ mod tests {
                 ttl,
                 RData::A(A(Ipv4Addr::new(203, 0, 113, 1))),
             )],
+            authority: Vec::new(),
             ttl,
         }
     }
@@ -219,6 +222,7 @@ mod tests {
         let t0 = Instant::now();
         let big = |n: u8| Answer {
             rcode: ResponseCode::NoError,
+            authority: Vec::new(),
             records: (0..32u8)
                 .map(|i| {
                     Record::from_rdata(

@@ -16,6 +16,11 @@
 //! forwarder. Refusals past the log's per-agent share are summarised, not dropped
 //! (telemetry).
 //!
+//! Every refusal carries an Extended DNS Error naming its reason when the query carried OPT
+//! (`ede`); a policy refusal of the name answers `dns.refuse_with` (NXDOMAIN by default),
+//! the others REFUSED, which says nothing about the name. Negative answers from the
+//! upstream keep its SOA.
+//!
 //! Nothing before `allows_name` says yes ever reaches the upstream. Must not hold a lock
 //! across an await and must not block: the socket loops call [`Forwarder::prepare`]
 //! inline and only [`Forwarder::resolve`] waits (on the upstream, under a deadline).
@@ -31,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::DnsError;
 use super::cache::ResponseCache;
+use super::ede;
 use super::filter;
 use super::limit::{RateLimiter, Sampler};
 use super::upstream::{Answer, Upstream};
@@ -318,20 +324,24 @@ impl Forwarder {
         age_secs: u32,
     ) -> Vec<u8> {
         let mut records: Vec<Record> = answer.records.clone();
+        let mut authority: Vec<Record> = answer.authority.clone();
         if age_secs > 0 {
-            for r in &mut records {
+            for r in records.iter_mut().chain(&mut authority) {
                 r.ttl = r.ttl.saturating_sub(age_secs);
             }
         }
         let agent = q.agent.and_then(|id| q.policy.agent(id));
         let filtered = filter::drop_unreachable(&mut records, |ip| may_reach(agent, ip));
         let metrics = shared.telemetry.metrics.agent(&q.agent_name);
+        let mut refused = None;
         if filtered.removed > 0 {
             if filtered.kept == 0 {
                 // Nothing the agent may reach is left: an empty NOERROR, so the client
-                // neither retries elsewhere nor learns the private address.
+                // neither retries elsewhere nor learns the private address; the EDE says
+                // why.
                 records.clear();
                 metrics.dns_refused.inc();
+                refused = Some(Reason::PrivateAddress);
             } else {
                 metrics.dns_allowed.inc();
             }
@@ -346,7 +356,12 @@ impl Forwarder {
                 self.log(shared, q, Some(name), None, answer.rcode);
             }
         }
-        encode(&response(&q.request, answer.rcode, records), q.limit)
+        let mut reply = response(&q.request, answer.rcode, records);
+        reply.authorities = authority;
+        if let Some(reason) = refused {
+            add_ede(&mut reply, q, reason);
+        }
+        encode(&reply, q.limit)
     }
 
     /// Refuse (or FORMERR/NOTIMP/NXDOMAIN/SERVFAIL) without asking anyone: count, log, reply.
@@ -359,7 +374,9 @@ impl Forwarder {
             .inc();
         let name = q.asked.as_deref().and_then(|n| DomainName::parse(n).ok());
         self.log(shared, q, name.as_ref(), Some(reason), rcode);
-        Step::Reply(encode(&response(&q.request, rcode, Vec::new()), q.limit))
+        let mut reply = response(&q.request, rcode, Vec::new());
+        add_ede(&mut reply, q, reason);
+        Step::Reply(encode(&reply, q.limit))
     }
 
     /// A message that does not parse: FORMERR when it carries a query header at all.
@@ -476,6 +493,15 @@ fn response(request: &Message, rcode: ResponseCode, answers: Vec<Record>) -> Mes
         m.edns = Some(edns);
     }
     m
+}
+
+/// The Extended DNS Error for a refusal with `reason`, in the reply's OPT record: only
+/// when the query had one (so the reply has one, see [`response`]).
+fn add_ede(reply: &mut Message, q: &Question, reason: Reason) {
+    if let Some(edns) = reply.edns.as_mut() {
+        let agent = q.agent.map(|_| &*q.agent_name);
+        edns.options_mut().insert(ede::option(reason, agent));
+    }
 }
 
 /// The reply's bytes; over `limit` (UDP), the question alone with TC set (RFC 1035 §4.2.1)

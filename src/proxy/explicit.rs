@@ -3,7 +3,8 @@
 //!
 //! Phases of one request: identify → parse target → evaluate → resolve/check/dial →
 //! respond (403/407/5xx, or 200 + relay, or forwarded response) → one record. A denied
-//! request never touches an upstream.
+//! request never touches an upstream. In a tunnel, a ClientHello the checks refuse (SNI
+//! not the CONNECT host, no SNI, ECH) gets a TLS `access_denied` alert before the close.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -17,12 +18,13 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Shared;
 use crate::policy::{DomainName, Host, Identity, Reason, Target};
 use crate::proxy::ConnectionSlot;
+use crate::proxy::alert::{HelloAlert, refuses_hello};
 use crate::proxy::peek::read_client_hello;
 use crate::proxy::relay::{RelayCounters, RelayEnd, relay, relay_io};
 use crate::proxy::sni::ClientHello;
@@ -246,8 +248,18 @@ pub(crate) fn relay_outcome(
 
 /// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
 /// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
-/// what clients send there; a hello naming some host is refused.
+/// what clients send there; a hello naming some host is refused. A refusal comes with the
+/// alert that may answer it.
 fn check_hello(
+    checks: &TunnelChecks,
+    hello: ClientHello,
+    rec: &mut ConnectionRecord,
+) -> Result<(), (Reason, HelloAlert)> {
+    let alert = HelloAlert::for_hello(&hello);
+    check_names(checks, hello, rec).map_err(|reason| (reason, alert))
+}
+
+fn check_names(
     checks: &TunnelChecks,
     hello: ClientHello,
     rec: &mut ConnectionRecord,
@@ -268,6 +280,19 @@ fn check_hello(
         },
         (Host::Ip(_), Some(_)) => Err(Reason::SniMismatch),
     }
+}
+
+/// A hello [`check_hello`] refused: the TLS `access_denied` alert first when the reason
+/// calls for one ([`refuses_hello`]). Deny path only.
+async fn refuse_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    agent_io: &mut S,
+    alert: HelloAlert,
+    reason: Reason,
+) -> Reason {
+    if refuses_hello(reason) {
+        alert.send(agent_io).await;
+    }
+    reason
 }
 
 /// After `200 Connection established`: read the ClientHello (deadline, cap), check it, and
@@ -349,8 +374,9 @@ async fn tunnel(
 
 /// Read the tunnel's ClientHello (deadline, cap; `peeked` may already hold its start),
 /// check it against the CONNECT target, dial the checked address and replay the hello.
+/// A parsed hello the checks refuse gets the TLS `access_denied` alert before the close.
 /// The hello's buffer is gone before the relay starts: an idle tunnel keeps no bytes.
-async fn open_upstream<R: AsyncRead + Unpin>(
+async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     checks: &TunnelChecks,
     agent_io: &mut R,
@@ -364,7 +390,10 @@ async fn open_upstream<R: AsyncRead + Unpin>(
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
-    check_hello(checks, hello?, rec)?;
+    if let Err((reason, alert)) = check_hello(checks, hello?, rec) {
+        // Boxed: the alert's state must not weigh on the allowed path's.
+        return Err(Box::pin(refuse_hello(agent_io, alert, reason)).await);
+    }
     let up = upstream::dial(
         &checks.addrs,
         checks.target.port,

@@ -5,8 +5,11 @@
 //! resolve the *name* ourselves and dial that address, never the agent's original
 //! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
 //! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
-//! Port 80 connections are then served request by request (hyper); a later request on the
-//! same connection naming another host is refused and the connection closed.
+//! A well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
+//! close (`alert`). Port 80 connections are served request by request (hyper), the first
+//! one included: a refused request gets its HTTP refusal (`403` and `X-Portcullis-Reason`
+//! for a policy denial) and the connection is closed; so is a later request naming another
+//! host. Nothing of a refused request reaches an upstream.
 
 use std::convert::Infallible;
 use std::io;
@@ -27,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::gateway::Shared;
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
 use crate::proxy::ConnectionSlot;
+use crate::proxy::alert::{HelloAlert, refuses_hello};
 use crate::proxy::forward::{ForwardTo, ProxyBody, forward, refusal};
 use crate::proxy::http_head::{HeadParse, parse_request_head};
 use crate::proxy::peek::read_client_hello;
@@ -106,7 +110,7 @@ fn handle(
                     // Boxed phases (hello, dial, HTTP): their state is freed before the
                     // relay, so it does not weigh on every idle tunnel. What the hello tells
                     // is kept; the hello itself is not.
-                    let (target, admission) = {
+                    let (target, admission, alert) = {
                         let hello = Box::pin(read_client_hello(
                             &mut stream,
                             &mut peeked,
@@ -118,30 +122,28 @@ fn handle(
                             .from_agent
                             .store(peeked.len() as u64, Ordering::Relaxed);
                         let hello = hello?;
+                        // A parsed hello: a refusal from here to the dial may get the alert.
+                        let alert = HelloAlert::for_hello(&hello);
                         rec.ech = hello.ech;
                         rec.server_name = hello.server_name;
-                        let a = agent.and_then(|id| policy.agent(id));
-                        if hello.ech && a.is_some_and(|a| a.deny_ech) {
-                            return Err(Reason::EchDenied);
+                        match check_hello(&shared, (&policy, agent), hello.ech, original, &mut rec)
+                        {
+                            Ok((target, admission)) => (target, admission, alert),
+                            Err(reason) => {
+                                return Err(refuse_hello(&shared, stream, alert, reason));
+                            }
                         }
-                        // Never fall back to the original destination: no SNI, no connection.
-                        let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
-                        let name =
-                            crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
-                        let target = Target {
-                            host: Host::Name(name),
-                            port: original.port(),
-                        };
-                        let admission = admit(&shared, &policy, agent, &rec.agent)?;
-                        (target, admission)
                     };
                     // The peeked bytes are replayed as the connection opens, then freed:
                     // an idle tunnel keeps no bytes.
-                    let up = Box::pin(check_and_dial(
+                    let up = match Box::pin(check_and_dial(
                         &shared, &policy, agent, &target, original, &peeked, &mut rec,
                     ))
-                    .await?
-                    .stream;
+                    .await
+                    {
+                        Ok(up) => up.stream,
+                        Err(reason) => return Err(refuse_hello(&shared, stream, alert, reason)),
+                    };
                     drop(std::mem::take(&mut peeked));
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
@@ -168,13 +170,8 @@ fn handle(
                         .from_agent
                         .store(peeked.len() as u64, Ordering::Relaxed);
                     let target = target?;
-                    rec.destination_domain = domain_of(&target);
-                    let verdict = policy.evaluate(agent, &target);
-                    rec.rule = verdict.rule.clone();
-                    if let Some(reason) = verdict.deny_reason() {
-                        return Err(reason);
-                    }
-                    // Hand over to per-request serving; each request writes its own record.
+                    // Hand over to per-request serving; each request, the first included, is
+                    // decided and recorded on its own: a refused one gets its HTTP refusal.
                     let conn = HttpConnection {
                         peer,
                         agent,
@@ -207,6 +204,46 @@ enum Handover {
     Done,
     /// Port 80: requests were served and recorded one by one.
     Http,
+}
+
+/// What the parsed hello must pass before any name is resolved: ECH (if the agent denies
+/// it), an SNI that is a host name, and the agent's limits. The target it names, and the
+/// admission.
+fn check_hello(
+    shared: &Shared,
+    (policy, agent): (&Policy, Option<AgentId>),
+    ech: bool,
+    original: SocketAddr,
+    rec: &mut ConnectionRecord,
+) -> Result<(Target, crate::limits::Admission), Reason> {
+    if ech
+        && agent
+            .and_then(|id| policy.agent(id))
+            .is_some_and(|a| a.deny_ech)
+    {
+        return Err(Reason::EchDenied);
+    }
+    // Never fall back to the original destination: no SNI, no connection.
+    let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
+    let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
+    let target = Target {
+        host: Host::Name(name),
+        port: original.port(),
+    };
+    let admission = admit(shared, policy, agent, &rec.agent)?;
+    Ok((target, admission))
+}
+
+/// A refusal after a parsed ClientHello (deny path only): the TLS `access_denied` alert
+/// when the reason calls for one ([`refuses_hello`]), written at once (7 bytes into a send
+/// buffer nothing was written to), the write half shut, and the connection handed to a
+/// short drain ([`HelloAlert::write_and_linger`]) so that its close does not reset the
+/// alert away. Otherwise the connection closes when dropped here.
+fn refuse_hello(shared: &Shared, stream: TcpStream, alert: HelloAlert, reason: Reason) -> Reason {
+    if refuses_hello(reason) {
+        alert.write_and_linger(stream, &shared.tracker);
+    }
+    reason
 }
 
 /// The agent's limits for one more connection (transparent mode closes on refusal; there
@@ -399,11 +436,18 @@ async fn http_request(
     rec.original_destination = Some(original);
     rec.http_method = Some(req.method().as_str().to_owned());
     rec.destination_port = Some(first.port);
+    // Every refusal, the first request's too, is the same: status, reason header, close
+    // (a later request would have to name the same refused host).
     let deny = |mut rec: ConnectionRecord, reason: Reason| {
         rec.reason = Some(reason);
         rec.duration = started.elapsed();
         shared.telemetry.record(rec);
-        refusal(reason)
+        let mut response = refusal(reason);
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        response
     };
     if shared.killswitch.is_killed(&rec.agent) {
         return deny(rec, Reason::KillSwitch);
