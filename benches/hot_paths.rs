@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use portcullis::policy::Reason;
-use portcullis::proxy::{CapLimits, ConnectionCaps};
 use portcullis::proxy::http_head::parse_request_head;
 use portcullis::proxy::sni::parse_client_hello;
+use portcullis::proxy::{CapLimits, ConnectionCaps};
 use portcullis::telemetry::{ConnectionRecord, Metrics, Mode};
 
 /// A real rustls ClientHello (TLS 1.3 + 1.2, ALPN h2/http1.1, X25519 key share).
