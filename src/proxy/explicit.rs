@@ -20,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Shared;
 use crate::policy::{DomainName, Host, Identity, Reason, Target};
@@ -114,6 +115,9 @@ async fn handle(
     if identity == Identity::NeedsCredentials {
         return deny(rec, Reason::AuthRequired);
     }
+    // Taken before the kill check: a kill from here on cancels it, whatever phase the
+    // request is in (resolution, the hello wait, the relay).
+    let cancel = shared.killswitch.tunnel_token(&rec.agent);
     if shared.killswitch.is_killed(&rec.agent) {
         return deny(rec, Reason::KillSwitch);
     }
@@ -150,6 +154,11 @@ async fn handle(
             return deny(rec, f.reason);
         }
     };
+    if cancel.is_cancelled() {
+        // Killed while the name resolved.
+        let reason = cancelled_reason(&shared, &rec.agent, false);
+        return deny(rec, reason);
+    }
     // Limits after the decision (DESIGN §2 step 6): a denied request spends no tokens.
     let admission = match agent.and_then(|id| policy.agent(id)) {
         Some(a) => match shared.limiter.admit(&rec.agent, &a.limits, Instant::now()) {
@@ -178,7 +187,7 @@ async fn handle(
                 admission,
             };
             let peer = rec.source;
-            let fut = tunnel(shared.clone(), req, checks, rec, started, slot);
+            let fut = tunnel(shared.clone(), req, (checks, cancel), rec, started, slot);
             super::spawn_supervised(&shared, Mode::Explicit, peer, Box::pin(fut));
             empty(StatusCode::OK)
         }
@@ -201,6 +210,7 @@ async fn handle(
                     upstream,
                     authority,
                     path,
+                    cut: cancel,
                 },
                 rec,
                 started,
@@ -301,19 +311,30 @@ async fn refuse_hello<S: AsyncRead + AsyncWrite + Unpin>(
 async fn tunnel(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    checks: TunnelChecks,
+    (checks, cancel): (TunnelChecks, CancellationToken),
     mut rec: ConnectionRecord,
     started: Instant,
     _slot: Arc<ConnectionSlot>,
 ) {
     let counters = RelayCounters::default();
-    let cancel = shared.killswitch.tunnel_token(&rec.agent);
     let agent = rec.agent.clone();
-    let registration =
-        shared
-            .tunnels
-            .register(agent.clone(), checks.target.clone(), cancel.clone());
+    let registration = shared.tunnels.register(
+        agent.clone(),
+        checks.target.clone(),
+        checks.addrs.clone(),
+        cancel.clone(),
+    );
     let outcome = async {
+        // Decided on the policy of the request: a reload since then that no longer allows
+        // the tunnel revokes it here (later reloads find it registered).
+        if !crate::reload::still_allowed(
+            &shared.policy.load(),
+            &agent,
+            &checks.target,
+            &checks.addrs,
+        ) {
+            return Err(Reason::PolicyRevoked);
+        }
         let upgraded = hyper::upgrade::on(req)
             .await
             .map_err(|_| Reason::Malformed)?;

@@ -83,6 +83,10 @@ fn handle(
             policy.generation(),
         );
         let counters = RelayCounters::default();
+        // Taken before the kill check: a kill from here on cancels it, in every phase (the
+        // hello the agent may hold back for the whole handshake deadline included).
+        let cancel = shared.killswitch.tunnel_token(&rec.agent);
+        let who = rec.agent.clone();
         let outcome = async {
             let original = sys::original_destination(&stream, shared.config.interception)
                 .map_err(|_| Reason::Malformed)?;
@@ -111,11 +115,9 @@ fn handle(
                     // relay, so it does not weigh on every idle tunnel. What the hello tells
                     // is kept; the hello itself is not.
                     let (target, admission, alert) = {
-                        let hello = Box::pin(read_client_hello(
-                            &mut stream,
-                            &mut peeked,
-                            &mut held,
-                            deadline,
+                        let hello = Box::pin(until_cancelled(
+                            (&shared, &who, &cancel),
+                            read_client_hello(&mut stream, &mut peeked, &mut held, deadline),
                         ))
                         .await;
                         counters
@@ -136,34 +138,41 @@ fn handle(
                     };
                     // The peeked bytes are replayed as the connection opens, then freed:
                     // an idle tunnel keeps no bytes.
-                    let up = match Box::pin(check_and_dial(
-                        &shared, &policy, agent, &target, original, &peeked, &mut rec,
+                    let up = match Box::pin(until_cancelled(
+                        (&shared, &who, &cancel),
+                        check_and_dial(
+                            &shared, &policy, agent, &target, original, &peeked, &mut rec,
+                        ),
                     ))
                     .await
                     {
-                        Ok(up) => up.stream,
+                        Ok(up) => up,
                         Err(reason) => return Err(refuse_hello(&shared, stream, alert, reason)),
                     };
+                    let (up, up_addr) = (up.stream, up.addr.ip());
                     drop(std::mem::take(&mut peeked));
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
                         &shared,
-                        &stream,
-                        &up,
+                        (&stream, &up),
                         &counters,
-                        (&rec.agent, &target),
+                        (&rec.agent, &target, up_addr),
+                        &cancel,
                         &admission.shaping,
                     )
                     .await
                 }
                 Expect::Http => {
-                    let target = Box::pin(read_http_target(
-                        &mut stream,
-                        &mut peeked,
-                        &mut held,
-                        deadline,
-                        original.port(),
-                        cfg.max_request_head_bytes,
+                    let target = Box::pin(until_cancelled(
+                        (&shared, &who, &cancel),
+                        read_http_target(
+                            &mut stream,
+                            &mut peeked,
+                            &mut held,
+                            deadline,
+                            original.port(),
+                            cfg.max_request_head_bytes,
+                        ),
                     ))
                     .await;
                     counters
@@ -177,7 +186,7 @@ fn handle(
                         agent,
                         first: target,
                         original,
-                        cancel: shared.killswitch.tunnel_token(&rec.agent),
+                        cancel: cancel.clone(),
                     };
                     Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
                     Ok(Handover::Http)
@@ -196,6 +205,20 @@ fn handle(
         rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
         rec.duration = started.elapsed();
         shared.telemetry.record(rec);
+    }
+}
+
+/// `phase`, unless the connection's token is cancelled first (a kill of the agent or of
+/// all, or shutdown): then it ends at once with the reason. Boxed by its callers with the
+/// phase inside, so the wait adds nothing to the state an idle tunnel keeps.
+async fn until_cancelled<T>(
+    (shared, agent, cancel): (&Shared, &str, &tokio_util::sync::CancellationToken),
+    phase: impl Future<Output = Result<T, Reason>>,
+) -> Result<T, Reason> {
+    tokio::select! {
+        biased;
+        r = phase => r,
+        () = cancel.cancelled() => Err(crate::proxy::explicit::cancelled_reason(shared, agent, false)),
     }
 }
 
@@ -298,6 +321,15 @@ async fn check_and_dial(
         // THREATS A1: the agent aimed elsewhere than the name resolves to; we dial the name.
         rec.destination_mismatch = true;
     }
+    // The connection may have waited (the hello, the resolution) on a policy a reload has
+    // since replaced: nothing is sent upstream that the live policy would not allow.
+    let live = shared.policy.load();
+    if live.generation() != policy.generation()
+        && !crate::reload::still_allowed(&live, &rec.agent, target, &addrs)
+    {
+        return Err(Reason::PolicyRevoked);
+    }
+    drop(live);
     let up = upstream::dial(&addrs, target.port, cfg.connect_timeout, first)
         .await
         .map_err(|f| {
@@ -315,23 +347,28 @@ async fn check_and_dial(
 )]
 fn tunnel<'a>(
     shared: &'a Shared,
-    agent_io: &'a TcpStream,
-    up: &'a TcpStream,
+    (agent_io, up): (&'a TcpStream, &'a TcpStream),
     counters: &'a RelayCounters,
-    (agent, target): (&'a Arc<str>, &'a Target),
+    (agent, target, addr): (&'a Arc<str>, &'a Target, std::net::IpAddr),
+    cancel: &'a tokio_util::sync::CancellationToken,
     shaping: &'a crate::limits::Shaping,
 ) -> impl Future<Output = Result<Handover, Reason>> + 'a {
-    async move {
-        let cancel = shared.killswitch.tunnel_token(agent);
-        let registration = shared
-            .tunnels
-            .register(agent.clone(), target.clone(), cancel.clone());
+    // The registration and the relay share the tunnel's one allocation.
+    crate::proxy::boxed_small(async move {
+        let registration =
+            shared
+                .tunnels
+                .register(agent.clone(), target.clone(), vec![addr], cancel.clone());
+        // Decided on the policy of the connection's start: a reload since then that no longer
+        // allows it revokes it here (later reloads find it registered).
+        if !crate::reload::still_allowed(&shared.policy.load(), agent, target, &[addr]) {
+            return Err(Reason::PolicyRevoked);
+        }
         let idle = shared.config.idle_timeout;
-        let end =
-            crate::proxy::boxed_small(relay(agent_io, up, idle, &cancel, counters, shaping)).await;
+        let end = relay(agent_io, up, idle, cancel, counters, shaping).await;
         crate::proxy::explicit::relay_outcome(shared, agent, end, &registration)
             .map(|()| Handover::Done)
-    }
+    })
 }
 
 /// Read the first HTTP request head and return the target its Host names. The Host port,
@@ -392,19 +429,7 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, con
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
         let conn = conn.clone();
-        async move {
-            Ok::<_, Infallible>(
-                http_request(
-                    shared,
-                    req,
-                    conn.peer,
-                    conn.agent,
-                    &conn.first,
-                    conn.original,
-                )
-                .await,
-            )
-        }
+        async move { Ok::<_, Infallible>(http_request(shared, req, &conn).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -420,11 +445,16 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, con
 async fn http_request(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    agent: Option<AgentId>,
-    first: &Target,
-    original: SocketAddr,
+    conn: &HttpConnection,
 ) -> Response<ProxyBody> {
+    let HttpConnection {
+        peer,
+        agent,
+        ref first,
+        original,
+        ref cancel,
+    } = *conn;
+    let cut = cancel.clone();
     let started = Instant::now();
     let policy = shared.policy.load_full();
     let mut rec = ConnectionRecord::begin(
@@ -517,6 +547,7 @@ async fn http_request(
             upstream: up,
             authority,
             path,
+            cut,
         },
         rec_for_dial,
         started,
