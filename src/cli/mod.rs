@@ -90,7 +90,7 @@ fn load_policy(config: &Config) -> Result<Policy, String> {
 }
 
 /// The ruleset spec for this config and policy: agent networks default to every agent's
-/// sources; the listeners give the ports.
+/// sources; the listeners give the ports; every agent's bound sources are enforced.
 pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, String> {
     let transparent = config
         .transparent_listen
@@ -122,6 +122,10 @@ pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, Str
         ipv6: config.nft_ipv6,
         tproxy_mark: config.nft_tproxy_mark,
         killed: Vec::new(),
+        bindings: policy
+            .agents()
+            .flat_map(|(_, a)| a.bindings.iter().cloned())
+            .collect(),
     })
 }
 

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+pub use crate::policy::{MacAddr, SourceBinding};
+
 /// Name of the table (`table inet portcullis`).
 pub const TABLE: &str = "portcullis";
 /// Set of killed IPv4 agent addresses.
@@ -29,6 +31,9 @@ pub const COUNTER_INPUT_DROPPED: &str = "agent_input_dropped";
 pub const COUNTER_FORWARD_DROPPED: &str = "agent_forward_dropped";
 /// Named counter of packets dropped by the kill switch.
 pub const COUNTER_KILLED_DROPPED: &str = "killed_dropped";
+/// Named counter of packets dropped because their source address is bound to another
+/// interface or MAC than the one they came from.
+pub const COUNTER_SPOOFED_DROPPED: &str = "spoofed_dropped";
 /// Ports intercepted when the operator does not say otherwise.
 pub const DEFAULT_INTERCEPTED_PORTS: [u16; 2] = [80, 443];
 /// Environment variable naming the `nft` binary (default `nft`).
@@ -39,6 +44,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const SET_AGENT_INTERFACES: &str = "agent_interfaces";
 const SET_AGENT_NETS_V4: &str = "agent_nets_v4";
 const SET_AGENT_NETS_V6: &str = "agent_nets_v6";
+const SET_BOUND_SOURCES_V4: &str = "bound_sources_v4";
+const SET_BOUND_SOURCES_V6: &str = "bound_sources_v6";
 const DNS_PORT: u16 = 53;
 /// Linux IFNAMSIZ is 16 including the terminating NUL.
 const MAX_INTERFACE_NAME_LEN: usize = 15;
@@ -74,6 +81,9 @@ pub struct RulesetSpec {
     pub tproxy_mark: u32,
     /// Addresses currently killed (restored on apply, so a re-apply never reopens a killed agent).
     pub killed: Vec<IpAddr>,
+    /// Agent sources bound to an ingress interface and/or a MAC: a packet from one of these
+    /// networks that arrives anywhere else is dropped before any other rule sees it.
+    pub bindings: Vec<SourceBinding>,
 }
 
 /// Errors from rendering or running `nft`.

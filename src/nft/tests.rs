@@ -16,6 +16,7 @@ fn homelab() -> RulesetSpec {
         ipv6: false,
         tproxy_mark: 100,
         killed: Vec::new(),
+        bindings: Vec::new(),
     }
 }
 
@@ -28,6 +29,34 @@ fn tproxy_v6() -> RulesetSpec {
         interception: Interception::Tproxy,
         ipv6: true,
         killed: vec!["10.66.0.9".parse().unwrap(), "fd66::9".parse().unwrap()],
+        ..homelab()
+    }
+}
+
+fn mac(text: &str) -> MacAddr {
+    text.parse().unwrap()
+}
+
+/// Two agents on one segment: A bound to interface and MAC (v4 and v6), B to the interface
+/// only, C to a MAC only.
+fn bound() -> RulesetSpec {
+    let binding = |net: &str, interface: Option<&str>, m: Option<&str>| SourceBinding {
+        net: net.parse().unwrap(),
+        interface: interface.map(Into::into),
+        mac: m.map(mac),
+    };
+    RulesetSpec {
+        ipv6: true,
+        agent_sources: vec![
+            "10.66.0.0/24".parse().unwrap(),
+            "fd66::/64".parse().unwrap(),
+        ],
+        bindings: vec![
+            binding("10.66.0.12/32", Some("vlan66"), None),
+            binding("10.66.0.11/32", Some("vlan66"), Some("02:00:00:00:00:11")),
+            binding("fd66::11/128", Some("vlan66"), Some("02:00:00:00:00:11")),
+            binding("10.66.0.32/27", None, Some("02:00:00:00:00:33")),
+        ],
         ..homelab()
     }
 }
@@ -276,6 +305,100 @@ fn validation_errors() {
 }
 
 #[test]
+fn bound_sources_are_checked_before_everything_else() {
+    let text = render(&bound()).unwrap();
+    // source_guard is the only chain on a hook earlier than the kill switch's raw.
+    let guard = chain(&text, "source_guard");
+    assert!(guard.contains("type filter hook prerouting priority raw - 10; policy accept;"));
+    assert_eq!(
+        rules(guard)
+            .lines()
+            .skip(2)
+            .map(str::trim)
+            .collect::<Vec<_>>(),
+        [
+            "ip saddr @bound_sources_v4 jump source_binding",
+            "ip6 saddr @bound_sources_v6 jump source_binding",
+        ]
+    );
+    assert!(position(&text, "chain source_guard {") < position(&text, "chain input_guard {"));
+    for other in ["input_guard", "prerouting", "input", "forward"] {
+        assert!(!chain(&text, other).contains("raw - "), "{other}");
+    }
+    // Returned when a binding matches, dropped and counted otherwise.
+    let binding = chain(&text, "source_binding");
+    assert_eq!(
+        binding.lines().skip(1).map(str::trim).collect::<Vec<_>>(),
+        [
+            "iifname . ip saddr @bindings_if_v4 return",
+            "ether saddr . ip saddr @bindings_mac_v4 return",
+            "iifname . ether saddr . ip saddr @bindings_if_mac_v4 return",
+            "iifname . ether saddr . ip6 saddr @bindings_if_mac_v6 return",
+            "counter name \"spoofed_dropped\" drop",
+        ]
+    );
+    assert!(text.contains("counter spoofed_dropped {}"));
+    // The sets, sorted by network.
+    for (set, elements) in [
+        (
+            "bound_sources_v4",
+            "10.66.0.11/32, 10.66.0.12/32, 10.66.0.32/27",
+        ),
+        ("bound_sources_v6", "fd66::11/128"),
+        ("bindings_if_v4", "\"vlan66\" . 10.66.0.12/32"),
+        ("bindings_mac_v4", "02:00:00:00:00:33 . 10.66.0.32/27"),
+        (
+            "bindings_if_mac_v4",
+            "\"vlan66\" . 02:00:00:00:00:11 . 10.66.0.11/32",
+        ),
+        (
+            "bindings_if_mac_v6",
+            "\"vlan66\" . 02:00:00:00:00:11 . fd66::11/128",
+        ),
+    ] {
+        let start = position(&text, &format!("set {set} {{"));
+        let body = &text[start..start + position(&text[start..], "\n\t}")];
+        assert!(
+            body.contains(&format!("elements = {{ {elements} }}")),
+            "{set}: {body}"
+        );
+        assert!(body.contains("flags interval"), "{set}");
+    }
+    // Shapes nobody uses are not emitted.
+    assert!(!text.contains("bindings_if_v6"));
+    assert!(!text.contains("bindings_mac_v6"));
+}
+
+#[test]
+fn no_bindings_no_guard() {
+    let text = rules(&render(&homelab()).unwrap());
+    assert!(!text.contains("source_guard"));
+    assert!(!text.contains("source_binding"));
+    assert!(!text.contains("bound_sources"));
+    // A v4-only binding emits no v6 set and no v6 jump.
+    let spec = RulesetSpec {
+        bindings: bound().bindings[..1].to_vec(),
+        ..homelab()
+    };
+    let text = render(&spec).unwrap();
+    assert!(chain(&text, "source_guard").contains("ip saddr @bound_sources_v4"));
+    assert!(!text.contains("bound_sources_v6"));
+}
+
+#[test]
+fn binding_validation() {
+    let mut spec = bound();
+    spec.bindings[0].interface = None;
+    assert!(spec_error(&spec).contains("neither an interface nor a MAC"));
+    let mut spec = bound();
+    spec.bindings[0].interface = Some("vlan66\" accept; #".into());
+    assert!(spec_error(&spec).contains("invalid interface name"));
+    let mut spec = bound();
+    spec.bindings[0].net = "10.66.0.0/24".parse().unwrap();
+    assert!(spec_error(&spec).contains("overlap"));
+}
+
+#[test]
 fn interface_name_injection_rejected() {
     for name in [
         "vlan66\" accept; #",
@@ -415,6 +538,15 @@ fn nft_check_redirect_with_killed_no_optional_listeners() {
             "fd66::1".parse().unwrap(),
         ],
         ..homelab()
+    });
+}
+
+#[test]
+fn nft_check_bound_sources() {
+    assert_kernel_accepts(&bound());
+    assert_kernel_accepts(&RulesetSpec {
+        interception: Interception::Tproxy,
+        ..bound()
     });
 }
 
