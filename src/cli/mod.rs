@@ -208,6 +208,9 @@ pub fn check(config_path: Option<&Path>) -> i32 {
                     a.allow_cidrs.len()
                 );
             }
+            for warning in check_warnings(&config, &policy) {
+                eprintln!("warning: {warning}");
+            }
             if !config.transparent_listen.is_empty() {
                 let checked = ruleset_spec(&config, &policy)
                     .and_then(|spec| nft::render(&spec).map_err(|e| e.to_string()))
@@ -228,6 +231,25 @@ pub fn check(config_path: Option<&Path>) -> i32 {
             1
         }
     }
+}
+
+/// What `check` warns about without failing: agents that can claim each other's addresses
+/// on a shared segment, and bindings that nothing enforces.
+fn check_warnings(config: &Config, policy: &Policy) -> Vec<String> {
+    let mut warnings = crate::policy::binding::shared_segment_warnings(
+        policy,
+        &config.nft_agent_interfaces,
+        &config.nft_agent_networks,
+    );
+    let bound = policy.agents().any(|(_, a)| !a.bindings.is_empty());
+    if bound && config.transparent_listen.is_empty() {
+        warnings.push(
+            "sources bound to an interface or MAC are enforced only by the nftables ruleset, \
+             and this config renders none (listen.transparent is empty)"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Parse an `explain` target: a URL (scheme decides the default port) or `host:port`.

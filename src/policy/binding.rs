@@ -175,6 +175,89 @@ fn same_subnet(a: &IpNet, b: &IpNet, agent_networks: &[IpNet]) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::policy::compile;
+    use crate::policy::rules::{RulesSources, SourceFile};
+
+    /// A policy of agents given as (name, `sources` TOML value).
+    fn policy(agents: &[(&str, &str)]) -> Policy {
+        let sources = RulesSources {
+            agents: agents
+                .iter()
+                .map(|(name, sources)| SourceFile {
+                    path: format!("rules/agents/{name}.toml").into(),
+                    text: format!("name = \"{name}\"\nsources = {sources}\n"),
+                })
+                .collect(),
+            lists: Vec::new(),
+        };
+        compile(&sources, &[443], 1).unwrap()
+    }
+
+    fn warned(policy: &Policy, interfaces: &[&str], networks: &[&str]) -> Vec<String> {
+        let interfaces: Vec<String> = interfaces.iter().map(|s| s.to_string()).collect();
+        let networks: Vec<IpNet> = networks.iter().map(|s| s.parse().unwrap()).collect();
+        shared_segment_warnings(policy, &interfaces, &networks)
+    }
+
+    #[test]
+    fn agents_in_one_subnet_without_mac_are_warned_about() {
+        let p = policy(&[("a", r#"["10.66.0.11"]"#), ("b", r#"["10.66.0.12"]"#)]);
+        let w = warned(&p, &["vlan66"], &[]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "agent `a`: source 10.66.0.11/32 shares an agent segment with agent(s) `b` and has no `mac` binding"
+            ),
+            "{w:?}"
+        );
+        assert!(w[1].starts_with("agent `b`"), "{w:?}");
+        // Other subnets, and no agent interfaces beyond one: apart.
+        let p = policy(&[("a", r#"["10.66.0.11"]"#), ("b", r#"["10.67.0.12"]"#)]);
+        assert!(warned(&p, &["vlan66"], &[]).is_empty());
+        // ... unless several agent interfaces may put them anywhere.
+        assert_eq!(warned(&p, &["vlan66", "vlan67"], &[]).len(), 2);
+        // A configured agent network is the subnet.
+        assert_eq!(warned(&p, &[], &["10.64.0.0/12"]).len(), 2);
+        assert!(warned(&p, &[], &["10.66.0.0/16", "10.67.0.0/16"]).is_empty());
+        // IPv6: one /64.
+        let p = policy(&[("a", r#"["fd66::11"]"#), ("b", r#"["fd66::12/127"]"#)]);
+        assert_eq!(warned(&p, &[], &[]).len(), 2);
+        // One agent alone shares nothing.
+        let p = policy(&[("a", r#"["10.66.0.11", "10.66.0.12"]"#)]);
+        assert!(warned(&p, &["vlan66", "vlan67"], &[]).is_empty());
+    }
+
+    #[test]
+    fn mac_or_distinct_interfaces_silence_the_warning() {
+        let p = policy(&[
+            (
+                "a",
+                r#"[{ net = "10.66.0.11", interface = "vlan66", mac = "02:00:00:00:00:11" }]"#,
+            ),
+            ("b", r#"[{ net = "10.66.0.12", interface = "vlan66" }]"#),
+        ]);
+        // A is bound to its MAC; B is not, and A shares its interface.
+        let w = warned(&p, &["vlan66"], &[]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "agent `b`: source 10.66.0.12/32 shares interface vlan66 with agent(s) `a`"
+            ),
+            "{w:?}"
+        );
+        // Each agent on its own interface (one veth or VLAN per agent): nothing to claim.
+        let p = policy(&[
+            ("a", r#"[{ net = "10.66.0.11", interface = "veth-a" }]"#),
+            ("b", r#"[{ net = "10.66.0.12", interface = "veth-b" }]"#),
+        ]);
+        assert!(warned(&p, &["veth-a", "veth-b"], &[]).is_empty());
+        // An interface-bound source still shares with an unbound one in its subnet.
+        let p = policy(&[
+            ("a", r#"[{ net = "10.66.0.11", interface = "veth-a" }]"#),
+            ("b", r#"["10.66.0.12"]"#),
+        ]);
+        assert_eq!(warned(&p, &[], &[]).len(), 2);
+    }
 
     #[test]
     fn mac_parsing() {
