@@ -7,7 +7,8 @@
 //! The control comes first, in the same test: with B's source not bound to its interface
 //! and MAC, the spoofed queries reach the upstream, are logged as B's, and drain B's DNS
 //! rate limit. With the binding, not one reaches the upstream or the log, B's own queries
-//! are answered during the flood, and that still holds once A is killed.
+//! are answered during the flood, and that still holds once A is killed; killed, A's MAC is
+//! cut off from an address no agent claims too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -19,6 +20,8 @@ use std::path::Path;
 use common::netns::*;
 
 const AGENT_B_IP: &str = "10.66.0.12";
+/// In the agents' subnet, claimed by no agent.
+const UNCLAIMED: &str = "10.66.0.77";
 const MAC_A: &str = "02:00:00:00:00:11";
 const MAC_B: &str = "02:00:00:00:00:12";
 /// B's legitimate question, answered by the upstream.
@@ -196,6 +199,25 @@ async fn flood_while_b_asks(topo: &Topology, b: &AgentB, prefix: &str) -> Vec<St
     answers
 }
 
+/// Agent A sends a few questions from an address no agent claims (its MAC, a forged
+/// address); prints nothing, returns once they are sent.
+async fn from_unclaimed_address(topo: &Topology, prefix: &str) {
+    let sent = run(in_ns(
+        &topo.agent_ns,
+        &format!(
+            "python3 -c '{}' {UNCLAIMED} {GW_AGENT_SIDE} {prefix} 5 0.1",
+            SPOOF_PY.replace('\'', "'\\''")
+        ),
+    ))
+    .await;
+    assert_eq!(
+        stdout(&sent),
+        "5",
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+}
+
 /// Log lines that name a spoofed question of this flood.
 fn spoof_lines(lines: &[serde_json::Value], prefix: &str) -> Vec<serde_json::Value> {
     lines
@@ -309,10 +331,22 @@ async fn spoofed_source_dns_never_reaches_upstream_with_a_binding() {
         "the guard did not count the flood"
     );
 
-    // 3. A killed over the control socket: its own question goes unanswered, and its
-    //    spoofed ones still reach nothing; B is still answered.
+    // From an address nobody claims, A is an unknown agent: refused, and logged.
+    from_unclaimed_address(&topo, "unclaimed-alive").await;
+    let logged = spoof_lines(&gw.settled_lines().await, "unclaimed-alive");
+    assert!(
+        !logged.is_empty() && logged.iter().all(|l| l["agent.name"] == "unknown"),
+        "{logged:#?}"
+    );
+
+    // 3. A killed over the control socket: its own question goes unanswered, its spoofed
+    //    ones still reach nothing, B is still answered, and A's MAC is cut off whatever
+    //    address it takes.
     kill_over_control_socket(dir.path(), "a");
     assert_eq!(ask(&topo.agent_ns, A_NAME).await, "timeout", "A, killed");
+    let macs = topo.gw("nft list set inet portcullis kill_macs");
+    assert!(stdout(&macs).contains(MAC_A), "{}", stdout(&macs));
+    from_unclaimed_address(&topo, "unclaimed-killed").await;
     let before = spoofed_dropped(&topo);
     let answers = flood_while_b_asks(&topo, &b, "killed").await;
     assert_eq!(
@@ -330,7 +364,7 @@ async fn spoofed_source_dns_never_reaches_upstream_with_a_binding() {
 
     // The log file is the control phase's, continued.
     let logged = gw.settled_lines().await.split_off(control_lines);
-    for prefix in ["bound", "killed"] {
+    for prefix in ["bound", "killed", "unclaimed-killed"] {
         assert_eq!(
             spoof_lines(&logged, prefix),
             Vec::<serde_json::Value>::new(),

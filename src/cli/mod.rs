@@ -132,7 +132,7 @@ pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, Str
 /// The ruleset, followed in the same batch by the kill sets the saved state implies (an
 /// unreadable state kills everyone), so applying never reopens a killed agent.
 fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
-    use crate::killswitch::{STATE_FILE, killed_nets, state};
+    use crate::killswitch::{STATE_FILE, killed_macs, killed_nets, state};
     let config = load_config(config_path)?;
     let policy = load_policy(&config)?;
     let spec = ruleset_spec(&config, &policy)?;
@@ -142,12 +142,10 @@ fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
         state::Loaded::State(s) => (s, false),
         state::Loaded::Corrupt(_) => (state::KillState::default(), true),
     };
-    text += &nft::killed_batch(&killed_nets(
-        &st,
-        corrupt,
-        &policy,
-        &config.nft_agent_networks,
-    ));
+    text += &nft::killed_batch(
+        &killed_nets(&st, corrupt, &policy, &config.nft_agent_networks),
+        &killed_macs(&st, corrupt, &policy),
+    );
     Ok(text)
 }
 

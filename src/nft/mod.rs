@@ -10,6 +10,7 @@
 //! spec field inject nft syntax (interface names are validated, everything else is typed).
 //! Commands are always run without a shell and bounded by [`COMMAND_TIMEOUT`].
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -25,6 +26,8 @@ pub const TABLE: &str = "portcullis";
 pub const KILL_SET_V4: &str = "kill_sources_v4";
 /// Set of killed IPv6 agent addresses.
 pub const KILL_SET_V6: &str = "kill_sources_v6";
+/// Set of MACs bound to killed agents (see [`SourceBinding`]).
+pub const KILL_SET_MAC: &str = "kill_macs";
 /// Named counter of agent packets dropped in the `input` hook.
 pub const COUNTER_INPUT_DROPPED: &str = "agent_input_dropped";
 /// Named counter of agent packets dropped in the `forward` hook.
@@ -107,10 +110,10 @@ mod render;
 use render::{join, split_by_family};
 pub use render::{render, tproxy_routing_commands};
 
-/// Commands that make the kill sets hold exactly `nets`: flush both sets, then add every
-/// network not already covered by another, so the interval sets never see overlapping
-/// elements. Appended to a ruleset batch, a re-apply keeps killed agents killed.
-pub fn killed_batch(nets: &[IpNet]) -> String {
+/// Commands that make the kill sets hold exactly `nets` and `macs`: flush the sets, then
+/// add every network not already covered by another, so the interval sets never see
+/// overlapping elements. Appended to a ruleset batch, a re-apply keeps killed agents killed.
+pub fn killed_batch(nets: &[IpNet], macs: &[MacAddr]) -> String {
     let mut kept: Vec<IpNet> = Vec::new();
     let mut sorted: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
     // Widest first, so a covered network is always seen after its cover.
@@ -120,8 +123,10 @@ pub fn killed_batch(nets: &[IpNet]) -> String {
             kept.push(n);
         }
     }
-    let mut batch =
-        format!("flush set inet {TABLE} {KILL_SET_V4}\nflush set inet {TABLE} {KILL_SET_V6}\n");
+    let mut batch = String::new();
+    for set in [KILL_SET_V4, KILL_SET_V6, KILL_SET_MAC] {
+        batch += &format!("flush set inet {TABLE} {set}\n");
+    }
     for (set, v4) in [(KILL_SET_V4, true), (KILL_SET_V6, false)] {
         let these: Vec<String> = kept
             .iter()
@@ -131,6 +136,14 @@ pub fn killed_batch(nets: &[IpNet]) -> String {
         if !these.is_empty() {
             batch += &element_command("add", set, &these.join(", "));
         }
+    }
+    let macs: BTreeSet<&MacAddr> = macs.iter().collect();
+    if !macs.is_empty() {
+        batch += &element_command(
+            "add",
+            KILL_SET_MAC,
+            &join(&macs.into_iter().collect::<Vec<_>>()),
+        );
     }
     batch
 }
@@ -204,9 +217,9 @@ impl Nft {
         self.apply(&batch)
     }
 
-    /// Make the kill sets hold exactly `nets` (the kill switch's state), atomically.
-    pub fn sync_killed(&self, nets: &[IpNet]) -> Result<(), NftError> {
-        self.apply(&killed_batch(nets))
+    /// Make the kill sets hold exactly `nets` and `macs` (the kill switch's state), atomically.
+    pub fn sync_killed(&self, nets: &[IpNet], macs: &[MacAddr]) -> Result<(), NftError> {
+        self.apply(&killed_batch(nets, macs))
     }
 
     /// Deletes one address at a time so one absent address cannot abort the rest. nft's

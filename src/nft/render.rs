@@ -310,6 +310,17 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
         }
         line(1, "}");
     }
+    line(
+        1,
+        "# MACs bound to killed agents (and to no live one): their frames drop whatever address",
+    );
+    line(
+        1,
+        "# they carry, so a killed agent cannot return under an address nobody claims.",
+    );
+    line(1, &format!("set {KILL_SET_MAC} {{"));
+    line(2, "type ether_addr");
+    line(1, "}");
     line(0, "");
 
     line(
@@ -346,6 +357,7 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
     let kill_drops = [
         format!("ip saddr @{KILL_SET_V4} counter name \"{COUNTER_KILLED_DROPPED}\" drop"),
         format!("ip6 saddr @{KILL_SET_V6} counter name \"{COUNTER_KILLED_DROPPED}\" drop"),
+        format!("ether saddr @{KILL_SET_MAC} counter name \"{COUNTER_KILLED_DROPPED}\" drop"),
     ];
 
     line(

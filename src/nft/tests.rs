@@ -107,6 +107,16 @@ fn kill_drop_comes_before_redirects_and_accepts() {
         assert_eq!(first_rule, kill, "chain {name}");
     }
     assert!(chain(&text, "input_guard").contains("priority raw"));
+    let kill_mac = "ether saddr @kill_macs counter name \"killed_dropped\" drop";
+    for name in ["input_guard", "prerouting", "input"] {
+        let body = chain(&text, name);
+        assert_eq!(
+            body.lines().nth(4).unwrap().trim(),
+            kill_mac,
+            "chain {name}"
+        );
+    }
+    assert!(text.contains("set kill_macs {\n\t\ttype ether_addr\n\t}"));
     // The redirects live in agent_nat, reached only after the kill drops.
     let prerouting = chain(&text, "prerouting");
     assert!(position(prerouting, kill) < position(prerouting, "jump agent_nat"));
@@ -796,7 +806,7 @@ fn sync_killed_mirrors_the_state_with_overlaps() {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-    nft.sync_killed(&nets).unwrap();
+    nft.sync_killed(&nets, &[]).unwrap();
     let out = run_timeout(&[
         "ip",
         "netns",
@@ -810,11 +820,40 @@ fn sync_killed_mirrors_the_state_with_overlaps() {
         KILL_SET_V4,
     ]);
     assert!(out.contains("10.66.0.0/24"), "{out}");
-    nft.sync_killed(&nets[..1]).unwrap();
+    nft.sync_killed(&nets[..1], &[]).unwrap();
     assert_eq!(
         nft.list_killed().unwrap(),
         vec!["10.66.0.11".parse::<IpAddr>().unwrap()]
     );
-    nft.sync_killed(&[]).unwrap();
+    let macs = [mac("02:00:00:00:00:11"), mac("02:00:00:00:00:12")];
+    nft.sync_killed(&nets[..1], &[macs[1], macs[0], macs[1]])
+        .unwrap();
+    let list_macs = || {
+        run_timeout(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "list",
+            "set",
+            "inet",
+            TABLE,
+            KILL_SET_MAC,
+        ])
+    };
+    let listed = list_macs();
+    assert!(
+        listed.contains("02:00:00:00:00:11") && listed.contains("02:00:00:00:00:12"),
+        "{listed}"
+    );
+    nft.sync_killed(&nets[..1], &macs[..1]).unwrap();
+    assert!(
+        !list_macs().contains("02:00:00:00:00:12"),
+        "{}",
+        list_macs()
+    );
+    nft.sync_killed(&[], &[]).unwrap();
     assert!(nft.list_killed().unwrap().is_empty());
+    assert!(!list_macs().contains("elements"), "{}", list_macs());
 }
