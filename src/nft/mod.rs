@@ -123,7 +123,9 @@ pub fn killed_batch(nets: &[IpNet], macs: &[MacAddr]) -> String {
             kept.push(n);
         }
     }
-    let mut batch = String::new();
+    // A table applied by an older portcullis has no MAC set: create it if missing, so an
+    // upgraded daemon's kills reach the address sets before the ruleset is re-applied.
+    let mut batch = format!("add set inet {TABLE} {KILL_SET_MAC} {{ type ether_addr; }}\n");
     for set in [KILL_SET_V4, KILL_SET_V6, KILL_SET_MAC] {
         batch += &format!("flush set inet {TABLE} {set}\n");
     }

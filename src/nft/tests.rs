@@ -790,6 +790,21 @@ fn netns_apply_tproxy() {
 }
 
 #[test]
+fn sync_killed_works_on_a_table_without_the_mac_set() {
+    let ns = Netns::create("oldtable");
+    let nft = ns.nft();
+    nft.apply(&format!(
+        "table inet {TABLE} {{\n\tset {KILL_SET_V4} {{ type ipv4_addr; flags interval; }}\n\
+         \tset {KILL_SET_V6} {{ type ipv6_addr; flags interval; }}\n}}\n"
+    ))
+    .unwrap();
+    let killed: IpAddr = "10.66.0.11".parse().unwrap();
+    nft.sync_killed(&[killed.into()], &[mac("02:00:00:00:00:11")])
+        .unwrap();
+    assert_eq!(nft.list_killed().unwrap(), vec![killed]);
+}
+
+#[test]
 fn netns_remove_without_table_fails() {
     let netns = Netns::create("notable");
     let nft = netns.nft();
