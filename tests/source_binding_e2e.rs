@@ -1,8 +1,8 @@
 //! Agents cannot claim each other's addresses, end to end in network namespaces (root; CI
 //! runs it as root): two agents on one segment (a bridge in the gateway namespace), the
 //! portcullis binary behind the ruleset it renders, and the recording upstream resolver the
-//! forwarder asks. Agent A sends raw UDP DNS queries carrying agent B's source address for
-//! names only B may resolve.
+//! forwarder asks. Agent A sends raw UDP DNS queries carrying agent B's source address
+//! (IPv4 and IPv6) for names only B may resolve.
 //!
 //! The control comes first, in the same test: with B's source not bound to its interface
 //! and MAC, the spoofed queries reach the upstream, are logged as B's, and drain B's DNS
@@ -20,6 +20,9 @@ use std::path::Path;
 use common::netns::*;
 
 const AGENT_B_IP: &str = "10.66.0.12";
+const AGENT_A_IP6: &str = "fd66::11";
+const AGENT_B_IP6: &str = "fd66::12";
+const GW_AGENT_SIDE6: &str = "fd66::1";
 /// In the agents' subnet, claimed by no agent.
 const UNCLAIMED: &str = "10.66.0.77";
 const MAC_A: &str = "02:00:00:00:00:11";
@@ -32,21 +35,38 @@ const A_NAME: &str = "a-only.test";
 const FLOOD: usize = 300;
 const FLOOD_SECS: f64 = 1.5;
 
-/// Sends `n` DNS A questions for `<prefix><i>.b-only.test` as raw IPv4/UDP datagrams with
-/// a forged source address, spread over `secs`; prints how many were sent.
+/// Sends `n` DNS A questions for `<prefix><i>.b-only.test` as raw IPv4 or IPv6 UDP
+/// datagrams with a forged source address, spread over `secs`; prints how many were sent.
+/// IPv6 needs the UDP checksum (over the pseudo-header); IPv4 may leave it zero.
 const SPOOF_PY: &str = r#"
 import socket, struct, sys, time
 src, dst, prefix, n, secs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+v6 = ":" in src
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+def checksum(data):
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return (~total & 0xffff) or 0xffff
 sent = 0
 for i in range(n):
     name = "%s%d.b-only.test" % (prefix, i)
     qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
     dns = struct.pack("!HHHHHH", (i + 1) & 0xffff, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
-    udp = struct.pack("!HHHH", 20000 + i % 20000, 53, 8 + len(dns), 0) + dns
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xffff, 0, 64, 17, 0,
-                     socket.inet_aton(src), socket.inet_aton(dst))
-    s.sendto(ip + udp, (dst, 0))
+    sport, length = 20000 + i % 20000, 8 + len(dns)
+    if v6:
+        s6, d6 = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+        pseudo = s6 + d6 + struct.pack("!IxxxB", length, 17)
+        sum_ = checksum(pseudo + struct.pack("!HHHH", sport, 53, length, 0) + dns)
+        udp = struct.pack("!HHHH", sport, 53, length, sum_) + dns
+        packet = struct.pack("!IHBB", 6 << 28, length, 17, 64) + s6 + d6 + udp
+        s.sendto(packet, (dst, 0, 0, 0))
+    else:
+        udp = struct.pack("!HHHH", sport, 53, length, 0) + dns
+        packet = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, i & 0xffff, 0, 64, 17, 0,
+                             socket.inet_aton(src), socket.inet_aton(dst)) + udp
+        s.sendto(packet, (dst, 0))
     sent += 1
     time.sleep(secs / n)
 print(sent)
@@ -88,6 +108,7 @@ fn second_agent_on_a_bridge(topo: &Topology) -> (AgentB, String) {
         ip -n {g} link add {br} type bridge
         ip -n {g} link set {ga} master {br}
         ip -n {g} addr add {GW_AGENT_SIDE}/24 dev {br}
+        ip -n {g} -6 addr add {GW_AGENT_SIDE6}/64 dev {br} nodad
         ip -n {g} link set {br} up
         ip netns add {bns}
         ip link add {bi} type veth peer name {bg}
@@ -96,6 +117,7 @@ fn second_agent_on_a_bridge(topo: &Topology) -> (AgentB, String) {
         ip -n {bns} link set lo up
         ip -n {bns} link set {bi} address {MAC_B}
         ip -n {bns} addr add {AGENT_B_IP}/24 dev {bi}
+        ip -n {bns} -6 addr add {AGENT_B_IP6}/64 dev {bi} nodad
         ip -n {bns} link set {bi} up
         ip -n {bns} route add default via {GW_AGENT_SIDE}
         ip -n {a} link set pcla{id} address {MAC_A}",
@@ -110,14 +132,17 @@ fn second_agent_on_a_bridge(topo: &Topology) -> (AgentB, String) {
 fn write_rules(dir: &Path, bridge: &str, bound: bool) {
     let agents = dir.join("rules/agents");
     let _ = std::fs::remove_file(agents.join("coder-1.toml"));
-    for (name, ip, mac, allow) in [
-        ("a", AGENT_IP, MAC_A, "a-only.test"),
-        ("b", AGENT_B_IP, MAC_B, "*.b-only.test"),
+    for (name, ip, ip6, mac, allow) in [
+        ("a", AGENT_IP, AGENT_A_IP6, MAC_A, "a-only.test"),
+        ("b", AGENT_B_IP, AGENT_B_IP6, MAC_B, "*.b-only.test"),
     ] {
         let source = if bound {
-            format!("{{ net = \"{ip}/32\", interface = \"{bridge}\", mac = \"{mac}\" }}")
+            format!(
+                "{{ net = \"{ip}/32\", interface = \"{bridge}\", mac = \"{mac}\" }}, \
+                 {{ net = \"{ip6}/128\", interface = \"{bridge}\", mac = \"{mac}\" }}"
+            )
         } else {
-            format!("\"{ip}/32\"")
+            format!("\"{ip}/32\", \"{ip6}/128\"")
         };
         std::fs::write(
             agents.join(format!("{name}.toml")),
@@ -131,21 +156,22 @@ fn write_rules(dir: &Path, bridge: &str, bound: bool) {
     }
 }
 
-/// The namespace gateway's config: DNS on the agent-side address, the bridge as the agent
-/// interface, and a small DNS rate limit (5 q/s, burst 10) that a flood drains at once.
+/// The namespace gateway's config: DNS on the agent-side addresses (IPv4 and IPv6, agent
+/// IPv6 intercepted), the bridge as the agent interface, and a small DNS rate limit (5 q/s,
+/// burst 10) that a flood drains at once.
 fn write_gateway_config(dir: &Path, topo: &Topology, bridge: &str) -> std::path::PathBuf {
     let cfg = write_config(
         dir,
         topo,
         &format!("\"{GW_AGENT_SIDE}:15001\""),
         "redirect",
-        false,
+        true,
     );
     let text = std::fs::read_to_string(&cfg).unwrap();
     let text = text
         .replacen(
             "[listen]\n",
-            &format!("[listen]\ndns = [\"{GW_AGENT_SIDE}:53\"]\n"),
+            &format!("[listen]\ndns = [\"{GW_AGENT_SIDE}:53\", \"[{GW_AGENT_SIDE6}]:53\"]\n"),
             1,
         )
         .replacen(
@@ -173,49 +199,43 @@ async fn ask(ns: &str, name: &str) -> String {
     stdout(&o)
 }
 
-/// Agent A floods spoofed questions as B (names `<prefix><i>.b-only.test`) while B asks
-/// its own question three times; returns B's answers.
-async fn flood_while_b_asks(topo: &Topology, b: &AgentB, prefix: &str) -> Vec<String> {
-    let flood = run(in_ns(
-        &topo.agent_ns,
-        &format!(
-            "python3 -c '{}' {AGENT_B_IP} {GW_AGENT_SIDE} {prefix} {FLOOD} {FLOOD_SECS}",
-            SPOOF_PY.replace('\'', "'\\''")
-        ),
-    ));
-    let flood = tokio::spawn(flood);
-    let mut answers = Vec::new();
-    for _ in 0..3 {
-        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
-        answers.push(ask(&b.ns, B_NAME).await);
-    }
-    let flood = flood.await.unwrap();
-    assert!(
-        flood.status.success(),
-        "spoofing failed: {}",
-        String::from_utf8_lossy(&flood.stderr)
-    );
-    assert_eq!(stdout(&flood), FLOOD.to_string());
-    answers
-}
-
-/// Agent A sends a few questions from an address no agent claims (its MAC, a forged
-/// address); prints nothing, returns once they are sent.
-async fn from_unclaimed_address(topo: &Topology, prefix: &str) {
+/// Agent A sends `n` questions `<prefix><i>.b-only.test` from the forged source `src`, over
+/// `secs`, to the gateway's agent-side address of the same family.
+async fn spoof(topo: &Topology, src: &str, prefix: &str, n: usize, secs: f64) {
+    let dst = if src.contains(':') {
+        GW_AGENT_SIDE6
+    } else {
+        GW_AGENT_SIDE
+    };
     let sent = run(in_ns(
         &topo.agent_ns,
         &format!(
-            "python3 -c '{}' {UNCLAIMED} {GW_AGENT_SIDE} {prefix} 5 0.1",
+            "python3 -c '{}' {src} {dst} {prefix} {n} {secs}",
             SPOOF_PY.replace('\'', "'\\''")
         ),
     ))
     .await;
     assert_eq!(
         stdout(&sent),
-        "5",
-        "{}",
+        n.to_string(),
+        "spoofing failed: {}",
         String::from_utf8_lossy(&sent.stderr)
     );
+}
+
+/// Agent A floods spoofed questions as B (names `<prefix><i>.b-only.test`) while B asks
+/// its own question three times; returns B's answers.
+async fn flood_while_b_asks(topo: &Topology, b: &AgentB, prefix: &str) -> Vec<String> {
+    let flood = spoof(topo, AGENT_B_IP, prefix, FLOOD, FLOOD_SECS);
+    let asks = async {
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+            answers.push(ask(&b.ns, B_NAME).await);
+        }
+        answers
+    };
+    tokio::join!(flood, asks).1
 }
 
 /// Log lines that name a spoofed question of this flood.
@@ -285,6 +305,17 @@ async fn spoofed_source_dns_never_reaches_upstream_with_a_binding() {
     write_rules(dir.path(), &bridge, false);
     let gw = start_gateway(&topo, bin, &cfg, dir.path()).await;
     assert_eq!(ask(&b.ns, B_NAME).await, answered, "B before any flood");
+    // IPv6 first, while B's bucket still has tokens.
+    spoof(&topo, AGENT_B_IP6, "six-control", 5, 0.1).await;
+    assert!(
+        eventually(std::time::Duration::from_secs(2), || upstream_saw(
+            &upstream,
+            "six-control"
+        ) > 0)
+        .await,
+        "control: no spoofed IPv6 question reached the upstream: {:?}",
+        upstream.names()
+    );
     let answers = flood_while_b_asks(&topo, &b, "control").await;
     assert!(
         upstream_saw(&upstream, "control") > 0,
@@ -326,13 +357,14 @@ async fn spoofed_source_dns_never_reaches_upstream_with_a_binding() {
         "{:?}",
         upstream.names()
     );
+    spoof(&topo, AGENT_B_IP6, "six-bound", 5, 0.1).await;
     assert!(
-        spoofed_dropped(&topo) >= FLOOD as u64,
-        "the guard did not count the flood"
+        spoofed_dropped(&topo) >= FLOOD as u64 + 5,
+        "the guard did not count the floods"
     );
 
     // From an address nobody claims, A is an unknown agent: refused, and logged.
-    from_unclaimed_address(&topo, "unclaimed-alive").await;
+    spoof(&topo, UNCLAIMED, "unclaimed-alive", 5, 0.1).await;
     let logged = spoof_lines(&gw.settled_lines().await, "unclaimed-alive");
     assert!(
         !logged.is_empty() && logged.iter().all(|l| l["agent.name"] == "unknown"),
@@ -346,8 +378,9 @@ async fn spoofed_source_dns_never_reaches_upstream_with_a_binding() {
     assert_eq!(ask(&topo.agent_ns, A_NAME).await, "timeout", "A, killed");
     let macs = topo.gw("nft list set inet portcullis kill_macs");
     assert!(stdout(&macs).contains(MAC_A), "{}", stdout(&macs));
-    from_unclaimed_address(&topo, "unclaimed-killed").await;
+    spoof(&topo, UNCLAIMED, "unclaimed-killed", 5, 0.1).await;
     let before = spoofed_dropped(&topo);
+    spoof(&topo, AGENT_B_IP6, "six-killed", 5, 0.1).await;
     let answers = flood_while_b_asks(&topo, &b, "killed").await;
     assert_eq!(
         answers,
@@ -360,11 +393,20 @@ async fn spoofed_source_dns_never_reaches_upstream_with_a_binding() {
         "{:?}",
         upstream.names()
     );
-    assert!(spoofed_dropped(&topo) >= before + FLOOD as u64);
+    assert!(spoofed_dropped(&topo) >= before + FLOOD as u64 + 5);
+    for prefix in ["six-bound", "six-killed"] {
+        assert_eq!(upstream_saw(&upstream, prefix), 0, "{:?}", upstream.names());
+    }
 
     // The log file is the control phase's, continued.
     let logged = gw.settled_lines().await.split_off(control_lines);
-    for prefix in ["bound", "killed", "unclaimed-killed"] {
+    for prefix in [
+        "bound",
+        "killed",
+        "six-bound",
+        "six-killed",
+        "unclaimed-killed",
+    ] {
         assert_eq!(
             spoof_lines(&logged, prefix),
             Vec::<serde_json::Value>::new(),
