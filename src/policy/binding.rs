@@ -129,8 +129,8 @@ pub fn shared_segment_warnings(
         };
         warnings.push(format!(
             "agent `{}`: source {} shares {place} with agent(s) {} and has no `mac` binding: \
-             they can send with its address (see docs/threat-model.md, \"Agent identity on a \
-             shared segment\")",
+             they can send with its address (threat model: \"Agent identity on a shared \
+             segment\")",
             s.agent,
             s.net,
             neighbours
