@@ -763,7 +763,7 @@ pub fn killed_nets(
 /// The MACs bound to killed agents' sources, dropped whatever address their frames carry
 /// (a killed agent does not come back under an address nobody claims). A MAC also bound
 /// to a live agent is left out: killing one agent must not cut off another.
-pub fn killed_macs(state: &KillState, corrupt: bool, policy: &Policy) -> Vec<MacAddr> {
+pub(crate) fn killed_macs(state: &KillState, corrupt: bool, policy: &Policy) -> Vec<MacAddr> {
     let killed = |name: &str| state.all.is_some() || corrupt || state.agents.contains_key(name);
     let mut dead = BTreeSet::new();
     let mut live = BTreeSet::new();

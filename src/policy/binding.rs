@@ -91,7 +91,7 @@ struct Placed<'a> {
 /// to the same interface, or when either is not bound to an interface and they may meet on
 /// one (several `agent_interfaces` are configured, or the two lie in one of the
 /// `agent_networks`, or in one /24 (IPv4) or /64 (IPv6) when none is configured).
-pub fn shared_segment_warnings(
+pub(crate) fn shared_segment_warnings(
     policy: &Policy,
     agent_interfaces: &[String],
     agent_networks: &[IpNet],

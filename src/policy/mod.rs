@@ -6,7 +6,7 @@
 //! what makes a decision benchmarkable, fuzzable and explainable.
 
 pub mod address;
-pub mod binding;
+pub(crate) mod binding;
 mod compile;
 pub mod domain;
 pub mod pattern;
@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 
 use crate::hash::RuleKeyMap;
 
-pub use binding::{MacAddr, SourceBinding};
+pub use binding::{MacAddr, MacError, SourceBinding};
 pub use compile::{CompileErrors, compile};
 pub use domain::{DomainName, Host, parse_host};
 pub use pattern::{DomainPattern, DomainSet, Rule};
