@@ -872,3 +872,81 @@ fn sync_killed_mirrors_the_state_with_overlaps() {
     assert!(nft.list_killed().unwrap().is_empty());
     assert!(!list_macs().contains("elements"), "{}", list_macs());
 }
+
+/// Each binding shape on real packets: an agent namespace behind "vlan66" (MAC
+/// 02:00:00:00:00:02), its source bound by interface, by MAC and by both, rightly and
+/// wrongly. Bound rightly, its connection to the explicit port is refused by the stack (it
+/// got through); bound wrongly, it is dropped and counted as spoofed.
+#[test]
+fn netns_bindings_on_real_packets() {
+    let gateway = Netns::create("bindgw");
+    let agent = Netns::create("bindag");
+    let (gw, ag) = (gateway.0.as_str(), agent.0.as_str());
+    for args in [
+        vec![
+            "ip", "-n", gw, "link", "add", "vlan66", "type", "veth", "peer", "name", "eth0",
+            "netns", ag,
+        ],
+        vec![
+            "ip", "-n", gw, "link", "add", "vlan67", "type", "veth", "peer", "name", "vlan67p",
+        ],
+        vec![
+            "ip",
+            "-n",
+            gw,
+            "addr",
+            "add",
+            "10.66.0.1/24",
+            "dev",
+            "vlan66",
+        ],
+        vec!["ip", "-n", gw, "link", "set", "vlan66", "up"],
+        vec!["ip", "-n", gw, "link", "set", "vlan67", "up"],
+        vec![
+            "ip",
+            "-n",
+            ag,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "02:00:00:00:00:02",
+        ],
+        vec!["ip", "-n", ag, "addr", "add", "10.66.0.2/24", "dev", "eth0"],
+        vec!["ip", "-n", ag, "link", "set", "eth0", "up"],
+    ] {
+        run_timeout(&args);
+    }
+    let nft = gateway.nft();
+    let net: IpNet = "10.66.0.2/32".parse().unwrap();
+    let cases = [
+        (Some("vlan66"), None, true),
+        (Some("vlan67"), None, false),
+        (None, Some("02:00:00:00:00:02"), true),
+        (None, Some("02:00:00:00:00:03"), false),
+        (Some("vlan66"), Some("02:00:00:00:00:02"), true),
+        (Some("vlan67"), Some("02:00:00:00:00:02"), false),
+        (Some("vlan66"), Some("02:00:00:00:00:03"), false),
+    ];
+    for (interface, m, passes) in cases {
+        let spec = RulesetSpec {
+            agent_interfaces: vec!["vlan66".into(), "vlan67".into()],
+            bindings: vec![SourceBinding {
+                net,
+                interface: interface.map(Into::into),
+                mac: m.map(mac),
+            }],
+            ..homelab()
+        };
+        nft.apply(&render(&spec).unwrap()).unwrap();
+        let reached = agent_connect(ag, "10.66.0.1", 3128);
+        let dropped = counter_packets(gw, COUNTER_SPOOFED_DROPPED);
+        if passes {
+            assert_eq!(reached, Some(false), "{interface:?} {m:?}");
+            assert_eq!(dropped, 0, "{interface:?} {m:?}");
+        } else {
+            assert_eq!(reached, None, "{interface:?} {m:?}");
+            assert!(dropped > 0, "{interface:?} {m:?}");
+        }
+    }
+}
