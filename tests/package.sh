@@ -63,6 +63,7 @@ files=(
   usr/share/doc/portcullis/deploy-guide.md
   usr/share/doc/portcullis/kill-switch.md
   usr/share/doc/portcullis/logging.md
+  usr/share/doc/portcullis/threat-model.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright
 )

@@ -6,6 +6,7 @@
 //! what makes a decision benchmarkable, fuzzable and explainable.
 
 pub mod address;
+pub(crate) mod binding;
 mod compile;
 pub mod domain;
 pub mod pattern;
@@ -22,6 +23,7 @@ use subtle::ConstantTimeEq;
 
 use crate::hash::RuleKeyMap;
 
+pub use binding::{MacAddr, MacError, SourceBinding};
 pub use compile::{CompileErrors, compile};
 pub use domain::{DomainName, Host, parse_host};
 pub use pattern::{DomainPattern, DomainSet, Rule};
@@ -67,6 +69,9 @@ pub struct CidrRule {
 pub struct AgentPolicy {
     pub name: Arc<str>,
     pub sources: Vec<IpNet>,
+    /// The sources bound to an interface and/or a MAC (a subset of `sources`, same order);
+    /// the nftables ruleset drops their packets from anywhere else.
+    pub bindings: Vec<SourceBinding>,
     pub allow: Vec<Arc<DomainSet>>,
     pub deny: Vec<Arc<DomainSet>>,
     pub allow_cidrs: Vec<CidrRule>,
