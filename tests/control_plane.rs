@@ -741,3 +741,58 @@ async fn metrics_can_require_a_bearer_token() {
     );
     gw.stop().await;
 }
+
+/// The control socket trusts its file mode and, behind it, the peer's credentials: even with
+/// the socket opened to everyone (a mistaken chmod), a peer that is neither root nor the
+/// service's user gets no answer and changes nothing. Needs root (to become another user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_answers_only_root_and_the_service_user() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test switches users and needs root: run `bash tests/run.sh` as root (CI does)"
+    );
+    let up = silent_upstream().await;
+    let gw = gateway_with(
+        &[("coder-1", &agent(up.addr.port()))],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+        with_keys,
+    )
+    .await;
+    let state = gw.dir.path().join("state");
+    let sock = state.join("control.sock");
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&sock), 0o600, "the socket is not private");
+    // Open the way for the test: the directories and the socket itself.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [gw.dir.path(), state.as_path(), sock.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    // `portcullis kill` run as nobody: the gateway closes without an answer.
+    let cfg = cli_config(gw.dir.path(), gw.admin);
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("kill")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Refused at the socket (no answer, a reset or a broken pipe, as the close races the
+    // write): the command's I/O failure, exit 2.
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("control.sock"), "{stderr}");
+    assert!(status(gw.admin).await["all"].is_null(), "a stranger killed");
+    // Root, on the same socket, is answered.
+    let (st, body) = control(&state, serde_json::json!({"op":"status"})).await;
+    assert_eq!(st, 200, "{body}");
+    gw.stop().await;
+}
