@@ -160,6 +160,16 @@ pub async fn reload(shared: &Shared) -> Result<u64, String> {
                 .set(i64::try_from(next).unwrap_or(i64::MAX));
             metrics.reload(true);
             let revoked = shared.tunnels.revoke_disallowed(&policy);
+            if shared.config.manages_nftables() {
+                // An agent's sources or bindings may have changed: the kill sets follow.
+                let nft = shared
+                    .killswitch
+                    .resync_nft(&policy, &shared.config.nft_agent_networks)
+                    .await;
+                if nft != "ok" {
+                    tracing::error!(%nft, "kill sets not synchronised after the reload");
+                }
+            }
             tracing::info!(generation = next, revoked, "policy reloaded");
             store_last(
                 shared,

@@ -96,12 +96,12 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
         let shared = shared.clone();
         shared.clone().tracker.spawn(async move {
             let _slot = slot;
-            let _ = tokio::time::timeout(DEADLINE, exchange(&shared, stream)).await;
+            let _ = tokio::time::timeout(DEADLINE, exchange(shared, stream)).await;
         });
     }
 }
 
-async fn exchange(shared: &Shared, stream: UnixStream) -> io::Result<()> {
+async fn exchange(shared: Arc<Shared>, stream: UnixStream) -> io::Result<()> {
     if !peer_allowed(&stream) {
         tracing::warn!("control socket: refused a peer that is neither root nor the service user");
         return Ok(());
@@ -112,7 +112,15 @@ async fn exchange(shared: &Shared, stream: UnixStream) -> io::Result<()> {
         .read_line(&mut line)
         .await?;
     let (status, body) = match serde_json::from_str::<ControlRequest>(line.trim()) {
-        Ok(request) => handle(shared, request).await,
+        // In a task of its own: the deadline or a client that goes away drops only the
+        // answer, never a kill half-way.
+        Ok(request) => {
+            let task = shared.tracker.spawn(handle(shared.clone(), request));
+            task.await.unwrap_or((
+                500,
+                serde_json::json!({ "error": "the control task failed" }),
+            ))
+        }
         Err(e) => (400, serde_json::json!({ "error": format!("request: {e}") })),
     };
     let mut out = serde_json::json!({ "status": status, "body": body }).to_string();
@@ -121,7 +129,7 @@ async fn exchange(shared: &Shared, stream: UnixStream) -> io::Result<()> {
     write.shutdown().await
 }
 
-async fn handle(shared: &Shared, request: ControlRequest) -> (u16, serde_json::Value) {
+async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_json::Value) {
     let ks = &shared.killswitch;
     let now = unix_now();
     let local = Sender::local();
@@ -166,13 +174,13 @@ async fn handle(shared: &Shared, request: ControlRequest) -> (u16, serde_json::V
         },
         ControlRequest::Status => (200, ks.status(now).await),
         ControlRequest::UnlockRevive => {
-            let written = ks.clear_lockout().await;
+            let written = ks.clear_lockout(now).await;
             (
                 if written { 200 } else { 500 },
                 serde_json::json!({ "action": "unlock-revive", "state_written": written }),
             )
         }
-        ControlRequest::Reload => match crate::reload::reload(shared).await {
+        ControlRequest::Reload => match crate::reload::reload(&shared).await {
             Ok(generation) => (200, serde_json::json!({ "generation": generation })),
             Err(e) => (422, serde_json::json!({ "error": e })),
         },

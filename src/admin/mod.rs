@@ -288,26 +288,36 @@ async fn kill_or_revive(
         Ok(s) => s,
         Err(e) => return kill_error(&e),
     };
-    let nets = &shared.config.nft_agent_networks;
-    let by = signed_body.accepted(&sender, peer);
-    if revive {
-        let code = request.totp.as_deref().unwrap_or("");
-        return match ks.revive(scope, code, by, now, &policy, nets).await {
-            Ok(report) => json(
-                StatusCode::OK,
-                serde_json::to_value(report).unwrap_or_default(),
-            ),
-            Err(e) => kill_error(&e),
-        };
+    // In a task of its own: a client that goes away (or the connection's deadline) drops
+    // only the answer, never a kill or revive half-way.
+    let shared2 = admin.shared.clone();
+    let task = shared.tracker.spawn(async move {
+        let ks = &shared2.killswitch;
+        let nets = &shared2.config.nft_agent_networks;
+        let by = signed_body.accepted(&sender, peer);
+        if revive {
+            let code = request.totp.unwrap_or_default();
+            ks.revive(scope, &code, by, now, &policy, nets).await
+        } else {
+            let reason = request.reason.unwrap_or_default();
+            Ok(ks.kill(scope, reason, by, now, &policy, nets).await)
+        }
+    });
+    match task.await {
+        Ok(Ok(report)) => {
+            let status = if report.state_written {
+                StatusCode::OK
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            json(status, serde_json::to_value(report).unwrap_or_default())
+        }
+        Ok(Err(e)) => kill_error(&e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the kill switch task failed",
+        ),
     }
-    let reason = request.reason.unwrap_or_default();
-    let report = ks.kill(scope, reason, by, now, &policy, nets).await;
-    let status = if report.state_written {
-        StatusCode::OK
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
-    };
-    json(status, serde_json::to_value(report).unwrap_or_default())
 }
 
 /// The HTTP answer for a kill-switch error (shared with the control socket's codes).

@@ -135,14 +135,25 @@ impl ResponseCache {
 /// An entry's bytes: the name, the answer and each record's struct, and the wire form of
 /// each record (its names and data live on the heap about that size).
 fn estimate(name: &str, answer: &Answer) -> usize {
-    use hickory_proto::serialize::binary::BinEncodable;
+    use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
     let slots = (answer.records.capacity() + answer.authority.capacity())
         * std::mem::size_of::<hickory_proto::rr::Record>();
+    // Uncompressed (canonical form): a name repeated inside a record is stored whole in
+    // memory, not as a 2-byte pointer.
+    let wire = |r: &hickory_proto::rr::Record| {
+        let mut buf = Vec::new();
+        let mut enc = BinEncoder::new(&mut buf);
+        enc.set_canonical_form(true);
+        match r.emit(&mut enc) {
+            Ok(()) => buf.len(),
+            Err(_) => 512,
+        }
+    };
     let heap: usize = answer
         .records
         .iter()
         .chain(&answer.authority)
-        .map(|r| r.to_bytes().map_or(512, |b| b.len()))
+        .map(wire)
         .sum();
     name.len() + std::mem::size_of::<Entry>() + std::mem::size_of::<Answer>() + slots + heap
 }

@@ -285,6 +285,13 @@ impl Forwarder {
                 lookups.remove(&key);
             }
         }
+        if shared.killswitch.is_killed(&question.agent_name) {
+            // Killed while the upstream answered: the answer is not delivered.
+            return match self.refuse(shared, &question, Reason::KillSwitch, ResponseCode::Refused) {
+                Step::Reply(bytes) => bytes,
+                _ => Vec::new(),
+            };
+        }
         match result {
             Ok(answer) => self.answer(shared, &question, &name, &answer, 0),
             Err(e) => {

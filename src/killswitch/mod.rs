@@ -170,7 +170,10 @@ pub struct Report {
 
 pub struct KillSwitch {
     path: PathBuf,
-    view: ArcSwap<View>,
+    view: Arc<ArcSwap<View>>,
+    /// nftables syncs run one at a time, each writing the view as it is when it runs: a
+    /// slower, older sync never lands after a newer one.
+    nft_serial: Arc<Mutex<()>>,
     /// The webhook secrets, and the sender each one names (same order).
     secrets: Vec<Secret>,
     senders: Vec<Sender>,
@@ -216,8 +219,19 @@ impl KillSwitch {
             },
             Loaded::Corrupt(why) => {
                 tracing::error!(path = %path.display(), %why, "kill switch state unreadable: every agent is KILLED until a signed revive");
+                // Killed in the state itself, not only by the flag: every later write (a
+                // failed revive's count, an agent kill, a lock clear) keeps it killed, and only
+                // a revive of all with a valid code clears it.
+                let state = KillState {
+                    all: Some(KillEntry {
+                        reason: format!("state file unreadable: {why}"),
+                        at_unix: now,
+                        by: "local".to_owned(),
+                    }),
+                    ..KillState::default()
+                };
                 Ledger {
-                    state: KillState::default(),
+                    state,
                     corrupt: Some(why),
                 }
             }
@@ -256,7 +270,8 @@ impl KillSwitch {
         let (senders, secrets) = keys.into_iter().map(|k| (k.sender, k.secret)).unzip();
         Self {
             path,
-            view: ArcSwap::from_pointee(view),
+            view: Arc::new(ArcSwap::from_pointee(view)),
+            nft_serial: Arc::new(Mutex::new(())),
             secrets,
             senders,
             totp,
@@ -344,8 +359,8 @@ impl KillSwitch {
         locked_until: Option<i64>,
     ) {
         self.telemetry.metrics.kill_switch_auth_failure(reason);
-        self.telemetry.event(
-            "kill_switch",
+        self.telemetry.refusal_event(
+            reason,
             &[
                 ("event.action", "deny".into()),
                 ("event.reason", reason.into()),
@@ -372,16 +387,18 @@ impl KillSwitch {
         }
     }
 
-    /// Engage: state to disk (fsync) → new connections refused → live tunnels cut → nft
-    /// sets updated. If the state cannot be written, the kill still takes effect in memory
-    /// and the report says so. Never refused: a kill only ever closes.
+    /// Engage: new connections refused and live tunnels cut at once → state to disk (fsync)
+    /// → nft sets updated (outside the lock: a slow `nft` holds up no other kill). If the
+    /// state cannot be written, the kill still holds in memory and the report says so. Never
+    /// refused: a kill only ever closes. Callers run it in a task of its own, so a client
+    /// that goes away never cancels it half-way.
     pub async fn kill(
         &self,
         scope: Scope,
         reason: String,
         by: Accepted<'_>,
         now: i64,
-        policy: &Policy,
+        policy: &Arc<Policy>,
         nets: &[IpNet],
     ) -> Report {
         let mut ledger = self.ops.lock().await;
@@ -399,17 +416,16 @@ impl KillSwitch {
             }
         }
         remember_id(&mut next, by.id, now);
-        let state_written = self.write(&next).await;
-        ledger.state = next.clone();
         self.view.store(Arc::new(View {
             state: next.clone(),
             corrupt: ledger.corrupt.clone(),
         }));
         self.cut(&scope);
-        let nft = self
-            .sync_nft(&next, ledger.corrupt.is_some(), policy, nets)
-            .await;
+        ledger.state = next.clone();
+        // Under the lock: the file's writes follow the ledger's order.
+        let state_written = self.write(&next).await;
         drop(ledger);
+        let nft = self.sync_nft(policy, nets).await;
         self.telemetry.metrics.set_kill_switch(scope.label(), true);
         tracing::warn!(scope = scope.label(), by = by.sender.as_str(), tunnels = live, state_written, %nft, "KILL SWITCH ENGAGED");
         self.telemetry.event(
@@ -460,7 +476,7 @@ impl KillSwitch {
         code: &str,
         by: Accepted<'_>,
         now: i64,
-        policy: &Policy,
+        policy: &Arc<Policy>,
         nets: &[IpNet],
     ) -> Result<Report, KillError> {
         let totp = self.totp.as_ref().ok_or(KillError::ReviveNotConfigured)?;
@@ -523,8 +539,8 @@ impl KillSwitch {
             corrupt: corrupt.clone(),
         }));
         self.renew_tokens(&scope);
-        let nft = self.sync_nft(&next, corrupt.is_some(), policy, nets).await;
         drop(ledger);
+        let nft = self.sync_nft(policy, nets).await;
         let metrics = &self.telemetry.metrics;
         if scope == Scope::All {
             for (_, a) in policy.agents() {
@@ -554,12 +570,20 @@ impl KillSwitch {
         })
     }
 
-    /// An operator on the gateway clears every failed-attempt count and revive lock.
-    /// Returns whether the cleared state was written.
-    pub async fn clear_lockout(&self) -> bool {
+    /// An operator on the gateway clears every failed-attempt count and revive lock, and a
+    /// used TOTP step that lies ahead of the clock (a revive while the clock ran fast would
+    /// otherwise refuse every code until the clock caught up). Returns whether the cleared
+    /// state was written.
+    pub async fn clear_lockout(&self, now: i64) -> bool {
         let mut ledger = self.ops.lock().await;
         let mut next = ledger.state.clone();
         next.guard.attempts.clear();
+        let step_now = u64::try_from(now).unwrap_or(0) / totp::STEP_SECS;
+        if next.guard.totp_last_step.is_some_and(|s| s > step_now) {
+            // The steps a code may be for now (one either side) open again; none of them
+            // was used, or the used step would not lie ahead.
+            next.guard.totp_last_step = Some(step_now.saturating_sub(2));
+        }
         let written = self.write(&next).await;
         ledger.state = next;
         drop(ledger);
@@ -621,34 +645,36 @@ impl KillSwitch {
         killed_nets(&v.state, v.corrupt.is_some(), policy, nets)
     }
 
-    async fn sync_nft(
-        &self,
-        state: &KillState,
-        corrupt: bool,
-        policy: &Policy,
-        nets: &[IpNet],
-    ) -> String {
+    /// Bring the nftables kill sets in line with the view as it is when the sync runs.
+    async fn sync_nft(&self, policy: &Arc<Policy>, nets: &[IpNet]) -> String {
         let Some(nft) = self.nft.clone() else {
             return "skipped (no nftables configured)".into();
         };
-        let wanted = killed_nets(state, corrupt, policy, nets);
-        let macs = killed_macs(state, corrupt, policy);
-        let result =
-            match tokio::task::spawn_blocking(move || nft.sync_killed(&wanted, &macs)).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("error: {e}")),
-                Err(e) => Some(format!("error: {e}")),
-            };
+        let (view, serial) = (self.view.clone(), self.nft_serial.clone());
+        let (policy, nets) = (policy.clone(), nets.to_vec());
+        let synced = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = serial.lock().unwrap_or_else(|p| p.into_inner());
+            let v = view.load();
+            let corrupt = v.corrupt.is_some();
+            let wanted = killed_nets(&v.state, corrupt, &policy, &nets);
+            let macs = killed_macs(&v.state, corrupt, &policy);
+            nft.sync_killed(&wanted, &macs)
+        })
+        .await;
+        let result = match synced {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("error: {e}")),
+            Err(e) => Some(format!("error: {e}")),
+        };
         let report = result.clone().unwrap_or_else(|| "ok".into());
         *self.nft_error.lock().unwrap_or_else(|p| p.into_inner()) = result;
         report
     }
 
-    /// Bring the nftables sets in line with the state (at start-up).
-    pub async fn resync_nft(&self, policy: &Policy, nets: &[IpNet]) -> String {
-        let v = self.view.load_full();
-        self.sync_nft(&v.state, v.corrupt.is_some(), policy, nets)
-            .await
+    /// Bring the nftables sets in line with the state (at start-up, and after a reload:
+    /// an agent's sources or bindings may have changed).
+    pub async fn resync_nft(&self, policy: &Arc<Policy>, nets: &[IpNet]) -> String {
+        self.sync_nft(policy, nets).await
     }
 
     /// `GET /v1/status` and the control socket's `status`: what is killed, why and since
@@ -786,6 +812,17 @@ pub fn read_secrets(files: &[PathBuf]) -> Result<Vec<Secret>, String> {
 /// Read the webhook keys, each named `key:<file name>` (the sender revive attempts are
 /// counted by).
 pub fn read_keys(files: &[PathBuf]) -> Result<Vec<Key>, String> {
+    // Senders are told apart by file name: two keys under one name would share one
+    // attempt count, and one key's guesses would lock the other out.
+    let mut names = std::collections::BTreeSet::new();
+    for f in files {
+        if !names.insert(f.file_name()) {
+            return Err(format!(
+                "{}: another webhook secret file has the same name; each key needs its own file name (it names the sender)",
+                f.display()
+            ));
+        }
+    }
     files
         .iter()
         .map(|f| {

@@ -194,12 +194,21 @@ async fn handle(
         target::Request::Forward {
             authority, path, ..
         } => {
-            let upstream = match upstream::dial(&addrs, target.port, cfg.connect_timeout, &[]).await
-            {
-                Ok(u) => u,
-                Err(f) => {
+            let dialled = tokio::select! {
+                biased;
+                () = cancel.cancelled() => None,
+                r = upstream::dial(&addrs, target.port, cfg.connect_timeout, &[]) => Some(r),
+            };
+            let upstream = match dialled {
+                Some(Ok(u)) => u,
+                Some(Err(f)) => {
                     rec.destination_ip = f.addr;
                     return deny(rec, f.reason);
+                }
+                None => {
+                    // Killed while the connection was being made.
+                    let reason = cancelled_reason(&shared, &rec.agent, false);
+                    return deny(rec, reason);
                 }
             };
             rec.destination_ip = Some(upstream.addr.ip());

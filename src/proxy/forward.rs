@@ -85,11 +85,18 @@ pub async fn forward(
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(io).await else {
         return finish.fail(Reason::UpstreamFailed);
     };
-    // Cut by the kill switch (of this agent or all) and by shutdown.
+    // Killed since the decision: nothing of the request leaves.
+    if cut.is_cancelled() {
+        let agent = finish.rec.as_ref().map_or("", |r| &r.agent).to_owned();
+        let reason = super::explicit::cancelled_reason(&shared, &agent, false);
+        return finish.fail(reason);
+    }
+    // Cut by the kill switch (of this agent or all) and by shutdown, the cut first.
     shared.tracker.spawn(async move {
         tokio::select! {
-            _ = conn => {}
+            biased;
             () = cut.cancelled() => {}
+            _ = conn => {}
         }
     });
     let response =

@@ -151,6 +151,8 @@ fn handle(
                     };
                     let (up, up_addr) = (up.stream, up.addr.ip());
                     drop(std::mem::take(&mut peeked));
+                    // What the hello held of the shared budget goes back with it.
+                    drop(held);
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
                         &shared,
@@ -188,6 +190,8 @@ fn handle(
                         original,
                         cancel: cancel.clone(),
                     };
+                    // The head's bytes are bounded by `max_request_head_bytes` from here.
+                    drop(held);
                     Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
                     Ok(Handover::Http)
                 }
@@ -522,14 +526,18 @@ async fn http_request(
         Err(r) => return deny(rec, r),
     };
     let mut rec_for_dial = rec;
-    let up = match check_and_dial(
-        &shared,
-        &policy,
-        agent,
-        &target,
-        original,
-        &[],
-        &mut rec_for_dial,
+    let who = rec_for_dial.agent.clone();
+    let up = match until_cancelled(
+        (&shared, &who, &cut),
+        check_and_dial(
+            &shared,
+            &policy,
+            agent,
+            &target,
+            original,
+            &[],
+            &mut rec_for_dial,
+        ),
     )
     .await
     {

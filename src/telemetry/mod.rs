@@ -43,7 +43,23 @@ pub struct Telemetry {
 struct Counters {
     log_dropped: AtomicU64,
     records: AtomicU64,
+    /// Refusal lines of the control plane (one per refused admin request) and what was
+    /// held back of them: a flood of the management port gets its own share of the log,
+    /// summarised beyond it, and cannot crowd out the agents' lines.
+    refusals: std::sync::Mutex<RefusalShare>,
 }
+
+/// The control plane's share of the log: [`REFUSALS_PER_SECOND`] lines a second, a burst of
+/// [`REFUSAL_BURST`]; beyond it, counts by reason for the next summary.
+#[derive(Default)]
+struct RefusalShare {
+    tokens: f64,
+    last: Option<std::time::Instant>,
+    held: std::collections::BTreeMap<&'static str, u64>,
+}
+
+const REFUSALS_PER_SECOND: f64 = 50.0;
+const REFUSAL_BURST: f64 = 200.0;
 
 impl Telemetry {
     /// Telemetry that writes log lines through `writer`'s queue.
@@ -98,6 +114,27 @@ impl Telemetry {
     /// back since the last call: `portcullis.summarized` says how many. Called every second.
     pub fn flush_summaries(&self) {
         let Some(tx) = &self.log else { return };
+        let held = std::mem::take(
+            &mut self
+                .counters
+                .refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .held,
+        );
+        for (reason, n) in held {
+            let mut stamp = [0u8; 64];
+            let line = serde_json::json!({
+                "@timestamp": record::rfc3339(std::time::SystemTime::now(), &mut stamp),
+                "event.category": "kill_switch",
+                "event.kind": "summary",
+                "event.action": "deny",
+                "event.reason": reason,
+                "portcullis.summarized": n,
+            })
+            .to_string();
+            self.send_line(tx, line);
+        }
         for agent in self.metrics.agents() {
             for ((mode, reason), n) in agent.take_held() {
                 let mut stamp = [0u8; 64];
@@ -135,6 +172,31 @@ impl Telemetry {
         }
         let line = serde_json::Value::Object(object).to_string();
         self.send_line(tx, line);
+    }
+
+    /// [`Telemetry::event`] for one refused control-plane request with `reason`, within the
+    /// control plane's share of the log; beyond it the refusal is counted for the next
+    /// summary line (every refusal is counted in the metrics regardless).
+    pub fn refusal_event(&self, reason: &'static str, fields: &[(&str, serde_json::Value)]) {
+        let now = std::time::Instant::now();
+        {
+            let mut share = self
+                .counters
+                .refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let elapsed = share.last.map_or(REFUSAL_BURST / REFUSALS_PER_SECOND, |l| {
+                now.saturating_duration_since(l).as_secs_f64()
+            });
+            share.tokens = (share.tokens + elapsed * REFUSALS_PER_SECOND).min(REFUSAL_BURST);
+            share.last = Some(now);
+            if share.tokens < 1.0 {
+                *share.held.entry(reason).or_insert(0) += 1;
+                return;
+            }
+            share.tokens -= 1.0;
+        }
+        self.event("kill_switch", fields);
     }
 
     fn send_line(&self, tx: &std::sync::mpsc::SyncSender<LogItem>, line: String) {
