@@ -130,6 +130,64 @@ fn explain_prints_verdict_and_rule() {
     );
 }
 
+/// `explain` says which rule let an address through: `resolve_cidrs` for a name resolving
+/// into the range, `allow_cidrs` for a literal, and refuses the literal `resolve_cidrs` alone
+/// covers (naming the rule that does not apply).
+#[test]
+fn explain_shows_whether_allow_cidrs_or_resolve_cidrs_applied() {
+    let dir = rules_with_agent(
+        "name = \"a\"\nallow = [\"mirror.corp.test\"]\nresolve_cidrs = [\"10.1.2.0/24\"]\nallow_cidrs = [\"10.9.9.9/32:443\"]\n",
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["explain", "--agent", "a"];
+        all.extend_from_slice(args);
+        portcullis(&all, dir.path())
+    };
+    let (code, stdout, _) = run(&[
+        "mirror.corp.test:443",
+        "--address",
+        "10.1.2.3",
+        "--address",
+        "8.8.8.8",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains(
+            "address: 10.1.2.3 allow (resolve_cidrs agents/bad.toml:resolve_cidrs:10.1.2.0/24)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("address: 8.8.8.8 allow (public address)"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["mirror.corp.test:443", "--address", "10.1.3.1"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("address: 10.1.3.1 deny (private_address)"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["10.1.2.3:443"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("verdict: deny (ip_literal)"), "{stdout}");
+    assert!(
+        stdout.contains("address: 10.1.2.3 deny (private_address)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("agents/bad.toml:resolve_cidrs:10.1.2.0/24 covers 10.1.2.3 for names"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["10.9.9.9:443"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains(
+            "address: 10.9.9.9 allow (allow_cidrs agents/bad.toml:allow_cidrs:10.9.9.9/32:443)"
+        ),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn sigterm_stops_accepting_drains_and_exits() {
     use std::io::{Read, Write};

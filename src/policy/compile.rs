@@ -162,6 +162,26 @@ pub fn compile(
                 )),
             }
         }
+        let mut resolve_cidrs = Vec::new();
+        for c in &raw.resolve_cidrs {
+            let text = c.get_ref();
+            match parse_net(text) {
+                Some(net) => resolve_cidrs.push(CidrRule {
+                    net,
+                    port: None,
+                    rule: Arc::from(format!("{label}:resolve_cidrs:{text}")),
+                }),
+                None => errors.push(file.error_at(
+                    c.span().start,
+                    "resolve_cidrs",
+                    if parse_cidr_rule(text).is_some() {
+                        format!("`{text}`: resolve_cidrs take no port (the name's allow rule decides the port)")
+                    } else {
+                        format!("`{text}` is not a CIDR")
+                    },
+                )),
+            }
+        }
         let limits = raw
             .limits
             .as_ref()
@@ -204,6 +224,7 @@ pub fn compile(
             allow,
             deny,
             allow_cidrs,
+            resolve_cidrs,
             deny_ech: raw.deny_ech,
             allow_missing_sni: raw.allow_missing_sni,
             limits,

@@ -104,8 +104,13 @@ pub struct RawAgent {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+    /// Raw IP destinations (`CONNECT 10.1.2.3:443`, `Host: 10.1.2.3`); names may resolve
+    /// into them too.
     #[serde(default)]
     pub allow_cidrs: Vec<Spanned<String>>,
+    /// Special ranges that allowed *names* may resolve into; IP literals in them stay denied.
+    #[serde(default)]
+    pub resolve_cidrs: Vec<Spanned<String>>,
     /// Deny TLS hellos that carry the ECH extension (DESIGN §10).
     #[serde(default)]
     pub deny_ech: bool,
