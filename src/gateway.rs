@@ -34,6 +34,8 @@ pub struct Shared {
     pub resolver: Arc<dyn Resolve>,
     pub telemetry: Telemetry,
     pub caps: Arc<ConnectionCaps>,
+    /// Proxy Basic auth: recent successes, per-source back-off, the verification limit.
+    pub auth: crate::proxy::auth::Authenticator,
     /// Fired on SIGTERM: listeners stop accepting.
     pub stop_accepting: CancellationToken,
     /// Fired when draining is over: live tunnels close.
@@ -193,6 +195,7 @@ pub async fn start(
             revoked: 0,
         }),
         caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
+        auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
         config,
         policy: ArcSwap::from_pointee(policy),
         resolver,

@@ -139,6 +139,9 @@ pub async fn reload(shared: &Shared) -> Result<u64, String> {
             metrics.reload(true);
             let revoked = shared.tunnels.revoke_disallowed(&policy);
             tracing::info!(generation = next, revoked, "policy reloaded");
+            for w in policy.warnings() {
+                tracing::warn!("rules: {w}");
+            }
             store_last(
                 shared,
                 LastReload {

@@ -77,6 +77,52 @@ fn check_names_file_line_and_key_of_each_error() {
     }
 }
 
+/// `password_sha256` still works, with a warning naming file, line and key; a bad
+/// `password_hash` is an error located the same way.
+#[test]
+fn check_warns_on_password_sha256_and_locates_password_hash_errors() {
+    let sha = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+    let dir = rules_with_agent(&format!(
+        "name = \"a\"\n[credentials]\nusername = \"a\"\npassword_sha256 = \"{sha}\"\n"
+    ));
+    let (code, stdout, stderr) = portcullis(&["check"], dir.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.starts_with("warning: ")
+            && stderr.contains(
+                "rules/agents/bad.toml:4: key `credentials.password_sha256`: unsalted SHA-256"
+            ),
+        "{stderr}"
+    );
+    assert!(stdout.ends_with("ok\n"), "{stdout}");
+    for (text, message) in [
+        (
+            "password_hash = \"$argon2i$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$zZHM6vZ7qNfMOr1uJQYZ0uCzYYfSyR2lM2d0HxB9FaM\"",
+            "only argon2id",
+        ),
+        ("password_hash = \"not-a-hash\"", "not a PHC string"),
+        (
+            "password_hash = \"$argon2id$v=19$m=4194304,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$zZHM6vZ7qNfMOr1uJQYZ0uCzYYfSyR2lM2d0HxB9FaM\"",
+            "costs more than one verification may",
+        ),
+        (
+            &format!("password_hash = \"x\"\npassword_sha256 = \"{sha}\""),
+            "not both",
+        ),
+    ] {
+        let dir = rules_with_agent(&format!(
+            "name = \"a\"\n[credentials]\nusername = \"a\"\n{text}\n"
+        ));
+        let (code, stdout, stderr) = portcullis(&["check"], dir.path());
+        assert_eq!(code, 1, "{text}: {stdout}");
+        assert!(
+            stderr.contains("rules/agents/bad.toml:4: key `credentials.password_hash`: "),
+            "{text}: {stderr}"
+        );
+        assert!(stderr.contains(message), "{text}: {stderr}");
+    }
+}
+
 #[test]
 fn check_rejects_overlapping_sources_between_agents() {
     let dir = rules_with_agent("name = \"a\"\nsources = [\"10.66.0.0/24\"]\n");

@@ -196,6 +196,10 @@ pub fn check(config_path: Option<&Path>) -> i32 {
                     .map_or("<built-in>".into(), |p| p.display().to_string())
             );
             println!("rules:  {}", config.rules_dir.display());
+            // Accepted, but worth changing: on stderr like errors, without failing.
+            for w in policy.warnings() {
+                eprintln!("warning: {w}");
+            }
             for (_, a) in policy.agents() {
                 let rules: usize = a.allow.iter().map(|s| s.len()).sum();
                 let denies: usize = a.deny.iter().map(|s| s.len()).sum();
@@ -348,6 +352,9 @@ pub async fn run(config_path: Option<&Path>) -> i32 {
             return 1;
         }
     };
+    for w in policy.warnings() {
+        tracing::warn!("rules: {w}");
+    }
     let resolver = match DnsResolver::new(&config.resolver_upstreams, config.resolver_timeout) {
         Ok(r) => Arc::new(r),
         Err(e) => {

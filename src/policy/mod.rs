@@ -7,6 +7,7 @@
 
 pub mod address;
 mod compile;
+mod credentials;
 pub mod domain;
 pub mod pattern;
 pub mod rules;
@@ -17,19 +18,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::hash::RuleKeyMap;
 
 pub use compile::{CompileErrors, compile};
+pub use credentials::{Credentials, PasswordCheck};
 pub use domain::{DomainName, Host, parse_host};
 pub use pattern::{DomainPattern, DomainSet, Rule};
 pub use verdict::{Decision, Reason, Verdict};
 
 /// Index of an agent in the policy that identified it. Only meaningful with that policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AgentId(u32);
+pub struct AgentId(pub(crate) u32);
 
 /// What a connection wants to reach, as the agent named it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,19 +119,12 @@ pub enum AddressGrant<'a> {
     ResolveCidrs(&'a CidrRule),
 }
 
-/// Proxy credentials; only the SHA-256 of the password is kept.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password_sha256: [u8; 32],
-}
-
 /// Who sent a connection, as far as the policy can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Identity {
     Agent(AgentId),
     /// The source matched an agent that declares credentials, or credentials are in use
-    /// and none matched: the client must authenticate (407).
+    /// and none were presented: the client must authenticate (407).
     NeedsCredentials,
     Unknown,
 }
@@ -146,6 +139,8 @@ pub struct Policy {
     by_host_source: RuleKeyMap<IpAddr, AgentId>,
     by_net_source: Vec<(IpNet, AgentId)>,
     by_username: RuleKeyMap<String, AgentId>,
+    /// What `check` prints as warnings: accepted, but worth changing.
+    warnings: Vec<rules::SourceError>,
 }
 
 /// Name used in logs and metrics for connections that matched no agent.
@@ -168,7 +163,13 @@ impl Policy {
             by_host_source: RuleKeyMap::default(),
             by_net_source: Vec::new(),
             by_username: RuleKeyMap::default(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Accepted but discouraged settings, each located like an error (`check` prints them).
+    pub fn warnings(&self) -> &[rules::SourceError] {
+        &self.warnings
     }
 
     pub fn generation(&self) -> u64 {
@@ -209,19 +210,11 @@ impl Policy {
             .map(|(_, id)| *id)
     }
 
-    /// Identify an explicit-proxy client: credentials when given, else the source address.
-    /// An agent that declares credentials must present them.
-    pub fn identify(&self, source: IpAddr, basic: Option<(&str, &str)>) -> Identity {
-        if let Some((user, password)) = basic {
-            return match self.by_username.get(user).and_then(|&id| {
-                let creds = self.agent(id)?.credentials.as_ref()?;
-                let digest: [u8; 32] = Sha256::digest(password.as_bytes()).into();
-                bool::from(digest.ct_eq(&creds.password_sha256)).then_some(id)
-            }) {
-                Some(id) => Identity::Agent(id),
-                None => Identity::NeedsCredentials,
-            };
-        }
+    /// Identify a client that presented no credentials, by its source address. An agent
+    /// that declares credentials must present them, and while any agent has credentials, an
+    /// unknown source is asked for them. Credentials are checked by `proxy::auth` (their
+    /// verification may be costly), starting from [`Policy::credentials_for`].
+    pub fn identify(&self, source: IpAddr) -> Identity {
         match self.agent_by_source(source) {
             Some(id) if self.agent(id).is_some_and(|a| a.credentials.is_some()) => {
                 Identity::NeedsCredentials
@@ -230,6 +223,13 @@ impl Policy {
             None if !self.by_username.is_empty() => Identity::NeedsCredentials,
             None => Identity::Unknown,
         }
+    }
+
+    /// The agent a Basic-auth username belongs to, and its credentials. Pure lookup: the
+    /// password is not checked here.
+    pub fn credentials_for(&self, username: &str) -> Option<(AgentId, &Credentials)> {
+        let id = *self.by_username.get(username)?;
+        Some((id, self.agent(id)?.credentials.as_ref()?))
     }
 
     fn default_port(&self, port: u16) -> bool {

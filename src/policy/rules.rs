@@ -131,12 +131,14 @@ pub struct RawLimits {
     pub daily_bytes: Option<Spanned<String>>,
 }
 
-/// Proxy-Authorization credentials: the password is never stored, only its SHA-256.
+/// Proxy-Authorization credentials: the password is never stored, only a hash of it:
+/// `password_hash` (argon2id PHC string) or, from earlier rules files, `password_sha256`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredentials {
-    pub username: String,
-    pub password_sha256: String,
+    pub username: Spanned<String>,
+    pub password_hash: Option<Spanned<String>>,
+    pub password_sha256: Option<Spanned<String>>,
 }
 
 /// `rules/lists/<name>.toml`, included by agents by file stem.

@@ -4,6 +4,7 @@
 //! [`crate::policy::Policy`]; every connection ends in exactly one
 //! [`crate::telemetry::ConnectionRecord`]. Must not read rules files or block on the log.
 
+pub mod auth;
 mod caps;
 pub mod explicit;
 pub mod forward;
