@@ -47,7 +47,9 @@ pub struct Session(Mutex<Option<(CredentialKey, u64, AgentId)>>);
 /// Shared by every connection of the explicit proxy.
 pub struct Authenticator {
     settings: AuthSettings,
-    key: [u8; 32],
+    /// HMAC-SHA-256 keyed with 32 random bytes, its key schedule done once: each key
+    /// computation clones it.
+    mac: Hmac<Sha256>,
     successes: Mutex<SuccessCache>,
     failures: Mutex<FailureTable>,
     verifications: Arc<Semaphore>,
@@ -64,7 +66,7 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     pub fn new(settings: AuthSettings) -> Self {
         Self {
-            key: random_key(),
+            mac: keyed_mac(),
             successes: Mutex::new(SuccessCache::new(settings.cache_entries)),
             failures: Mutex::new(FailureTable::new(settings.tracked_sources)),
             verifications: Arc::new(Semaphore::new(settings.max_concurrent_verifications)),
@@ -75,10 +77,7 @@ impl Authenticator {
     /// The keyed hash of presented credentials (the length of the username first, so no
     /// two (username, password) pairs share an input).
     pub fn credential_key(&self, username: &str, password: &str) -> CredentialKey {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {
-            // HMAC takes keys of any length: unreachable, and a key no entry has.
-            return CredentialKey([0; 32]);
-        };
+        let mut mac = self.mac.clone();
         mac.update(&(username.len() as u64).to_le_bytes());
         mac.update(username.as_bytes());
         mac.update(password.as_bytes());
@@ -200,6 +199,14 @@ fn failed() -> Refusal {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// HMAC-SHA-256 under a fresh random 32-byte key (given as the zero-padded block HMAC
+/// makes of it anyway, which is the infallible constructor).
+fn keyed_mac() -> Hmac<Sha256> {
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(&random_key());
+    <Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into())
 }
 
 /// 32 bytes from the OS; if it has none to give (it always has on Linux), a key from the
@@ -654,6 +661,9 @@ mod tests {
                 "{user}:{password}"
             );
         }
+        // The key is drawn per process: another authenticator's keys differ.
+        let other = Authenticator::new(settings());
+        assert_ne!(other.credential_key("a", "pa"), key);
         // The key is per (username, password): "a" + "bpa" is not "ab" + "pa".
         assert_ne!(
             auth.credential_key("a", "bpa"),
