@@ -206,6 +206,35 @@ async fn guessing_from_one_source_is_throttled_to_the_documented_rate() {
     gw.stop().await;
 }
 
+/// A client opening 16 connections at once with credentials not verified yet (cold cache,
+/// production-cost hash, two verification slots): all 16 are served, one verification
+/// answering them all, none refused for want of a slot.
+#[tokio::test]
+async fn a_burst_of_first_connections_shares_one_verification() {
+    let up = http_upstream("authed").await;
+    let port = up.addr.port();
+    let gw = gateway(
+        &[(
+            "coder-1",
+            &agent_with_hash(port, &phc("s3cret", 19 * 1024, 2)),
+        )],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+    )
+    .await;
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let proxy = gw.proxy;
+            tokio::spawn(async move { request(proxy, port, "coder", "s3cret").await })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap(), (200, String::new()));
+    }
+    assert_eq!(up.seen.connections(), 16);
+    gw.stop().await;
+}
+
 /// Wrong passwords against a production-cost hash (m = 19 MiB, t = 2), 32 at a time:
 /// verification runs on blocking threads, two at a time, the rest refused at once; an
 /// agent whose credentials are verified keeps being served within a bound.

@@ -10,7 +10,9 @@
 //!    belongs to, and it expires;
 //! 3. the source's back-off: a source past `free_failures` failed attempts is refused
 //!    without verification until its back-off ends (doubling per failure, capped);
-//! 4. verification: SHA-256 inline (cheap), argon2id on a blocking thread, at most
+//! 4. one verification per (credentials, generation) at a time: requests presenting the
+//!    same ones meanwhile wait for its outcome;
+//! 5. verification: SHA-256 inline (cheap), argon2id on a blocking thread, at most
 //!    `max_concurrent_verifications` at once; beyond that, refused at once.
 //!
 //! Memory is fixed: the failure table has `tracked_sources` slots (set-associative, keyed
@@ -20,12 +22,13 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use crate::config::AuthSettings;
 use crate::limits::Refusal;
@@ -38,6 +41,9 @@ pub struct CredentialKey([u8; 32]);
 
 /// Who a request's credentials identify, or why they were refused.
 pub type AuthResult = Result<AgentId, Refusal>;
+
+/// A verification under way: its outcome once known (`None`: wrong credentials).
+type Flight = Arc<OnceCell<Option<AgentId>>>;
 
 /// One connection's memo: the credentials last verified on it, under which generation,
 /// and the agent they named.
@@ -53,6 +59,9 @@ pub struct Authenticator {
     successes: Mutex<SuccessCache>,
     failures: Mutex<FailureTable>,
     verifications: Arc<Semaphore>,
+    /// Verifications under way, by (credentials, generation): one entry per request still
+    /// in `authenticate` at most, gone when they are answered.
+    in_flight: Mutex<HashMap<(CredentialKey, u64), Flight>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -70,6 +79,7 @@ impl Authenticator {
             successes: Mutex::new(SuccessCache::new(settings.cache_entries)),
             failures: Mutex::new(FailureTable::new(settings.tracked_sources)),
             verifications: Arc::new(Semaphore::new(settings.max_concurrent_verifications)),
+            in_flight: Mutex::new(HashMap::new()),
             settings,
         }
     }
@@ -127,11 +137,66 @@ impl Authenticator {
         if let Some(agent) = self.cached(policy, username, &key, Instant::now()) {
             return remember(agent);
         }
+        // One verification per (credentials, generation) at a time: requests presenting the
+        // same ones meanwhile (a client opening its first connections in parallel) wait for
+        // its outcome instead of each taking a verification slot, or being refused for want
+        // of one. A refused verification (back-off, limit) leaves the outcome open: the next
+        // waiter tries under its own source's back-off.
         let source = SourceKey::of(source);
+        let flight = self.flight((key, generation));
+        let ran = AtomicBool::new(false);
+        let outcome = flight
+            .get_or_try_init(|| {
+                ran.store(true, Ordering::Relaxed);
+                self.verify(policy, source, username, password, key)
+            })
+            .await
+            .copied();
+        self.land((key, generation), &flight);
+        match outcome {
+            Ok(Some(agent)) => remember(agent),
+            Ok(None) => {
+                if !ran.load(Ordering::Relaxed) {
+                    // The same wrong credentials, verified for another request: a failure
+                    // of this source too.
+                    lock(&self.failures).fail(source, Instant::now(), &self.settings);
+                }
+                Err(failed())
+            }
+            Err(refused) => Err(refused),
+        }
+    }
+
+    /// The verification under way for these credentials, or a new one to run.
+    fn flight(&self, key: (CredentialKey, u64)) -> Flight {
+        lock(&self.in_flight).entry(key).or_default().clone()
+    }
+
+    /// Forget a finished verification (once: the first request back removes it; a later
+    /// request for the same credentials verifies again, or hits the cache on a success).
+    fn land(&self, key: (CredentialKey, u64), flight: &Flight) {
+        let mut in_flight = lock(&self.in_flight);
+        if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, flight))
+            && (flight.initialized() || Arc::strong_count(flight) <= 2)
+        {
+            in_flight.remove(&key);
+        }
+    }
+
+    /// Admit the attempt under the source's back-off, verify, count the outcome, cache a
+    /// success. `Ok(None)`: verified and wrong. `Err`: refused without verifying.
+    async fn verify(
+        &self,
+        policy: &Policy,
+        source: SourceKey,
+        username: &str,
+        password: &str,
+        key: CredentialKey,
+    ) -> Result<Option<AgentId>, Refusal> {
         let mut attempt = self.admit(source, Instant::now())?;
         let Some((agent, credentials)) = policy.credentials_for(username) else {
             attempt.finish(false);
-            return Err(failed());
+            return Ok(None);
         };
         let ok = if credentials.password.is_costly() {
             let Ok(permit) = self.verifications.clone().try_acquire_owned() else {
@@ -156,17 +221,17 @@ impl Authenticator {
         };
         attempt.finish(ok);
         if !ok {
-            return Err(failed());
+            return Ok(None);
         }
         lock(&self.successes).put(
             key,
             Verified {
                 agent,
-                generation,
+                generation: policy.generation(),
                 until: Instant::now() + self.settings.cache_ttl,
             },
         );
-        remember(agent)
+        Ok(Some(agent))
     }
 
     /// Count an attempt from `source` in, unless its back-off refuses it.
@@ -458,6 +523,19 @@ impl FailureTable {
         }
     }
 
+    /// A failure learnt without an attempt of this source's own (another request's
+    /// verification of the same credentials).
+    fn fail(&mut self, key: SourceKey, now: Instant, settings: &AuthSettings) {
+        let Some(s) = self.find_or_insert(key, now, settings) else {
+            return;
+        };
+        s.failures = s.failures.saturating_add(1);
+        s.last_seen = now;
+        if s.failures >= settings.free_failures {
+            s.blocked_until = Some(now + backoff(s.failures - settings.free_failures, settings));
+        }
+    }
+
     fn cancel(&mut self, key: SourceKey) {
         if let Some(s) = self.find(key) {
             s.in_flight = s.in_flight.saturating_sub(1);
@@ -608,16 +686,20 @@ mod tests {
     }
 
     fn two_agents(a_password: &str, generation: u64) -> Policy {
+        two_agents_hashed(&phc(a_password), generation)
+    }
+
+    /// Agents `a` (with the PHC string given) and `b` (password `pb`).
+    fn two_agents_hashed(a_hash: &str, generation: u64) -> Policy {
         use crate::policy::rules::{RulesSources, SourceFile};
-        let agent = |name: &str, password: &str| SourceFile {
+        let agent = |name: &str, hash: &str| SourceFile {
             path: format!("rules/agents/{name}.toml").into(),
             text: format!(
-                "name = \"{name}\"\n[credentials]\nusername = \"{name}\"\npassword_hash = \"{}\"\n",
-                phc(password)
+                "name = \"{name}\"\n[credentials]\nusername = \"{name}\"\npassword_hash = \"{hash}\"\n"
             ),
         };
         let sources = RulesSources {
-            agents: vec![agent("a", a_password), agent("b", "pb")],
+            agents: vec![agent("a", a_hash), agent("b", &phc("pb"))],
             lists: Vec::new(),
         };
         crate::policy::compile(&sources, &[443], generation).unwrap()
@@ -730,6 +812,48 @@ mod tests {
         let key = SourceKey::of(ip);
         let state = lock(&auth.failures).find(key).copied().unwrap();
         assert_eq!((state.failures, state.in_flight), (0, 0));
+    }
+
+    /// A client opening its first connections in parallel with a cold cache: one
+    /// verification for all of them (with a single verification slot, none is refused),
+    /// and the same wrong password sent in parallel is one verification too, a failure for
+    /// each request.
+    #[tokio::test]
+    async fn parallel_requests_with_the_same_credentials_share_one_verification() {
+        let auth = Arc::new(Authenticator::new(AuthSettings {
+            free_failures: 100,
+            ..settings()
+        }));
+        // A costlier hash, so the requests overlap the verification.
+        let policy = Arc::new(two_agents_hashed(&slow_phc("pa"), 1));
+        let a = policy.agent_by_name("a").unwrap();
+        for (password, expected) in [("pa", Ok(a)), ("nope", Err(Reason::AuthFailed))] {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..16u8 {
+                let (auth, policy) = (auth.clone(), policy.clone());
+                let ip = IpAddr::from([10, 0, 1, i]);
+                set.spawn(async move {
+                    auth.authenticate(&policy, ip, "a", password, &Session::default())
+                        .await
+                        .map_err(|e| e.reason)
+                });
+            }
+            let results = set.join_all().await;
+            assert!(
+                results.iter().all(|r| *r == expected),
+                "{password}: {results:?}"
+            );
+            assert!(lock(&auth.in_flight).is_empty());
+        }
+    }
+
+    fn slow_phc(password: &str) -> String {
+        use password_hash::CustomizedPasswordHasher;
+        let params = argon2::Params::new(8 * 1024, 2, 1, None).unwrap();
+        argon2::Argon2::default()
+            .hash_password_with_params(password.as_bytes(), b"a-test-salt", params)
+            .unwrap()
+            .to_string()
     }
 
     #[test]
