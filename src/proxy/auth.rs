@@ -201,6 +201,7 @@ impl Authenticator {
         let ok = if credentials.password.is_costly() {
             let Ok(permit) = self.verifications.clone().try_acquire_owned() else {
                 // Not a failure of this source: nothing was verified.
+                attempt.withdraw();
                 return Err(Refusal {
                     reason: Reason::AuthThrottled,
                     retry_after: Some(Duration::from_secs(1)),
@@ -295,8 +296,10 @@ fn random_key() -> [u8; 32] {
     key
 }
 
-/// An attempt counted in flight for its source; finished as a success or a failure, or,
-/// dropped unfinished (the client went away mid-verification), simply no longer in flight.
+/// An attempt counted in flight for its source, finished as a success or a failure, or
+/// withdrawn when nothing was verified (no verification slot). Dropped unfinished — the
+/// client hung up while its password was being verified — it counts as a failure: the
+/// verification ran all the same, and hanging up must not buy guesses outside the back-off.
 struct Attempt<'a> {
     auth: &'a Authenticator,
     source: SourceKey,
@@ -309,12 +312,17 @@ impl Attempt<'_> {
         let settings = &self.auth.settings;
         lock(&self.auth.failures).finish(self.source, ok, Instant::now(), settings);
     }
+
+    fn withdraw(&mut self) {
+        self.done = true;
+        lock(&self.auth.failures).cancel(self.source);
+    }
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.done {
-            lock(&self.auth.failures).cancel(self.source);
+            self.finish(false);
         }
     }
 }
@@ -649,6 +657,38 @@ mod tests {
         assert!(t.admit(a, now, &s).is_err());
         t.cancel(a);
         t.admit(a, now, &s).unwrap();
+    }
+
+    /// A client that hangs up while its password is verified is charged a failure: the
+    /// verification ran anyway.
+    #[tokio::test]
+    async fn hanging_up_during_verification_counts_as_a_failure() {
+        let auth = Authenticator::new(settings());
+        let policy = two_agents_hashed(&slow_phc("pa"), 1);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..3 {
+            let session = Session::default();
+            let hung_up = tokio::time::timeout(
+                Duration::from_micros(1),
+                auth.authenticate(&policy, ip, "a", "guess", &session),
+            )
+            .await;
+            assert!(hung_up.is_err(), "verification finished within 1 µs");
+            // The slot stays with the computation until it ends, hang-up or not.
+            assert_eq!(auth.verifications.available_permits(), 0);
+            while auth.verifications.available_permits() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let state = lock(&auth.failures)
+            .find(SourceKey::of(ip))
+            .copied()
+            .unwrap();
+        assert_eq!((state.failures, state.in_flight), (3, 0));
+        let r = auth
+            .authenticate(&policy, ip, "a", "pa", &Session::default())
+            .await;
+        assert_eq!(r.map_err(|e| e.reason), Err(Reason::AuthThrottled));
     }
 
     /// A flood of fresh sources never grows the table, and evicts itself before it evicts
