@@ -462,3 +462,86 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod credential_tests {
+    use super::rules::{RulesSources, SourceFile};
+    use super::*;
+    use argon2::{Argon2, Params};
+    use password_hash::CustomizedPasswordHasher;
+
+    fn phc(password: &str, m: u32, t: u32) -> String {
+        Argon2::default()
+            .hash_password_with_params(
+                password.as_bytes(),
+                b"0123456789abcdef",
+                Params::new(m, t, 1, None).unwrap(),
+            )
+            .unwrap()
+            .to_string()
+    }
+
+    fn policy(credentials: &str) -> Result<Policy, CompileErrors> {
+        let sources = RulesSources {
+            agents: vec![SourceFile {
+                path: "rules/agents/coder-1.toml".into(),
+                text: format!(
+                    "name = \"coder-1\"\n[credentials]\nusername = \"coder\"\n{credentials}\n"
+                ),
+            }],
+            lists: Vec::new(),
+        };
+        compile(&sources, &[443], 1)
+    }
+
+    #[test]
+    fn password_hash_compiles_and_warns_only_below_the_recommended_cost() {
+        let strong = policy(&format!(
+            "password_hash = \"{}\"",
+            phc("s3cret", 19 * 1024, 2)
+        ))
+        .unwrap();
+        assert!(strong.warnings().is_empty(), "{:?}", strong.warnings());
+        let (id, creds) = strong.credentials_for("coder").unwrap();
+        assert_eq!(strong.agent_by_name("coder-1"), Some(id));
+        assert!(creds.password.is_costly() && creds.password.verify(b"s3cret"));
+        assert!(
+            strong.credentials_for("coder-1").is_none(),
+            "by username, not agent name"
+        );
+
+        let weak = policy(&format!("password_hash = \"{}\"", phc("s3cret", 64, 1))).unwrap();
+        let [w] = weak.warnings() else {
+            panic!("{:?}", weak.warnings())
+        };
+        assert_eq!((w.line, w.key.as_str()), (4, "credentials.password_hash"));
+        assert!(w.message.contains("below the recommended"), "{w}");
+
+        let legacy = policy(&format!(
+            "password_sha256 = \"{}\"",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"s3cret"))
+        ))
+        .unwrap();
+        let [w] = legacy.warnings() else {
+            panic!("{:?}", legacy.warnings())
+        };
+        assert_eq!((w.line, w.key.as_str()), (4, "credentials.password_sha256"));
+        let (_, creds) = legacy.credentials_for("coder").unwrap();
+        assert!(!creds.password.is_costly() && creds.password.verify(b"s3cret"));
+    }
+
+    #[test]
+    fn credentials_need_exactly_one_password_key() {
+        let e = policy("").unwrap_err().to_string();
+        assert!(
+            e.contains("key `credentials.password_hash`: missing"),
+            "{e}"
+        );
+        let e = policy("password_sha256 = \"abc\"").unwrap_err().to_string();
+        assert!(
+            e.starts_with("rules/agents/coder-1.toml:4: key `credentials.password_sha256`: must be 64 hex digits"),
+            "{e}"
+        );
+    }
+}
