@@ -714,6 +714,8 @@ mod tests {
             t.admit(a, now, &s).is_err(),
             "the flood reset the penalised source"
         );
+        // docs/proxy-auth.md: slots of under 100 bytes.
+        assert!(std::mem::size_of::<Option<SourceState>>() < 100);
     }
 
     fn phc(password: &str) -> String {
