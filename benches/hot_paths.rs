@@ -1,9 +1,10 @@
 //! The per-connection hot pieces besides the policy decision (see benches/policy.rs):
 //! ClientHello parsing (SNI detection), HTTP head parsing (Host detection), recording one
-//! connection's metrics (issue target: < 1 µs), and formatting its JSON log line (the log
-//! writer thread's work per connection), and proxy Basic auth: the cache-hit check a
-//! connection with already verified credentials pays, and one argon2id verification at the
-//! recommended cost (what a cache miss costs a blocking thread).
+//! connection's metrics (issue target: < 1 µs), formatting its JSON log line (the log
+//! writer thread's work per connection), taking and giving back a connection slot (caps by
+//! agent, then by source), and proxy Basic auth: the cache-hit check a connection with
+//! already verified credentials pays, and one argon2id verification at the recommended
+//! cost (what a cache miss costs a blocking thread).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use portcullis::policy::{PasswordCheck, Reason, compile};
 use portcullis::proxy::auth::{Authenticator, Session};
 use portcullis::proxy::http_head::parse_request_head;
 use portcullis::proxy::sni::parse_client_hello;
+use portcullis::proxy::{CapLimits, ConnectionCaps};
 use portcullis::telemetry::{ConnectionRecord, Metrics, Mode};
 
 /// A real rustls ClientHello (TLS 1.3 + 1.2, ALPN h2/http1.1, X25519 key share).
@@ -91,6 +93,28 @@ fn bench(c: &mut Criterion) {
     g.bench_function("allowed", |b| b.iter(|| metrics.observe(black_box(&rec))));
     g.bench_function("denied", |b| b.iter(|| metrics.observe(black_box(&denied))));
     g.finish();
+
+    // One connection's slot at accept: by agent (then source), or in the unknown bucket.
+    let caps = ConnectionCaps::new(CapLimits {
+        total: 16_384,
+        per_source: 1_024,
+        per_agent: 4_096,
+        unknown: 512,
+    });
+    let agent: Arc<str> = Arc::from("coder-1");
+    let source: std::net::IpAddr = [10, 66, 0, 11].into();
+    let held: Vec<_> = (0..100)
+        .filter_map(|i| caps.try_acquire(Some(&agent), [10, 66, 1, i].into()))
+        .collect();
+    let mut g = c.benchmark_group("caps_acquire_release");
+    g.bench_function("agent", |b| {
+        b.iter(|| drop(black_box(caps.try_acquire(Some(&agent), source))))
+    });
+    g.bench_function("unknown", |b| {
+        b.iter(|| drop(black_box(caps.try_acquire(None, source))))
+    });
+    g.finish();
+    drop(held);
 
     // A transparent SNI tunnel's line, as the load benchmark writes ~640 bytes of it.
     let mut line_rec = rec.clone();

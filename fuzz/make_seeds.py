@@ -112,6 +112,15 @@ max_concurrent = 256
 bandwidth = "50 MiB/s"
 daily_bytes = "20 GiB"
 ''')
+write("rules_file", "bound_sources", '''name = "coder-2"
+sources = [
+  "10.66.1.0/28",
+  { net = "10.66.0.12/32", interface = "vlan66", mac = "02:00:00:00:00:12" },
+  { net = "fd66::12/128", mac = "02:00:00:00:00:12" },
+  { net = "10.66.2.0/24", interface = "wg0" },
+]
+allow = ["api.anthropic.com"]
+''')
 for src, dst in (("deploy/portcullis.toml", "reference"), ("deploy/debian/portcullis.toml", "appliance")):
     with open(os.path.join(ROOT, src)) as fh:
         write("config_file", dst, fh.read())

@@ -202,7 +202,15 @@ impl Default for RawTimeouts {
 struct RawCaps {
     max_connections: usize,
     max_connections_per_source: usize,
+    /// One agent's share of `max_connections` (all its source addresses together).
+    max_connections_per_agent: usize,
+    /// Connections from addresses that are no agent's source, together (Basic-auth agents
+    /// connecting from elsewhere count here).
+    max_connections_unknown: usize,
     max_request_head_bytes: usize,
+    /// Bytes all connections together may hold in hellos and request heads not yet
+    /// complete, beyond 4 KiB each.
+    max_handshake_bytes: usize,
 }
 
 impl Default for RawCaps {
@@ -210,7 +218,10 @@ impl Default for RawCaps {
         Self {
             max_connections: 16_384,
             max_connections_per_source: 1_024,
+            max_connections_per_agent: 4_096,
+            max_connections_unknown: 512,
             max_request_head_bytes: 16 * 1024,
+            max_handshake_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -380,6 +391,8 @@ struct RawDns {
     max_ttl_secs: u32,
     /// (name, type) pairs kept in the response cache; 0 disables it.
     cache_entries: usize,
+    /// Bytes the response cache may hold (estimated); no answer over an eighth of it.
+    cache_bytes: usize,
     /// A TCP connection with no query for this long is closed.
     tcp_idle_secs: u64,
 }
@@ -387,13 +400,16 @@ struct RawDns {
 impl Default for RawDns {
     fn default() -> Self {
         Self {
-            refuse_with: "refused".into(),
+            // Same client behaviour as REFUSED, half the queries, and an error no
+            // client calls temporary (docs/dns.md has the measurements).
+            refuse_with: "nxdomain".into(),
             allowed_types: ["A", "AAAA", "CNAME", "HTTPS", "SVCB"]
                 .map(String::from)
                 .to_vec(),
             queries_per_second: 100,
             max_ttl_secs: 300,
             cache_entries: 10_000,
+            cache_bytes: 8 * 1024 * 1024,
             tcp_idle_secs: 10,
         }
     }
@@ -409,6 +425,7 @@ pub struct DnsSettings {
     pub queries_per_second: u32,
     pub max_ttl: Duration,
     pub cache_entries: usize,
+    pub cache_bytes: usize,
     pub tcp_idle: Duration,
 }
 
@@ -447,6 +464,7 @@ fn compile_dns(
         queries_per_second: raw.queries_per_second,
         max_ttl: Duration::from_secs(u64::from(raw.max_ttl_secs)),
         cache_entries: raw.cache_entries,
+        cache_bytes: raw.cache_bytes,
         tcp_idle: Duration::from_secs(raw.tcp_idle_secs),
     })
 }
@@ -490,7 +508,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    pub max_connections_per_agent: usize,
+    pub max_connections_unknown: usize,
     pub max_request_head_bytes: usize,
+    pub max_handshake_bytes: usize,
     /// `listen.dns`: DNS forwarder addresses (UDP and TCP each).
     pub dns_listen: Vec<SocketAddr>,
     pub dns: DnsSettings,
@@ -591,6 +612,14 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         (
             "caps.max_connections_per_source",
             raw.caps.max_connections_per_source as u64,
+        ),
+        (
+            "caps.max_connections_per_agent",
+            raw.caps.max_connections_per_agent as u64,
+        ),
+        (
+            "caps.max_connections_unknown",
+            raw.caps.max_connections_unknown as u64,
         ),
         (
             "caps.max_request_head_bytes",
@@ -696,7 +725,10 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         drain_timeout: Duration::from_secs(raw.timeouts.drain_secs),
         max_connections: raw.caps.max_connections,
         max_connections_per_source: raw.caps.max_connections_per_source,
+        max_connections_per_agent: raw.caps.max_connections_per_agent,
+        max_connections_unknown: raw.caps.max_connections_unknown,
         max_request_head_bytes: raw.caps.max_request_head_bytes,
+        max_handshake_bytes: raw.caps.max_handshake_bytes,
         dns_listen: raw.listen.dns,
         dns,
         admin,
@@ -782,6 +814,11 @@ mod tests {
         let c = parse("[listen]\ndns = [\"10.66.0.1:53\"]\n").unwrap();
         assert_eq!(c.dns_listen, vec!["10.66.0.1:53".parse().unwrap()]);
         assert_eq!(c.dns.allowed_types, vec![1, 28, 5, 65, 64]);
+        assert!(
+            c.dns.refuse_with_nxdomain,
+            "NXDOMAIN by default (docs/dns.md)"
+        );
+        let c = parse("[dns]\nrefuse_with = \"refused\"\n").unwrap();
         assert!(!c.dns.refuse_with_nxdomain);
         let e = parse("[dns]\nallowed_types = [\"A\", \"ANY\"]\n").unwrap_err();
         assert_eq!(e.key, "dns.allowed_types");

@@ -34,6 +34,8 @@ pub struct Shared {
     pub resolver: Arc<dyn Resolve>,
     pub telemetry: Telemetry,
     pub caps: Arc<ConnectionCaps>,
+    /// Bytes held in hellos and request heads not yet complete, all connections together.
+    pub handshake: Arc<crate::proxy::peek::HandshakeBudget>,
     /// Proxy Basic auth: recent successes, per-source back-off, the verification limit.
     pub auth: crate::proxy::auth::Authenticator,
     /// Fired on SIGTERM: listeners stop accepting.
@@ -194,7 +196,13 @@ pub async fn start(
             error: None,
             revoked: 0,
         }),
-        caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
+        caps: ConnectionCaps::new(crate::proxy::CapLimits {
+            total: config.max_connections,
+            per_source: config.max_connections_per_source,
+            per_agent: config.max_connections_per_agent,
+            unknown: config.max_connections_unknown,
+        }),
+        handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
         auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
         config,
         policy: ArcSwap::from_pointee(policy),
@@ -247,6 +255,7 @@ pub async fn start(
         .tracker
         .spawn(crate::reload::on_sighup(shared.clone()));
     shared.tracker.spawn(persist_budgets(shared.clone()));
+    shared.tracker.spawn(log_summaries(shared.clone()));
     if let Some(l) = admin {
         shared
             .tracker
@@ -282,6 +291,7 @@ impl Running {
         // Tunnels charged their last bytes as they ended: save the final budgets.
         let limiter = s.limiter.clone();
         let _ = tokio::task::spawn_blocking(move || limiter.save()).await;
+        s.telemetry.flush_summaries();
         if let Some(log) = self.log.take() {
             // Other Telemetry clones may still be alive in detached tasks; do not wait on
             // them forever.
@@ -304,6 +314,21 @@ async fn persist_budgets(shared: Arc<Shared>) {
             s.limiter.publish(&s.policy.load(), &s.telemetry.metrics);
         })
         .await;
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Every second, a summary line for what the agents' log shares held back; once more at
+/// shutdown.
+async fn log_summaries(shared: Arc<Shared>) {
+    loop {
+        let stop = tokio::select! {
+            () = shared.stop_accepting.cancelled() => true,
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        shared.telemetry.flush_summaries();
         if stop {
             return;
         }

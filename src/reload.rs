@@ -36,8 +36,32 @@ pub struct Tunnels {
 struct TunnelEntry {
     agent: Arc<str>,
     target: Target,
+    /// The addresses the decision checked (the dialled one, once known).
+    addrs: Vec<std::net::IpAddr>,
     cancel: CancellationToken,
     revoked: Arc<AtomicBool>,
+}
+
+/// Would `policy` still allow `agent`'s tunnel to `target` at `addrs`: the name rules and
+/// every address check (`allow_cidrs`, or `resolve_cidrs` for a name's addresses) the
+/// decision relied on.
+pub fn still_allowed(
+    policy: &Policy,
+    agent: &str,
+    target: &Target,
+    addrs: &[std::net::IpAddr],
+) -> bool {
+    let agent = policy.agent_by_name(agent);
+    let origin = match target.host {
+        crate::policy::Host::Ip(_) => crate::policy::AddressOrigin::Literal,
+        crate::policy::Host::Name(_) => crate::policy::AddressOrigin::Resolved,
+    };
+    policy.evaluate(agent, target).is_allow()
+        && addrs.iter().all(|ip| {
+            policy
+                .check_address(agent, *ip, target.port, origin)
+                .is_ok()
+        })
 }
 
 /// Registration of one live tunnel; removed on drop.
@@ -70,11 +94,15 @@ impl Tunnels {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Register a tunnel of `agent` to `target`, cancelled through `cancel` if revoked.
+    /// Register a tunnel of `agent` to `target` at `addrs`, cancelled through `cancel` if
+    /// revoked. The caller then checks the live policy once ([`still_allowed`]): a reload
+    /// that swapped the policy between the decision and this registration is caught there,
+    /// every later one by [`Tunnels::revoke_disallowed`].
     pub fn register(
         self: &Arc<Self>,
         agent: Arc<str>,
         target: Target,
+        addrs: Vec<std::net::IpAddr>,
         cancel: CancellationToken,
     ) -> TunnelRegistration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -84,6 +112,7 @@ impl Tunnels {
             TunnelEntry {
                 agent,
                 target,
+                addrs,
                 cancel,
                 revoked: revoked.clone(),
             },
@@ -95,14 +124,14 @@ impl Tunnels {
         }
     }
 
-    /// Cancel every tunnel `policy` no longer allows (agent gone, or target denied).
-    /// Returns how many were revoked. The lock is held only to collect, never across I/O.
+    /// Cancel every tunnel `policy` no longer allows (agent gone, target denied, or an
+    /// address no longer covered by `allow_cidrs`). Returns how many were revoked. The lock
+    /// is held only to collect, never across I/O.
     pub fn revoke_disallowed(&self, policy: &Policy) -> usize {
         let live = self.lock_live();
         let mut n = 0;
         for entry in live.values() {
-            let agent = policy.agent_by_name(&entry.agent);
-            if !policy.evaluate(agent, &entry.target).is_allow() {
+            if !still_allowed(policy, &entry.agent, &entry.target, &entry.addrs) {
                 entry.revoked.store(true, Ordering::Release);
                 entry.cancel.cancel();
                 n += 1;

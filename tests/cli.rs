@@ -59,6 +59,16 @@ fn check_names_file_line_and_key_of_each_error() {
         ("name = \"a\"\ninclude = [\"nope\"]\n", 2, "include"),
         ("name = \"a\"\nsources = [\"10.0.0.1/8\"]\n", 2, "sources"),
         (
+            "name = \"a\"\nsources = [\n  \"10.0.0.2\",\n  { net = \"10.0.0.1\", mac = \"02:00:00:00:00\" },\n]\n",
+            4,
+            "sources.mac",
+        ),
+        (
+            "name = \"a\"\n[[sources]]\nnet = \"10.0.0.1\"\ninterface = \"\"\n",
+            4,
+            "sources.interface",
+        ),
+        (
             "name = \"a\"\n[limits]\nbandwidth = \"fast\"\n",
             3,
             "limits.bandwidth",
@@ -134,6 +144,48 @@ fn check_rejects_overlapping_sources_between_agents() {
     let (code, _, stderr) = portcullis(&["check"], dir.path());
     assert_eq!(code, 1);
     assert!(stderr.contains("overlaps a source of agent"), "{stderr}");
+}
+
+#[test]
+fn check_warns_when_agents_share_a_segment_without_a_mac_binding() {
+    let dir = rules_with_agent("name = \"a\"\nsources = [\"10.66.0.11\"]\n");
+    let b = dir.path().join("rules/agents/b.toml");
+    std::fs::write(&b, "name = \"b\"\nsources = [\"10.66.0.12\"]\n").unwrap();
+    let (code, stdout, stderr) = portcullis(&["check"], dir.path());
+    assert_eq!(code, 0, "a warning is not an error: {stdout}{stderr}");
+    for agent in ["a", "b"] {
+        assert!(
+            stderr.contains(&format!("warning: agent `{agent}`: source 10.66.0.1")),
+            "{stderr}"
+        );
+    }
+    assert!(stderr.contains("has no `mac` binding"), "{stderr}");
+
+    // B bound to its MAC: A (unbound) is still claimable by B, B no longer by A.
+    std::fs::write(
+        &b,
+        "name = \"b\"\nsources = [{ net = \"10.66.0.12\", mac = \"02:00:00:00:00:12\" }]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = portcullis(&["check"], dir.path());
+    assert_eq!(code, 0);
+    assert!(stderr.contains("warning: agent `a`"), "{stderr}");
+    assert!(!stderr.contains("warning: agent `b`"), "{stderr}");
+    // The built-in config renders no ruleset, so nothing would enforce the binding.
+    assert!(
+        stderr.contains("enforced only by the nftables ruleset"),
+        "{stderr}"
+    );
+
+    // Both bound: no warning about the segment.
+    std::fs::write(
+        dir.path().join("rules/agents/bad.toml"),
+        "name = \"a\"\nsources = [{ net = \"10.66.0.11\", mac = \"02:00:00:00:00:11\" }]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = portcullis(&["check"], dir.path());
+    assert_eq!(code, 0);
+    assert!(!stderr.contains("warning: agent"), "{stderr}");
 }
 
 #[test]

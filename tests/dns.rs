@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::rdata::svcb::{
     Alpn, EchConfigList, IpHint, SVCB, SvcParamKey, SvcParamValue,
 };
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, HTTPS, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, HTTPS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use portcullis::config::Config;
 use portcullis::killswitch::webhook::{Secret, sign};
@@ -45,6 +46,41 @@ fn aaaa(owner: &str, ip: &str) -> Record {
 
 fn cname(owner: &str, target: &str) -> Record {
     Record::from_rdata(name(owner), 300, RData::CNAME(CNAME(name(target))))
+}
+
+/// The SOA of the upstream's zone, `test.`: negative answers carry it, `minimum` = TTL.
+fn soa(ttl: u32) -> Record {
+    Record::from_rdata(
+        name("test."),
+        ttl,
+        RData::SOA(SOA::new(
+            name("ns.test."),
+            name("hostmaster.test."),
+            1,
+            3600,
+            600,
+            86_400,
+            ttl,
+        )),
+    )
+}
+
+/// The reply's Extended DNS Errors (RFC 8914, EDNS option 15): info-code and text.
+fn ede(m: &Message) -> Vec<(u16, String)> {
+    let Some(edns) = &m.edns else {
+        return Vec::new();
+    };
+    edns.options()
+        .options
+        .iter()
+        .filter_map(|(code, option)| match option {
+            EdnsOption::Unknown(15, data) if u16::from(*code) == 15 && data.len() >= 2 => Some((
+                u16::from_be_bytes([data[0], data[1]]),
+                String::from_utf8(data[2..].to_vec()).unwrap(),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The upstream's zone for every test.
@@ -171,6 +207,10 @@ async fn upstream(zone: Vec<Record>, silent: &'static [&'static str]) -> (Socket
             }
             if !exists {
                 resp.metadata.response_code = ResponseCode::NXDomain;
+            }
+            if resp.answers.is_empty() {
+                // A negative answer (NXDOMAIN or NODATA) names its zone's SOA (RFC 2308).
+                resp.authorities.push(soa(60));
             }
             if let Ok(bytes) = resp.to_vec() {
                 let _ = socket.send_to(&bytes, from).await;
@@ -342,13 +382,15 @@ async fn a_thousand_random_labels_under_a_denied_domain_never_reach_the_upstream
             .unwrap()
             .unwrap();
         let r = Message::from_vec(&buf[..n]).unwrap();
-        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{qname}");
+        // NXDOMAIN by default, with the EDE when the query offered EDNS.
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{qname}");
         assert!(r.answers.is_empty());
+        assert_eq!(ede(&r).len(), usize::from(i % 3 == 0), "{qname}");
     }
     let lines = d.gw.log_lines(1000).await;
     let refused = lines
         .iter()
-        .filter(|l| l["event.reason"] == "not_allowed" && l["dns.response_code"] == "REFUSED")
+        .filter(|l| l["event.reason"] == "not_allowed" && l["dns.response_code"] == "NXDOMAIN")
         .count();
     assert_eq!(refused, 1000, "one log line per refused query");
     // The upstream works (an allowed name reaches it) and saw none of the 1,000.
@@ -384,14 +426,130 @@ async fn other_types_are_refused_even_for_allowed_names() {
 }
 
 #[tokio::test]
-async fn refuse_with_nxdomain_and_invalid_names() {
-    let d = start(|c, _| c.dns.refuse_with_nxdomain = true).await;
+async fn refuse_with_refused_and_invalid_names() {
+    let d = start(|c, _| c.dns.refuse_with_nxdomain = false).await;
     let r = ask(d.addr, "evil.test.", RecordType::A).await;
-    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        ede(&r),
+        vec![(15, "portcullis: not_allowed for coder-1".to_owned())]
+    );
     // Not a host name (IP literal in disguise): refused whatever refuse_with says.
     let r = ask(d.addr, "127.0.0.1.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        ede(&r),
+        vec![(0, "portcullis: malformed for coder-1".to_owned())]
+    );
     assert!(d.asked.all().is_empty());
+    d.gw.stop().await;
+}
+
+/// Every refusal says why in an Extended DNS Error (RFC 8914) when the query offered EDNS,
+/// over UDP and TCP: 15 Blocked for the policy's refusals (name, type, every address
+/// private), 18 Prohibited for a source that is no agent. The text names the reason and
+/// only the asker's own agent name. Without OPT in the query, no OPT in the reply: the
+/// rcode alone.
+#[tokio::test]
+async fn refusals_carry_an_extended_dns_error_when_the_query_has_edns() {
+    let d = start(|_, _| {}).await;
+    let blocked = |reason: &str| vec![(15, format!("portcullis: {reason} for coder-1"))];
+
+    let r = ask(d.addr, "denied.example.", RecordType::A).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(ede(&r), blocked("not_allowed"));
+    let r = ask_tcp(d.addr, &query("denied.example.", RecordType::AAAA, true)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(ede(&r), blocked("not_allowed"));
+
+    // A type the policy refuses for an allowed name: REFUSED (an NXDOMAIN would deny the
+    // name's other types too), blocked.
+    let r = ask(d.addr, "www.allowed.test.", RecordType::TXT).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(ede(&r), blocked("not_allowed"));
+
+    // Every address private: an empty NOERROR, blocked.
+    let r = ask(d.addr, "metadata.allowed.test.", RecordType::A).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+    assert_eq!(ede(&r), blocked("private_address"));
+    // Some addresses private, some not: an answer, no EDE.
+    let r = ask(d.addr, "rebind.test.", RecordType::A).await;
+    assert_eq!(addresses(&r).len(), 1);
+    assert!(ede(&r).is_empty());
+
+    // A source that is no agent: prohibited, and no agent named.
+    let r = ask_udp_from(
+        d.addr,
+        "127.0.0.2".parse().unwrap(),
+        &query("www.allowed.test.", RecordType::A, true),
+    )
+    .await;
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(ede(&r), vec![(18, "portcullis: unknown_agent".to_owned())]);
+
+    // No OPT in the query: the same rcode, no OPT (so no EDE) in the reply.
+    for m in [
+        query("denied.example.", RecordType::A, false),
+        query("www.allowed.test.", RecordType::TXT, false),
+    ] {
+        let r = ask_udp_from(d.addr, Ipv4Addr::LOCALHOST.into(), &m).await;
+        assert_ne!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.edns.is_none(), "{:?}", r.edns);
+        let r = ask_tcp(d.addr, &m).await;
+        assert!(r.edns.is_none(), "{:?}", r.edns);
+    }
+    // An allowed answer carries no EDE.
+    let r = ask(d.addr, "www.allowed.test.", RecordType::A).await;
+    assert!(!addresses(&r).is_empty());
+    assert!(ede(&r).is_empty());
+    assert!(
+        !d.asked.all().iter().any(|(n, _)| n.contains("denied")),
+        "{:?}",
+        d.asked.all()
+    );
+    d.gw.stop().await;
+}
+
+/// NXDOMAIN and NODATA from the upstream keep its SOA in the authority section, so the
+/// agent's own cache can keep the negative answer (RFC 2308); from the forwarder's cache
+/// its TTL is aged like any record's.
+#[tokio::test]
+async fn negative_answers_keep_the_upstreams_soa() {
+    let d = start(|_, _| {}).await;
+    let soa_of = |m: &Message| -> Vec<(String, u32)> {
+        m.authorities
+            .iter()
+            .filter(|r| r.record_type() == RecordType::SOA)
+            .map(|r| (r.name.to_ascii(), r.ttl))
+            .collect()
+    };
+    let r = ask(d.addr, "nope.allowed.test.", RecordType::A).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(soa_of(&r), vec![("test.".to_owned(), 60)]);
+    assert!(ede(&r).is_empty(), "the upstream's NXDOMAIN is no refusal");
+    // NODATA: the name exists, not with this type.
+    let r = ask_tcp(
+        d.addr,
+        &query("www.allowed.test.", RecordType::HTTPS, false),
+    )
+    .await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+    assert_eq!(soa_of(&r), vec![("test.".to_owned(), 60)]);
+    // Again, from the cache, a second later: the SOA's TTL has aged.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = ask(d.addr, "nope.allowed.test.", RecordType::A).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    let aged = soa_of(&r);
+    assert_eq!(aged.len(), 1);
+    assert!(aged[0].1 < 60, "{aged:?}");
+    assert_eq!(
+        d.asked.count("nope.allowed.test."),
+        1,
+        "{:?}",
+        d.asked.all()
+    );
     d.gw.stop().await;
 }
 
@@ -510,16 +668,18 @@ async fn kill_switch_engaged_refuses_the_agent() {
     d.gw.stop().await;
 }
 
+/// The rate limit is spent by upstream lookups (and refusals): distinct names, each a cache
+/// miss, are refused past the burst, and never reach the upstream then.
 #[tokio::test]
-async fn the_rate_limit_refuses_beyond_the_burst() {
+async fn the_rate_limit_refuses_lookups_beyond_the_burst() {
     let d = start(|c, _| c.dns.queries_per_second = 5).await;
     let mut answered = 0;
     let mut limited = 0;
     let t0 = Instant::now();
-    for _ in 0..40 {
-        let r = ask(d.addr, "www.allowed.test.", RecordType::A).await;
+    for i in 0..40 {
+        let r = ask(d.addr, &format!("n{i}.allowed.test."), RecordType::A).await;
         match r.metadata.response_code {
-            ResponseCode::NoError => answered += 1,
+            ResponseCode::NoError | ResponseCode::NXDomain => answered += 1,
             ResponseCode::Refused => limited += 1,
             other => panic!("unexpected {other}"),
         }
@@ -532,15 +692,89 @@ async fn the_rate_limit_refuses_beyond_the_burst() {
     );
     assert!(limited >= 20, "limited {limited}");
     assert_eq!(answered + limited, 40);
-    // One sampled line for the first (allowed) query, one line per refusal.
-    let lines = d.gw.log_lines(limited + 1).await;
-    assert_eq!(lines.len(), limited + 1);
+    assert_eq!(
+        d.asked.all().len(),
+        answered,
+        "a refused lookup reached the upstream"
+    );
+    let lines = d.gw.log_lines(answered + limited).await;
     assert_eq!(
         lines
             .iter()
             .filter(|l| l["event.reason"] == "rate_limited")
             .count(),
         limited
+    );
+    d.gw.stop().await;
+}
+
+/// Answers from the cache are not limited: the field report lost 49 of 200 parallel
+/// downloads of an allowed name to a limit of 100/s. 200 clients at once, A and AAAA each,
+/// at that limit: every one answered, and the upstream asked once per type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_parallel_clients_of_one_allowed_name_all_resolve() {
+    let d = start(|c, _| c.dns.queries_per_second = 100).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let server = d.addr;
+        tasks.push(tokio::spawn(async move {
+            let rtype = if i % 2 == 0 {
+                RecordType::A
+            } else {
+                RecordType::AAAA
+            };
+            let mut codes = Vec::new();
+            for t in [
+                rtype,
+                if rtype == RecordType::A {
+                    RecordType::AAAA
+                } else {
+                    RecordType::A
+                },
+            ] {
+                let r = ask(server, "www.allowed.test.", t).await;
+                codes.push(r.metadata.response_code);
+            }
+            codes
+        }));
+    }
+    for t in tasks {
+        for code in t.await.unwrap() {
+            assert_eq!(code, ResponseCode::NoError);
+        }
+    }
+    let asked = d.asked.count("www.allowed.test.");
+    assert!(
+        asked <= 2,
+        "concurrent questions were not shared: {asked} upstream lookups"
+    );
+    d.gw.stop().await;
+}
+
+/// A flood of random names under an allowed wildcard (each one a cache miss, each one a
+/// label of the agent's choosing on the upstream): bounded to the rate limit upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_names_under_an_allowed_wildcard_are_bounded_upstream() {
+    let d = start(|c, _| c.dns.queries_per_second = 20).await;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let server = d.addr;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250 {
+                ask(server, &format!("x{w}-{i}.allowed.test."), RecordType::A).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let upstream = d.asked.all().len();
+    let bound = 40 + (secs * 20.0).ceil() as usize;
+    assert!(
+        upstream <= bound,
+        "{upstream} lookups in {secs:.2} s, bound {bound}"
     );
     d.gw.stop().await;
 }
@@ -590,13 +824,14 @@ async fn big_answers_truncate_over_plain_udp_and_fit_over_tcp() {
         "TC set when over 512 bytes without EDNS"
     );
     assert!(r.answers.is_empty());
+    // The upstream has 40; an answer keeps at most 32 addresses (docs/memory.md).
     let r = ask_tcp(d.addr, &plain).await;
     assert!(!r.metadata.truncation, "{r:?}");
-    assert_eq!(r.answers.len(), 40);
-    // With EDNS (1232 bytes offered) the 40 records fit over UDP.
+    assert_eq!(r.answers.len(), 32);
+    // With EDNS (1232 bytes offered) the 32 records fit over UDP.
     let r = ask(d.addr, "big.allowed.test.", RecordType::A).await;
     assert!(!r.metadata.truncation);
-    assert_eq!(r.answers.len(), 40);
+    assert_eq!(r.answers.len(), 32);
     d.gw.stop().await;
 }
 

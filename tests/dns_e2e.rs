@@ -28,7 +28,7 @@ fn client_py() -> String {
     format!("{}/tests/e2e/client.py", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// One A question from the agent namespace: `NOERROR 1.2.3.4`, `REFUSED`, `timeout`, ...
+/// One A question from the agent namespace: `NOERROR 1.2.3.4`, `NXDOMAIN`, `timeout`, ...
 async fn ask(topo: &Topology, server: &str, transport: &str, name: &str) -> String {
     let o = run(in_ns(
         &topo.agent_ns,
@@ -139,10 +139,11 @@ async fn agent_dns_goes_only_through_the_filtering_forwarder() {
             "{transport}: allowed name; log: {:#?}",
             gw.lines()
         );
-        // ... a denied one (a tunnelling-style label) is refused without going upstream.
+        // ... a denied one (a tunnelling-style label) is refused (NXDOMAIN, the default)
+        // without going upstream.
         assert_eq!(
             ask(&topo, GW_AGENT_SIDE, transport, "x7f3k2q9.evil.test").await,
-            "REFUSED",
+            "NXDOMAIN",
             "{transport}: denied name"
         );
         // Naming another resolver changes nothing: the ruleset hands the question to
@@ -155,7 +156,7 @@ async fn agent_dns_goes_only_through_the_filtering_forwarder() {
         );
         assert_eq!(
             ask(&topo, PUBLIC_RESOLVER, transport, "x7f3k2q9.evil.test").await,
-            "REFUSED",
+            "NXDOMAIN",
             "{transport}: denied name asked of another resolver"
         );
     }
@@ -179,7 +180,7 @@ async fn agent_dns_goes_only_through_the_filtering_forwarder() {
             l["portcullis.mode"] == "dns"
                 && l["dns.question.name"] == "x7f3k2q9.evil.test"
                 && l["event.reason"] == "not_allowed"
-                && l["dns.response_code"] == "REFUSED"
+                && l["dns.response_code"] == "NXDOMAIN"
         })
         .count();
     assert_eq!(refused, 4, "log: {logged:#?}");

@@ -379,17 +379,38 @@ async fn sni_must_match_the_connect_host_threats_a2() {
     ])
     .await;
     assert_ne!(out.code, 0, "mismatched SNI got through: {}", out.stdout);
-    // Not TLS at all inside a CONNECT tunnel: refused too.
-    let req = format!(
-        "CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\nGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    // The refused hello got a TLS access_denied alert, which curl names.
+    assert!(
+        out.stderr.contains("alert access denied"),
+        "curl: {}",
+        out.stderr
     );
+    // The same by hand: after the 200, exactly one alert record, framed with the hello's
+    // record version (0x0301 here, as rustls sends it), fatal, access_denied (49).
+    let head = format!("CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    let mut req = head.clone().into_bytes();
+    let hello = client_hello("evil.test");
+    assert_eq!(hello[..3], [0x16, 3, 1]);
+    req.extend_from_slice(&hello);
+    let reply = raw_exchange(gw.proxy, &req, Duration::from_secs(3)).await;
+    let (status, tunnel) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(tunnel.as_bytes(), [21, 3, 1, 0, 2, 2, 49], "{reply:?}");
+    // Not TLS at all inside a CONNECT tunnel: refused too, with a bare close (no alert for
+    // a stream that is not a ClientHello).
+    let req = format!("{head}GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n");
     let reply = raw_exchange(gw.proxy, req.as_bytes(), Duration::from_secs(3)).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.ends_with("\r\n\r\n"),
+        "bytes after the 200: {reply:?}"
+    );
     assert_eq!(up.seen.connections(), 0, "the upstream was contacted");
-    let lines = gw.log_lines(2).await;
+    let lines = gw.log_lines(3).await;
     assert_eq!(lines[0]["event.reason"], "sni_mismatch", "{lines:?}");
     assert_eq!(lines[0]["tls.client.server_name"], "evil.test");
-    assert_eq!(lines[1]["event.reason"], "malformed");
+    assert_eq!(lines[1]["event.reason"], "sni_mismatch", "{lines:?}");
+    assert_eq!(lines[2]["event.reason"], "malformed");
     gw.stop().await;
 }
 

@@ -148,6 +148,7 @@ destination = "connections.log"
 [caps]
 max_connections = 30000
 max_connections_per_source = 30000
+max_connections_per_agent = 30000
 "#
         ),
     )

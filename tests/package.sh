@@ -63,6 +63,12 @@ files=(
   usr/share/doc/portcullis/deploy-guide.md
   usr/share/doc/portcullis/kill-switch.md
   usr/share/doc/portcullis/logging.md
+  usr/share/doc/portcullis/threat-model.md
+  usr/share/doc/portcullis/docs/kill-switch.md
+  usr/share/doc/portcullis/docs/fairness.md
+  usr/share/doc/portcullis/docs/memory.md
+  usr/share/doc/portcullis/docs/denials.md
+  usr/share/doc/portcullis/docs/dns.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright
 )

@@ -339,16 +339,21 @@ fn selftest_behind_the_ruleset_reports_every_path_closed() {
         .await;
         assert_eq!(r.code, 0, "{}", r.text);
         let a = ATTACKER;
-        // Ports 443 and 80 are diverted to the transparent listener, which denies a hello
-        // without SNI and a request to an IP literal by closing without a byte.
-        for port in [443, 80] {
-            r.assert_row(
-                "direct-ip",
-                &format!("{a}:{port}"),
-                "closed",
-                "closed without a byte",
-            );
-        }
+        // Ports 443 and 80 are diverted to the transparent listener, which refuses a hello
+        // without SNI with a TLS access_denied alert and a request to an IP literal with
+        // its HTTP refusal.
+        r.assert_row(
+            "direct-ip",
+            &format!("{a}:443"),
+            "closed",
+            "denied by the gateway: TLS alert access_denied",
+        );
+        r.assert_row(
+            "direct-ip",
+            &format!("{a}:80"),
+            "closed",
+            "denied by the gateway: HTTP 403 ip_literal",
+        );
         gw.line_where(|l| l["event.reason"] == "no_sni" && l["source.ip"] == AGENT_IP)
             .await;
         for port in [22, 25, 8080] {
@@ -362,10 +367,12 @@ fn selftest_behind_the_ruleset_reports_every_path_closed() {
         r.assert_row("quic", &format!("{a}:443"), "closed", "no reply in 2s");
         r.assert_row("ipv6", "tcp [fd99::10]:443", "closed", "");
         r.assert_row("ipv6", "udp [fd99::10]:443", "closed", "");
-        // All agent DNS is redirected to the filtering forwarder, which refuses the name.
-        r.assert_row("outside-dns", &format!("udp {a}:53"), "closed", "REFUSED");
-        r.assert_row("outside-dns", &format!("tcp {a}:53"), "closed", "REFUSED");
-        r.assert_row("dns-exfil", &format!(".{DENIED}"), "closed", "REFUSED");
+        // All agent DNS is redirected to the filtering forwarder, which refuses the name
+        // and says why (EDE).
+        let ede = "NXDOMAIN (EDE 15 Blocked: \"portcullis: not_allowed for coder-1\")";
+        r.assert_row("outside-dns", &format!("udp {a}:53"), "closed", ede);
+        r.assert_row("outside-dns", &format!("tcp {a}:53"), "closed", ede);
+        r.assert_row("dns-exfil", &format!(".{DENIED}"), "closed", ede);
         for doh in ["dns.google", "cloudflare-dns.com"] {
             r.assert_row("doh", doh, "closed", "403 not_allowed");
         }
@@ -393,7 +400,7 @@ fn selftest_behind_the_ruleset_reports_every_path_closed() {
                 path,
                 &format!("SNI {name}"),
                 "closed",
-                "closed without a byte",
+                "denied by the gateway: TLS alert access_denied",
             );
         }
         t.assert_row(
@@ -515,7 +522,7 @@ fn selftest_without_the_ruleset_reports_the_open_paths() {
         );
         r.assert_row("outside-dns", &format!("tcp {a}:53"), "OPEN", a);
         // The gateway itself still refuses what it is asked.
-        r.assert_row("dns-exfil", DENIED, "closed", "REFUSED");
+        r.assert_row("dns-exfil", DENIED, "closed", "NXDOMAIN (EDE 15 Blocked");
         r.assert_row("doh", "dns.google", "closed", "403 not_allowed");
         r.assert_row("denied-name", DENIED, "closed", "403 not_allowed");
         r.assert_row("allowed-name", ALLOWED, "ok", "");

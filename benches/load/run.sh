@@ -183,6 +183,7 @@ destination = "connections.log"
 drain_secs = 1
 [caps]
 max_connections_per_source = 16384   # default 1024; the idle test opens 5,000 from one address
+max_connections_per_agent = 16384    # default 4096; the same 5,000 are one agent's
 EOF
 done
 

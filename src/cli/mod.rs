@@ -94,7 +94,7 @@ fn load_policy(config: &Config) -> Result<Policy, String> {
 }
 
 /// The ruleset spec for this config and policy: agent networks default to every agent's
-/// sources; the listeners give the ports.
+/// sources; the listeners give the ports; every agent's bound sources are enforced.
 pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, String> {
     let transparent = config
         .transparent_listen
@@ -126,13 +126,17 @@ pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, Str
         ipv6: config.nft_ipv6,
         tproxy_mark: config.nft_tproxy_mark,
         killed: Vec::new(),
+        bindings: policy
+            .agents()
+            .flat_map(|(_, a)| a.bindings.iter().cloned())
+            .collect(),
     })
 }
 
 /// The ruleset, followed in the same batch by the kill sets the saved state implies (an
 /// unreadable state kills everyone), so applying never reopens a killed agent.
 fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
-    use crate::killswitch::{STATE_FILE, killed_nets, state};
+    use crate::killswitch::{STATE_FILE, killed_macs, killed_nets, state};
     let config = load_config(config_path)?;
     let policy = load_policy(&config)?;
     let spec = ruleset_spec(&config, &policy)?;
@@ -142,12 +146,10 @@ fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
         state::Loaded::State(s) => (s, false),
         state::Loaded::Corrupt(_) => (state::KillState::default(), true),
     };
-    text += &nft::killed_batch(&killed_nets(
-        &st,
-        corrupt,
-        &policy,
-        &config.nft_agent_networks,
-    ));
+    text += &nft::killed_batch(
+        &killed_nets(&st, corrupt, &policy, &config.nft_agent_networks),
+        &killed_macs(&st, corrupt, &policy),
+    );
     Ok(text)
 }
 
@@ -213,6 +215,9 @@ pub fn check(config_path: Option<&Path>) -> i32 {
                     a.resolve_cidrs.len()
                 );
             }
+            for warning in check_warnings(&config, &policy) {
+                eprintln!("warning: {warning}");
+            }
             if !config.transparent_listen.is_empty() {
                 let checked = ruleset_spec(&config, &policy)
                     .and_then(|spec| nft::render(&spec).map_err(|e| e.to_string()))
@@ -233,6 +238,25 @@ pub fn check(config_path: Option<&Path>) -> i32 {
             1
         }
     }
+}
+
+/// What `check` warns about without failing: agents that can claim each other's addresses
+/// on a shared segment, and bindings that nothing enforces.
+fn check_warnings(config: &Config, policy: &Policy) -> Vec<String> {
+    let mut warnings = crate::policy::binding::shared_segment_warnings(
+        policy,
+        &config.nft_agent_interfaces,
+        &config.nft_agent_networks,
+    );
+    let bound = policy.agents().any(|(_, a)| !a.bindings.is_empty());
+    if bound && config.transparent_listen.is_empty() {
+        warnings.push(
+            "sources bound to an interface or MAC are enforced only by the nftables ruleset, \
+             and this config renders none (listen.transparent is empty)"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Parse an `explain` target: a URL (scheme decides the default port) or `host:port`.

@@ -34,6 +34,37 @@ pub fn strip_ech(records: &mut [Record]) {
     }
 }
 
+/// Addresses (A and AAAA together) kept of one answer: enough for any real service, and an
+/// answer the agent's own DNS inflates to thousands of records cannot fill a cache.
+pub const MAX_ADDRESSES: usize = 32;
+/// Records of any type kept of one answer (CNAME chains, HTTPS/SVCB and addresses).
+pub const MAX_RECORDS: usize = 64;
+
+/// Keep the first [`MAX_ADDRESSES`] addresses and the first [`MAX_RECORDS`] records of an
+/// answer, in order, in a new allocation of their size: shrinking the upstream's (possibly
+/// thousands of records) in place would keep its start allocated, and with it a hole the
+/// allocator cannot give back.
+pub fn cap_records(records: &mut Vec<Record>) {
+    if records.len() <= MAX_ADDRESSES {
+        return;
+    }
+    let mut kept = Vec::with_capacity(records.len().min(MAX_RECORDS));
+    let mut addresses = 0;
+    for r in records.drain(..) {
+        if matches!(r.data, RData::A(_) | RData::AAAA(_)) {
+            addresses += 1;
+            if addresses > MAX_ADDRESSES {
+                continue;
+            }
+        }
+        kept.push(r);
+        if kept.len() == MAX_RECORDS {
+            break;
+        }
+    }
+    *records = kept;
+}
+
 /// What the rebinding filter did to one answer.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Filtered {

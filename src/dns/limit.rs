@@ -1,6 +1,7 @@
-//! Per-agent bookkeeping of the DNS forwarder: the query rate limit (a token bucket per agent
-//! name, burst = 2 × rate) and the sampling of allowed-query log lines (the first query for
-//! a name per agent per minute).
+//! Per-agent bookkeeping of the DNS forwarder: token buckets per agent name (the cost limit,
+//! `dns.queries_per_second` with a burst of twice that, spent by upstream lookups and
+//! refusals; and the flood guard, ten times that, spent by every query) and the sampling of
+//! allowed-query log lines (the first query for a name per agent per minute).
 //!
 //! Pure arithmetic on an injected `now`; must not do I/O. State is keyed by agent name,
 //! which the rules bound, so it cannot grow with what the agents send (the per-name
@@ -38,7 +39,7 @@ impl Bucket {
     }
 }
 
-/// `dns.queries_per_second` per agent.
+/// A token bucket per agent.
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
@@ -46,11 +47,17 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// `per_second`, with a burst of twice that.
     pub fn new(per_second: u32) -> Self {
+        Self::with_burst(per_second, 2)
+    }
+
+    /// `per_second`, with a burst of `burst_seconds` seconds' worth.
+    pub fn with_burst(per_second: u32, burst_seconds: u32) -> Self {
         let rate = f64::from(per_second.max(1));
         Self {
             rate,
-            burst: 2.0 * rate,
+            burst: f64::from(burst_seconds.max(1)) * rate,
             buckets: Mutex::new(HashMap::new()),
         }
     }

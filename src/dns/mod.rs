@@ -11,6 +11,7 @@
 //!   query::Forwarder::resolve     upstream::Upstream (hickory-resolver), deadline → SERVFAIL
 //!   filter                        ECH stripped from HTTPS/SVCB, special addresses dropped
 //!                                 (rebinding) unless the agent's allow_cidrs cover them
+//!   ede                           the Extended DNS Error (RFC 8914) a refusal carries
 //!   telemetry                     one record per refused query, sampled allowed ones
 //! ```
 //!
@@ -18,6 +19,7 @@
 //! question the policy did not allow, or wait on a socket without a deadline.
 
 mod cache;
+pub(crate) mod ede;
 // Public for the fuzz target (fuzz/fuzz_targets/dns_message.rs): it runs the answer-side
 // filters on records parsed from arbitrary bytes, as if an upstream had sent them.
 #[doc(hidden)]

@@ -2,17 +2,32 @@
 //! log line and counters.
 //!
 //! Order (the first that says no answers): parse → identify the agent by source address
-//! (unknown → REFUSED) → kill switch (REFUSED) → rate limit (REFUSED) → opcode QUERY, one
-//! question (FORMERR), class IN and an allowed type (REFUSED) → `DomainName::parse`
-//! (REFUSED) → `Policy::allows_name` (REFUSED or NXDOMAIN, `dns.refuse_with`) → cache →
-//! upstream (SERVFAIL on failure or deadline) → ECH stripped → rebinding filter.
+//! (unknown → REFUSED) → kill switch (REFUSED) → flood guard (REFUSED `rate_limited`) →
+//! opcode QUERY, one question (FORMERR), class IN and an allowed type (REFUSED) →
+//! `DomainName::parse` (REFUSED) → `Policy::allows_name` (REFUSED or NXDOMAIN,
+//! `dns.refuse_with`) → cache → rate limit (REFUSED `rate_limited`) → upstream (SERVFAIL on
+//! failure or deadline) → ECH stripped → rebinding filter.
+//!
+//! What is limited is what costs or leaks: the rate limit (`dns.queries_per_second`, burst
+//! twice that) is spent by upstream lookups and by refusals, never by answers from the cache
+//! (real clients resolve per connection and burst). Concurrent questions for the same name
+//! and type share one upstream lookup, spent once. The flood guard (ten times the rate,
+//! burst twenty times) bounds what one agent's queries, cached or not, take of the
+//! forwarder. Refusals past the log's per-agent share are summarised, not dropped
+//! (telemetry).
+//!
+//! Every refusal carries an Extended DNS Error naming its reason when the query carried OPT
+//! (`ede`); a policy refusal of the name answers `dns.refuse_with` (NXDOMAIN by default),
+//! the others REFUSED, which says nothing about the name. Negative answers from the
+//! upstream keep its SOA.
 //!
 //! Nothing before `allows_name` says yes ever reaches the upstream. Must not hold a lock
 //! across an await and must not block: the socket loops call [`Forwarder::prepare`]
 //! inline and only [`Forwarder::resolve`] waits (on the upstream, under a deadline).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -21,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::DnsError;
 use super::cache::ResponseCache;
+use super::ede;
 use super::filter;
 use super::limit::{RateLimiter, Sampler};
 use super::upstream::{Answer, Upstream};
@@ -35,6 +51,8 @@ const EDNS_PAYLOAD: u16 = 1232;
 const UDP_PLAIN_MAX: usize = 512;
 /// Upstream questions in flight at once; beyond it queries get SERVFAIL (`overloaded`).
 const MAX_IN_FLIGHT: usize = 4096;
+/// The flood guard's rate, as a multiple of `dns.queries_per_second`.
+const FLOOD_FACTOR: u32 = 10;
 
 /// How the query arrived: decides the reply size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +75,17 @@ pub enum Step {
     Resolve(Pending),
 }
 
+/// One upstream lookup, shared by every concurrent question for the same (name, type).
+type Lookup = Arc<tokio::sync::OnceCell<Result<Arc<Answer>, String>>>;
+
 /// A question that passed every check and is not in the cache.
 pub struct Pending {
     question: Question,
     name: DomainName,
-    _slot: OwnedSemaphorePermit,
+    key: (Box<str>, u16),
+    lookup: Lookup,
+    /// Held by the question that started the lookup (and paid for it).
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 /// What is known about the question being answered.
@@ -84,6 +108,9 @@ pub struct Forwarder {
     upstream: Upstream,
     cache: ResponseCache,
     limiter: RateLimiter,
+    flood: RateLimiter,
+    /// Upstream lookups in progress, by (name, type).
+    lookups: Mutex<HashMap<(Box<str>, u16), Lookup>>,
     sampler: Sampler,
     allowed_types: Vec<u16>,
     refuse_code: ResponseCode,
@@ -95,8 +122,10 @@ impl Forwarder {
         let d = &config.dns;
         Ok(Self {
             upstream: Upstream::new(&config.resolver_upstreams, config.resolver_timeout)?,
-            cache: ResponseCache::new(d.cache_entries, d.max_ttl),
+            cache: ResponseCache::new(d.cache_entries, d.cache_bytes, d.max_ttl),
             limiter: RateLimiter::new(d.queries_per_second),
+            flood: RateLimiter::with_burst(d.queries_per_second.saturating_mul(FLOOD_FACTOR), 2),
+            lookups: Mutex::default(),
             sampler: Sampler::default(),
             allowed_types: d.allowed_types.clone(),
             refuse_code: if d.refuse_with_nxdomain {
@@ -120,11 +149,18 @@ impl Forwarder {
         let started = Instant::now();
         let policy = shared.policy.load_full();
         let agent = policy.agent_by_source(peer.ip());
+        // The flood guard comes before parsing: what one agent (or every unknown source,
+        // together) sends beyond it costs a header copy, so its flood cannot hold up the
+        // others' questions behind it on the socket.
+        let agent_name = policy.agent_name(agent);
+        if !self.flood.admit(&agent_name, started) {
+            return shed(shared, &policy, agent_name, peer, packet, started);
+        }
         let mut q = Question {
             request: Message::new(0, MessageType::Response, OpCode::Query),
             limit: UDP_PLAIN_MAX,
             peer,
-            agent_name: policy.agent_name(agent),
+            agent_name,
             policy,
             agent,
             asked: None,
@@ -157,50 +193,100 @@ impl Forwarder {
         if shared.killswitch.is_killed(&q.agent_name) {
             return self.refuse(shared, &q, Reason::KillSwitch, ResponseCode::Refused);
         }
-        if !self.limiter.admit(&q.agent_name, started) {
-            return self.refuse(shared, &q, Reason::RateLimited, ResponseCode::Refused);
-        }
+        // Refusals spend the rate limit (whatever is left of it) but keep their reason.
+        let refuse = |reason, rcode| {
+            let _ = self.limiter.admit(&q.agent_name, started);
+            self.refuse(shared, &q, reason, rcode)
+        };
         if q.request.metadata.op_code != OpCode::Query {
-            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::NotImp);
+            return refuse(Reason::Malformed, ResponseCode::NotImp);
         }
         let [query] = q.request.queries.as_slice() else {
-            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::FormErr);
+            return refuse(Reason::Malformed, ResponseCode::FormErr);
         };
         let rtype = query.query_type();
         if query.query_class() != DNSClass::IN || !self.allowed_types.contains(&u16::from(rtype)) {
-            return self.refuse(shared, &q, Reason::NotAllowed, ResponseCode::Refused);
+            return refuse(Reason::NotAllowed, ResponseCode::Refused);
         }
         let Ok(name) = DomainName::parse(q.asked.as_deref().unwrap_or_default()) else {
-            return self.refuse(shared, &q, Reason::Malformed, ResponseCode::Refused);
+            return refuse(Reason::Malformed, ResponseCode::Refused);
         };
         if !q.policy.allows_name(agent, &name) {
-            return self.refuse(shared, &q, Reason::NotAllowed, self.refuse_code);
+            return refuse(Reason::NotAllowed, self.refuse_code);
         }
         if let Some(hit) = self.cache.get(name.as_str(), u16::from(rtype), started) {
             return Step::Reply(self.answer(shared, &q, &name, &hit.answer, hit.age_secs));
         }
+        let key: (Box<str>, u16) = (name.as_str().into(), u16::from(rtype));
+        let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lookup) = lookups.get(&key).filter(|l| !l.initialized()).cloned() {
+            // Someone already asks the upstream this: wait for that answer, for free.
+            drop(lookups);
+            return Step::Resolve(Pending {
+                question: q,
+                name,
+                key,
+                lookup,
+                _slot: None,
+            });
+        }
+        if !self.limiter.admit(&q.agent_name, started) {
+            drop(lookups);
+            return self.refuse(shared, &q, Reason::RateLimited, ResponseCode::Refused);
+        }
         let Ok(slot) = self.in_flight.clone().try_acquire_owned() else {
+            drop(lookups);
             return self.refuse(shared, &q, Reason::Overloaded, ResponseCode::ServFail);
         };
+        let lookup = Lookup::default();
+        lookups.insert(key.clone(), lookup.clone());
+        drop(lookups);
         Step::Resolve(Pending {
             question: q,
             name,
-            _slot: slot,
+            key,
+            lookup,
+            _slot: Some(slot),
         })
     }
 
     /// Ask the upstream for a question [`Forwarder::prepare`] let through, and answer it.
     pub async fn resolve(&self, shared: &Shared, pending: Pending) -> Vec<u8> {
-        let Pending { question, name, .. } = pending;
+        let Pending {
+            question,
+            name,
+            key,
+            lookup,
+            ..
+        } = pending;
         let rtype = question.rtype.unwrap_or(RecordType::A);
-        match self.upstream.query(&name, rtype).await {
-            Ok(mut answer) => {
-                filter::strip_ech(&mut answer.records);
-                let answer =
-                    self.cache
-                        .insert(name.as_str(), u16::from(rtype), answer, Instant::now());
-                self.answer(shared, &question, &name, &answer, 0)
+        let result = lookup
+            .get_or_init(|| async {
+                match self.upstream.query(&name, rtype).await {
+                    Ok(mut answer) => {
+                        filter::cap_records(&mut answer.records);
+                        filter::strip_ech(&mut answer.records);
+                        Ok(self.cache.insert(
+                            name.as_str(),
+                            u16::from(rtype),
+                            answer,
+                            Instant::now(),
+                        ))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
+            .clone();
+        {
+            // Done: later questions go to the cache (or start a new lookup).
+            let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+            if lookups.get(&key).is_some_and(|l| Arc::ptr_eq(l, &lookup)) {
+                lookups.remove(&key);
             }
+        }
+        match result {
+            Ok(answer) => self.answer(shared, &question, &name, &answer, 0),
             Err(e) => {
                 tracing::debug!(name = name.as_str(), error = %e, "dns upstream failed");
                 // The policy said yes; the upstream did not answer. Counted as allowed,
@@ -238,20 +324,24 @@ impl Forwarder {
         age_secs: u32,
     ) -> Vec<u8> {
         let mut records: Vec<Record> = answer.records.clone();
+        let mut authority: Vec<Record> = answer.authority.clone();
         if age_secs > 0 {
-            for r in &mut records {
+            for r in records.iter_mut().chain(&mut authority) {
                 r.ttl = r.ttl.saturating_sub(age_secs);
             }
         }
         let agent = q.agent.and_then(|id| q.policy.agent(id));
         let filtered = filter::drop_unreachable(&mut records, |ip| may_reach(agent, ip));
         let metrics = shared.telemetry.metrics.agent(&q.agent_name);
+        let mut refused = None;
         if filtered.removed > 0 {
             if filtered.kept == 0 {
                 // Nothing the agent may reach is left: an empty NOERROR, so the client
-                // neither retries elsewhere nor learns the private address.
+                // neither retries elsewhere nor learns the private address; the EDE says
+                // why.
                 records.clear();
                 metrics.dns_refused.inc();
+                refused = Some(Reason::PrivateAddress);
             } else {
                 metrics.dns_allowed.inc();
             }
@@ -266,7 +356,12 @@ impl Forwarder {
                 self.log(shared, q, Some(name), None, answer.rcode);
             }
         }
-        encode(&response(&q.request, answer.rcode, records), q.limit)
+        let mut reply = response(&q.request, answer.rcode, records);
+        reply.authorities = authority;
+        if let Some(reason) = refused {
+            add_ede(&mut reply, q, reason);
+        }
+        encode(&reply, q.limit)
     }
 
     /// Refuse (or FORMERR/NOTIMP/NXDOMAIN/SERVFAIL) without asking anyone: count, log, reply.
@@ -279,7 +374,9 @@ impl Forwarder {
             .inc();
         let name = q.asked.as_deref().and_then(|n| DomainName::parse(n).ok());
         self.log(shared, q, name.as_ref(), Some(reason), rcode);
-        Step::Reply(encode(&response(&q.request, rcode, Vec::new()), q.limit))
+        let mut reply = response(&q.request, rcode, Vec::new());
+        add_ede(&mut reply, q, reason);
+        Step::Reply(encode(&reply, q.limit))
     }
 
     /// A message that does not parse: FORMERR when it carries a query header at all.
@@ -336,6 +433,42 @@ impl Forwarder {
     }
 }
 
+/// A query past the flood guard: REFUSED built from its header alone (the question is not
+/// echoed, so careful clients drop it and back off, as after response rate limiting),
+/// counted and logged as `rate_limited` (the log's per-agent share summarises a flood).
+fn shed(
+    shared: &Shared,
+    policy: &Policy,
+    agent_name: Arc<str>,
+    peer: SocketAddr,
+    packet: &[u8],
+    started: Instant,
+) -> Step {
+    let Some(header) = packet.get(..12) else {
+        return Step::Ignore;
+    };
+    if header[2] & 0x80 != 0 {
+        return Step::Ignore; // a response: never answered
+    }
+    shared
+        .telemetry
+        .metrics
+        .agent(&agent_name)
+        .dns_refused
+        .inc();
+    let mut rec = ConnectionRecord::begin(Mode::Dns, peer, agent_name, policy.generation());
+    rec.duration = started.elapsed();
+    rec.reason = Some(Reason::RateLimited);
+    rec.dns_response_code = Some(rcode_name(ResponseCode::Refused));
+    shared.telemetry.record(rec);
+    let mut reply = [0u8; 12];
+    reply[..2].copy_from_slice(&header[..2]);
+    // QR, the opcode and RD as asked; RA; RCODE 5 (REFUSED); every count 0.
+    reply[2] = 0x80 | (header[2] & 0x79);
+    reply[3] = 0x80 | 5;
+    Step::Reply(reply.to_vec())
+}
+
 /// Public addresses, and special ones the agent's `allow_cidrs` (any port: the name may
 /// serve on the port the CIDR rule names) or `resolve_cidrs` cover.
 fn may_reach(agent: Option<&AgentPolicy>, ip: IpAddr) -> bool {
@@ -359,6 +492,15 @@ fn response(request: &Message, rcode: ResponseCode, answers: Vec<Record>) -> Mes
         m.edns = Some(edns);
     }
     m
+}
+
+/// The Extended DNS Error for a refusal with `reason`, in the reply's OPT record: only
+/// when the query had one (so the reply has one, see [`response`]).
+fn add_ede(reply: &mut Message, q: &Question, reason: Reason) {
+    if let Some(edns) = reply.edns.as_mut() {
+        let agent = q.agent.map(|_| &*q.agent_name);
+        edns.options_mut().insert(ede::option(reason, agent));
+    }
 }
 
 /// The reply's bytes; over `limit` (UDP), the question alone with TC set (RFC 1035 §4.2.1)

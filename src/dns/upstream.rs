@@ -2,7 +2,8 @@
 //! question, with hickory-resolver, under one deadline.
 //!
 //! Owns the mapping of hickory's results to what the forwarder answers: records (CNAME
-//! chains as the resolver returns them), NXDOMAIN/NODATA with their negative TTL, or a
+//! chains as the resolver returns them), NXDOMAIN/NODATA with their negative TTL and the
+//! upstream's SOA (RFC 2308: what lets the agent's own cache keep the negative answer), or a
 //! failure (which the forwarder turns into SERVFAIL, never a guess). Must not cache (the
 //! forwarder's cache is the only one, so TTL caps and tests see one cache) and must not
 //! read the gateway's hosts file.
@@ -26,6 +27,8 @@ pub struct Answer {
     /// NOERROR or NXDOMAIN; other codes are failures.
     pub rcode: ResponseCode,
     pub records: Vec<Record>,
+    /// The authority section of a negative answer: the zone's SOA when the upstream gave one.
+    pub authority: Vec<Record>,
     /// How long the answer may be cached (before the `max_ttl` cap); 0 = do not cache.
     pub ttl: u32,
 }
@@ -81,6 +84,7 @@ impl Upstream {
                 Ok(Answer {
                     rcode: ResponseCode::NoError,
                     records,
+                    authority: Vec::new(),
                     ttl,
                 })
             }
@@ -93,6 +97,10 @@ impl Upstream {
                 Ok(Answer {
                     rcode: none.response_code,
                     records: Vec::new(),
+                    authority: none
+                        .soa
+                        .map(|soa| vec![(*soa).into_record_of_rdata()])
+                        .unwrap_or_default(),
                     // RFC 2308 §5: no SOA, no negative caching.
                     ttl: none.negative_ttl.unwrap_or(0),
                 })

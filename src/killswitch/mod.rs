@@ -14,6 +14,7 @@ pub mod state;
 pub mod totp;
 pub mod webhook;
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hash::RuleKeyMap;
 use crate::nft::Nft;
-use crate::policy::Policy;
+use crate::policy::{MacAddr, Policy};
 use crate::telemetry::Telemetry;
 use state::{KillEntry, KillState, Loaded};
 use totp::{TotpGuard, TotpSecret};
@@ -631,11 +632,13 @@ impl KillSwitch {
             return "skipped (no nftables configured)".into();
         };
         let wanted = killed_nets(state, corrupt, policy, nets);
-        let result = match tokio::task::spawn_blocking(move || nft.sync_killed(&wanted)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("error: {e}")),
-            Err(e) => Some(format!("error: {e}")),
-        };
+        let macs = killed_macs(state, corrupt, policy);
+        let result =
+            match tokio::task::spawn_blocking(move || nft.sync_killed(&wanted, &macs)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("error: {e}")),
+                Err(e) => Some(format!("error: {e}")),
+            };
         let report = result.clone().unwrap_or_else(|| "ok".into());
         *self.nft_error.lock().unwrap_or_else(|p| p.into_inner()) = result;
         report
@@ -757,6 +760,24 @@ pub fn killed_nets(
     out
 }
 
+/// The MACs bound to killed agents' sources, dropped whatever address their frames carry
+/// (a killed agent does not come back under an address nobody claims). A MAC also bound
+/// to a live agent is left out: killing one agent must not cut off another.
+pub(crate) fn killed_macs(state: &KillState, corrupt: bool, policy: &Policy) -> Vec<MacAddr> {
+    let killed = |name: &str| state.all.is_some() || corrupt || state.agents.contains_key(name);
+    let mut dead = BTreeSet::new();
+    let mut live = BTreeSet::new();
+    for (_, a) in policy.agents() {
+        let macs = a.bindings.iter().filter_map(|b| b.mac);
+        if killed(&a.name) {
+            dead.extend(macs);
+        } else {
+            live.extend(macs);
+        }
+    }
+    dead.difference(&live).copied().collect()
+}
+
 /// Read secrets: each file holds one `whsec_…` secret (several files = rotation).
 pub fn read_secrets(files: &[PathBuf]) -> Result<Vec<Secret>, String> {
     read_keys(files).map(|keys| keys.into_iter().map(|k| k.secret).collect())
@@ -788,4 +809,71 @@ pub fn read_totp(file: Option<&Path>) -> Result<Option<TotpSecret>, String> {
     TotpSecret::from_base32(text.trim())
         .map(Some)
         .map_err(|e| format!("{}: {e}", f.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::policy::rules::{RulesSources, SourceFile};
+
+    fn entry() -> KillEntry {
+        KillEntry {
+            reason: "test".into(),
+            at_unix: 0,
+            by: "local".into(),
+        }
+    }
+
+    #[test]
+    fn killed_macs_are_the_killed_agents_own() {
+        let agent = |name: &str, sources: &str| SourceFile {
+            path: format!("rules/agents/{name}.toml").into(),
+            text: format!("name = \"{name}\"\nsources = {sources}\n"),
+        };
+        let sources = RulesSources {
+            agents: vec![
+                agent(
+                    "a",
+                    r#"[{ net = "10.66.0.11", mac = "02:00:00:00:00:11" }, { net = "10.66.0.21", mac = "02:00:00:00:00:99" }]"#,
+                ),
+                agent(
+                    "b",
+                    r#"[{ net = "10.66.0.12", mac = "02:00:00:00:00:12" }]"#,
+                ),
+                // C shares A's second MAC (two agents on one host) and has a plain source.
+                agent(
+                    "c",
+                    r#"[{ net = "10.66.0.13", mac = "02:00:00:00:00:99" }, "10.66.0.14"]"#,
+                ),
+            ],
+            lists: Vec::new(),
+        };
+        let policy = crate::policy::compile(&sources, &[443], 1).unwrap();
+        let mac = |s: &str| s.parse::<MacAddr>().unwrap();
+        let mut state = KillState::default();
+        assert!(killed_macs(&state, false, &policy).is_empty());
+        state.agents.insert("a".into(), entry());
+        // A's shared MAC stays open while C lives.
+        assert_eq!(
+            killed_macs(&state, false, &policy),
+            [mac("02:00:00:00:00:11")]
+        );
+        state.agents.insert("c".into(), entry());
+        assert_eq!(
+            killed_macs(&state, false, &policy),
+            [mac("02:00:00:00:00:11"), mac("02:00:00:00:00:99")]
+        );
+        let all = [
+            mac("02:00:00:00:00:11"),
+            mac("02:00:00:00:00:12"),
+            mac("02:00:00:00:00:99"),
+        ];
+        assert_eq!(killed_macs(&KillState::default(), true, &policy), all);
+        let state = KillState {
+            all: Some(entry()),
+            ..KillState::default()
+        };
+        assert_eq!(killed_macs(&state, false, &policy), all);
+    }
 }

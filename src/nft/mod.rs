@@ -10,6 +10,7 @@
 //! spec field inject nft syntax (interface names are validated, everything else is typed).
 //! Commands are always run without a shell and bounded by [`COMMAND_TIMEOUT`].
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -17,18 +18,25 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+pub use crate::policy::{MacAddr, SourceBinding};
+
 /// Name of the table (`table inet portcullis`).
 pub const TABLE: &str = "portcullis";
 /// Set of killed IPv4 agent addresses.
 pub const KILL_SET_V4: &str = "kill_sources_v4";
 /// Set of killed IPv6 agent addresses.
 pub const KILL_SET_V6: &str = "kill_sources_v6";
+/// Set of MACs bound to killed agents (see [`SourceBinding`]).
+pub const KILL_SET_MAC: &str = "kill_macs";
 /// Named counter of agent packets dropped in the `input` hook.
 pub const COUNTER_INPUT_DROPPED: &str = "agent_input_dropped";
 /// Named counter of agent packets dropped in the `forward` hook.
 pub const COUNTER_FORWARD_DROPPED: &str = "agent_forward_dropped";
 /// Named counter of packets dropped by the kill switch.
 pub const COUNTER_KILLED_DROPPED: &str = "killed_dropped";
+/// Named counter of packets dropped because their source address is bound to another
+/// interface or MAC than the one they came from.
+pub const COUNTER_SPOOFED_DROPPED: &str = "spoofed_dropped";
 /// Ports intercepted when the operator does not say otherwise.
 pub const DEFAULT_INTERCEPTED_PORTS: [u16; 2] = [80, 443];
 /// Environment variable naming the `nft` binary (default `nft`).
@@ -39,6 +47,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const SET_AGENT_INTERFACES: &str = "agent_interfaces";
 const SET_AGENT_NETS_V4: &str = "agent_nets_v4";
 const SET_AGENT_NETS_V6: &str = "agent_nets_v6";
+const SET_BOUND_SOURCES_V4: &str = "bound_sources_v4";
+const SET_BOUND_SOURCES_V6: &str = "bound_sources_v6";
 const DNS_PORT: u16 = 53;
 /// Linux IFNAMSIZ is 16 including the terminating NUL.
 const MAX_INTERFACE_NAME_LEN: usize = 15;
@@ -74,6 +84,9 @@ pub struct RulesetSpec {
     pub tproxy_mark: u32,
     /// Addresses currently killed (restored on apply, so a re-apply never reopens a killed agent).
     pub killed: Vec<IpAddr>,
+    /// Agent sources bound to an ingress interface and/or a MAC: a packet from one of these
+    /// networks that arrives anywhere else is dropped before any other rule sees it.
+    pub bindings: Vec<SourceBinding>,
 }
 
 /// Errors from rendering or running `nft`.
@@ -97,10 +110,10 @@ mod render;
 use render::{join, split_by_family};
 pub use render::{render, tproxy_routing_commands};
 
-/// Commands that make the kill sets hold exactly `nets`: flush both sets, then add every
-/// network not already covered by another, so the interval sets never see overlapping
-/// elements. Appended to a ruleset batch, a re-apply keeps killed agents killed.
-pub fn killed_batch(nets: &[IpNet]) -> String {
+/// Commands that make the kill sets hold exactly `nets` and `macs`: flush the sets, then
+/// add every network not already covered by another, so the interval sets never see
+/// overlapping elements. Appended to a ruleset batch, a re-apply keeps killed agents killed.
+pub fn killed_batch(nets: &[IpNet], macs: &[MacAddr]) -> String {
     let mut kept: Vec<IpNet> = Vec::new();
     let mut sorted: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
     // Widest first, so a covered network is always seen after its cover.
@@ -110,8 +123,12 @@ pub fn killed_batch(nets: &[IpNet]) -> String {
             kept.push(n);
         }
     }
-    let mut batch =
-        format!("flush set inet {TABLE} {KILL_SET_V4}\nflush set inet {TABLE} {KILL_SET_V6}\n");
+    // A table applied by an older portcullis has no MAC set: create it if missing, so an
+    // upgraded daemon's kills reach the address sets before the ruleset is re-applied.
+    let mut batch = format!("add set inet {TABLE} {KILL_SET_MAC} {{ type ether_addr; }}\n");
+    for set in [KILL_SET_V4, KILL_SET_V6, KILL_SET_MAC] {
+        batch += &format!("flush set inet {TABLE} {set}\n");
+    }
     for (set, v4) in [(KILL_SET_V4, true), (KILL_SET_V6, false)] {
         let these: Vec<String> = kept
             .iter()
@@ -121,6 +138,14 @@ pub fn killed_batch(nets: &[IpNet]) -> String {
         if !these.is_empty() {
             batch += &element_command("add", set, &these.join(", "));
         }
+    }
+    let macs: BTreeSet<&MacAddr> = macs.iter().collect();
+    if !macs.is_empty() {
+        batch += &element_command(
+            "add",
+            KILL_SET_MAC,
+            &join(&macs.into_iter().collect::<Vec<_>>()),
+        );
     }
     batch
 }
@@ -194,9 +219,9 @@ impl Nft {
         self.apply(&batch)
     }
 
-    /// Make the kill sets hold exactly `nets` (the kill switch's state), atomically.
-    pub fn sync_killed(&self, nets: &[IpNet]) -> Result<(), NftError> {
-        self.apply(&killed_batch(nets))
+    /// Make the kill sets hold exactly `nets` and `macs` (the kill switch's state), atomically.
+    pub fn sync_killed(&self, nets: &[IpNet], macs: &[MacAddr]) -> Result<(), NftError> {
+        self.apply(&killed_batch(nets, macs))
     }
 
     /// Deletes one address at a time so one absent address cannot abort the rest. nft's

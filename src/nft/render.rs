@@ -17,6 +17,8 @@ struct Validated {
     intercepted_ports: Vec<u16>,
     killed_v4: Vec<Ipv4Addr>,
     killed_v6: Vec<Ipv6Addr>,
+    /// Bound sources, networks truncated, sorted; never two overlapping.
+    bindings: Vec<SourceBinding>,
 }
 
 fn validate(spec: &RulesetSpec) -> Result<Validated, NftError> {
@@ -87,6 +89,7 @@ fn validate(spec: &RulesetSpec) -> Result<Validated, NftError> {
         };
     }
     let (killed_v4, killed_v6) = split_by_family(&spec.killed);
+    let bindings = validate_bindings(&spec.bindings)?;
 
     Ok(Validated {
         interfaces: interfaces.into_iter().collect(),
@@ -101,7 +104,38 @@ fn validate(spec: &RulesetSpec) -> Result<Validated, NftError> {
             .collect(),
         killed_v4,
         killed_v6,
+        bindings,
     })
+}
+
+/// Each binding names an interface or a MAC; no two bind overlapping networks (an address
+/// has one place it may come from, as it has one agent).
+fn validate_bindings(bindings: &[SourceBinding]) -> Result<Vec<SourceBinding>, NftError> {
+    let mut out: Vec<SourceBinding> = Vec::new();
+    for b in bindings {
+        if b.interface.is_none() && b.mac.is_none() {
+            return Err(NftError::Spec(format!(
+                "binding of {} names neither an interface nor a MAC",
+                b.net
+            )));
+        }
+        if let Some(name) = &b.interface {
+            validate_interface_name(name)?;
+        }
+        let net = b.net.trunc();
+        if let Some(other) = out
+            .iter()
+            .find(|o| o.net.contains(&net.network()) || net.contains(&o.net.network()))
+        {
+            return Err(NftError::Spec(format!(
+                "bound sources {} and {} overlap",
+                other.net, net
+            )));
+        }
+        out.push(SourceBinding { net, ..b.clone() });
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn validate_interface_name(name: &str) -> Result<(), NftError> {
@@ -205,6 +239,13 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
         "# is written once and applies identically whichever way a packet was recognised.",
         "# \"To agents\" (forward only) is the mirror image: oifname / ip daddr / ip6 daddr.",
         "#",
+        "# Bound sources (rules: sources = [{ net, interface, mac }]) are checked before all of",
+        "# that, in source_guard: a packet from a bound network that did not arrive on its",
+        "# interface and/or from its MAC is dropped before the kill switch, NAT, DNS or the",
+        "# proxy see it. So an agent cannot send with another's address, and the address kill",
+        "# sets only ever see a bound address on its own binding; kill_macs adds the killed",
+        "# agents' bound MACs.",
+        "#",
         "# Transaction: create-if-missing, delete, define - a single `nft -f` batch, so applying",
         "# twice is harmless and there is never a moment without the table.",
     ] {
@@ -243,6 +284,7 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
         COUNTER_INPUT_DROPPED,
         COUNTER_FORWARD_DROPPED,
         COUNTER_KILLED_DROPPED,
+        COUNTER_SPOOFED_DROPPED,
     ] {
         line(1, &format!("counter {counter} {{}}"));
     }
@@ -269,6 +311,17 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
         }
         line(1, "}");
     }
+    line(
+        1,
+        "# MACs bound to killed agents (and to no live one): their frames drop whatever address",
+    );
+    line(
+        1,
+        "# they carry, so a killed agent cannot return under an address nobody claims.",
+    );
+    line(1, &format!("set {KILL_SET_MAC} {{"));
+    line(2, "type ether_addr");
+    line(1, "}");
     line(0, "");
 
     line(
@@ -298,9 +351,14 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
     }
     line(0, "");
 
+    if !v.bindings.is_empty() {
+        render_bindings(&v.bindings, &mut line);
+    }
+
     let kill_drops = [
         format!("ip saddr @{KILL_SET_V4} counter name \"{COUNTER_KILLED_DROPPED}\" drop"),
         format!("ip6 saddr @{KILL_SET_V6} counter name \"{COUNTER_KILLED_DROPPED}\" drop"),
+        format!("ether saddr @{KILL_SET_MAC} counter name \"{COUNTER_KILLED_DROPPED}\" drop"),
     ];
 
     line(
@@ -491,4 +549,117 @@ pub fn render(spec: &RulesetSpec) -> Result<String, NftError> {
     line(1, "}");
     line(0, "}");
     Ok(out)
+}
+
+/// The sets of bound sources and the chains that check them: `source_guard` runs at
+/// priority raw - 10, before `input_guard` (the kill switch, raw) and everything else, and
+/// hands every packet from a bound network to `source_binding`, which returns it when it
+/// matches a binding and drops it otherwise. One set per shape (interface, MAC, both) and
+/// family; a shape nobody uses is not emitted.
+fn render_bindings(bindings: &[SourceBinding], line: &mut impl FnMut(usize, &str)) {
+    let mut bound: [Vec<IpNet>; 2] = [Vec::new(), Vec::new()];
+    // [family][shape]: shape 0 = interface, 1 = MAC, 2 = both.
+    let mut shaped: [[Vec<String>; 3]; 2] = Default::default();
+    for b in bindings {
+        let family = usize::from(b.net.addr().is_ipv6());
+        bound[family].push(b.net);
+        let (shape, element) = match (&b.interface, &b.mac) {
+            (Some(i), None) => (0, format!("\"{i}\" . {}", b.net)),
+            (None, Some(m)) => (1, format!("{m} . {}", b.net)),
+            (Some(i), Some(m)) => (2, format!("\"{i}\" . {m} . {}", b.net)),
+            // validate_bindings refuses these.
+            (None, None) => continue,
+        };
+        shaped[family][shape].push(element);
+    }
+    line(
+        1,
+        "# Bound sources: a packet from these networks must match one of the bindings below.",
+    );
+    for (family, (name, addr_type)) in [
+        (SET_BOUND_SOURCES_V4, "ipv4_addr"),
+        (SET_BOUND_SOURCES_V6, "ipv6_addr"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if bound[family].is_empty() {
+            continue;
+        }
+        line(1, &format!("set {name} {{"));
+        line(2, &format!("type {addr_type}"));
+        line(2, "flags interval");
+        line(2, &format!("elements = {{ {} }}", join(&bound[family])));
+        line(1, "}");
+    }
+    let mut checks = Vec::new();
+    for (family, (suffix, addr_type, saddr)) in [
+        ("v4", "ipv4_addr", "ip saddr"),
+        ("v6", "ipv6_addr", "ip6 saddr"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (shape, (prefix, key_type, key)) in [
+            ("bindings_if", "ifname", "iifname"),
+            ("bindings_mac", "ether_addr", "ether saddr"),
+            (
+                "bindings_if_mac",
+                "ifname . ether_addr",
+                "iifname . ether saddr",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let elements = &shaped[family][shape];
+            if elements.is_empty() {
+                continue;
+            }
+            let name = format!("{prefix}_{suffix}");
+            line(1, &format!("set {name} {{"));
+            line(2, &format!("type {key_type} . {addr_type}"));
+            line(2, "flags interval");
+            line(2, &format!("elements = {{ {} }}", elements.join(", ")));
+            line(1, "}");
+            checks.push(format!("{key} . {saddr} @{name} return"));
+        }
+    }
+    line(0, "");
+    line(
+        1,
+        "# Before the kill switch and everything else: an address is only believed on its binding.",
+    );
+    line(1, "chain source_guard {");
+    line(
+        2,
+        "type filter hook prerouting priority raw - 10; policy accept;",
+    );
+    for (family, (set, saddr)) in [
+        (SET_BOUND_SOURCES_V4, "ip saddr"),
+        (SET_BOUND_SOURCES_V6, "ip6 saddr"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if !bound[family].is_empty() {
+            line(2, &format!("{saddr} @{set} jump source_binding"));
+        }
+    }
+    line(1, "}");
+    line(0, "");
+    line(
+        1,
+        "# Frames without an Ethernet header never match a MAC binding, so they drop too.",
+    );
+    line(1, "chain source_binding {");
+    for check in &checks {
+        line(2, check);
+    }
+    line(
+        2,
+        &format!("counter name \"{COUNTER_SPOOFED_DROPPED}\" drop"),
+    );
+    line(1, "}");
+    line(0, "");
 }

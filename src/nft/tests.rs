@@ -16,6 +16,7 @@ fn homelab() -> RulesetSpec {
         ipv6: false,
         tproxy_mark: 100,
         killed: Vec::new(),
+        bindings: Vec::new(),
     }
 }
 
@@ -28,6 +29,34 @@ fn tproxy_v6() -> RulesetSpec {
         interception: Interception::Tproxy,
         ipv6: true,
         killed: vec!["10.66.0.9".parse().unwrap(), "fd66::9".parse().unwrap()],
+        ..homelab()
+    }
+}
+
+fn mac(text: &str) -> MacAddr {
+    text.parse().unwrap()
+}
+
+/// Two agents on one segment: A bound to interface and MAC (v4 and v6), B to the interface
+/// only, C to a MAC only.
+fn bound() -> RulesetSpec {
+    let binding = |net: &str, interface: Option<&str>, m: Option<&str>| SourceBinding {
+        net: net.parse().unwrap(),
+        interface: interface.map(Into::into),
+        mac: m.map(mac),
+    };
+    RulesetSpec {
+        ipv6: true,
+        agent_sources: vec![
+            "10.66.0.0/24".parse().unwrap(),
+            "fd66::/64".parse().unwrap(),
+        ],
+        bindings: vec![
+            binding("10.66.0.12/32", Some("vlan66"), None),
+            binding("10.66.0.11/32", Some("vlan66"), Some("02:00:00:00:00:11")),
+            binding("fd66::11/128", Some("vlan66"), Some("02:00:00:00:00:11")),
+            binding("10.66.0.32/27", None, Some("02:00:00:00:00:33")),
+        ],
         ..homelab()
     }
 }
@@ -78,6 +107,16 @@ fn kill_drop_comes_before_redirects_and_accepts() {
         assert_eq!(first_rule, kill, "chain {name}");
     }
     assert!(chain(&text, "input_guard").contains("priority raw"));
+    let kill_mac = "ether saddr @kill_macs counter name \"killed_dropped\" drop";
+    for name in ["input_guard", "prerouting", "input"] {
+        let body = chain(&text, name);
+        assert_eq!(
+            body.lines().nth(4).unwrap().trim(),
+            kill_mac,
+            "chain {name}"
+        );
+    }
+    assert!(text.contains("set kill_macs {\n\t\ttype ether_addr\n\t}"));
     // The redirects live in agent_nat, reached only after the kill drops.
     let prerouting = chain(&text, "prerouting");
     assert!(position(prerouting, kill) < position(prerouting, "jump agent_nat"));
@@ -276,6 +315,100 @@ fn validation_errors() {
 }
 
 #[test]
+fn bound_sources_are_checked_before_everything_else() {
+    let text = render(&bound()).unwrap();
+    // source_guard is the only chain on a hook earlier than the kill switch's raw.
+    let guard = chain(&text, "source_guard");
+    assert!(guard.contains("type filter hook prerouting priority raw - 10; policy accept;"));
+    assert_eq!(
+        rules(guard)
+            .lines()
+            .skip(2)
+            .map(str::trim)
+            .collect::<Vec<_>>(),
+        [
+            "ip saddr @bound_sources_v4 jump source_binding",
+            "ip6 saddr @bound_sources_v6 jump source_binding",
+        ]
+    );
+    assert!(position(&text, "chain source_guard {") < position(&text, "chain input_guard {"));
+    for other in ["input_guard", "prerouting", "input", "forward"] {
+        assert!(!chain(&text, other).contains("raw - "), "{other}");
+    }
+    // Returned when a binding matches, dropped and counted otherwise.
+    let binding = chain(&text, "source_binding");
+    assert_eq!(
+        binding.lines().skip(1).map(str::trim).collect::<Vec<_>>(),
+        [
+            "iifname . ip saddr @bindings_if_v4 return",
+            "ether saddr . ip saddr @bindings_mac_v4 return",
+            "iifname . ether saddr . ip saddr @bindings_if_mac_v4 return",
+            "iifname . ether saddr . ip6 saddr @bindings_if_mac_v6 return",
+            "counter name \"spoofed_dropped\" drop",
+        ]
+    );
+    assert!(text.contains("counter spoofed_dropped {}"));
+    // The sets, sorted by network.
+    for (set, elements) in [
+        (
+            "bound_sources_v4",
+            "10.66.0.11/32, 10.66.0.12/32, 10.66.0.32/27",
+        ),
+        ("bound_sources_v6", "fd66::11/128"),
+        ("bindings_if_v4", "\"vlan66\" . 10.66.0.12/32"),
+        ("bindings_mac_v4", "02:00:00:00:00:33 . 10.66.0.32/27"),
+        (
+            "bindings_if_mac_v4",
+            "\"vlan66\" . 02:00:00:00:00:11 . 10.66.0.11/32",
+        ),
+        (
+            "bindings_if_mac_v6",
+            "\"vlan66\" . 02:00:00:00:00:11 . fd66::11/128",
+        ),
+    ] {
+        let start = position(&text, &format!("set {set} {{"));
+        let body = &text[start..start + position(&text[start..], "\n\t}")];
+        assert!(
+            body.contains(&format!("elements = {{ {elements} }}")),
+            "{set}: {body}"
+        );
+        assert!(body.contains("flags interval"), "{set}");
+    }
+    // Shapes nobody uses are not emitted.
+    assert!(!text.contains("bindings_if_v6"));
+    assert!(!text.contains("bindings_mac_v6"));
+}
+
+#[test]
+fn no_bindings_no_guard() {
+    let text = rules(&render(&homelab()).unwrap());
+    assert!(!text.contains("source_guard"));
+    assert!(!text.contains("source_binding"));
+    assert!(!text.contains("bound_sources"));
+    // A v4-only binding emits no v6 set and no v6 jump.
+    let spec = RulesetSpec {
+        bindings: bound().bindings[..1].to_vec(),
+        ..homelab()
+    };
+    let text = render(&spec).unwrap();
+    assert!(chain(&text, "source_guard").contains("ip saddr @bound_sources_v4"));
+    assert!(!text.contains("bound_sources_v6"));
+}
+
+#[test]
+fn binding_validation() {
+    let mut spec = bound();
+    spec.bindings[0].interface = None;
+    assert!(spec_error(&spec).contains("neither an interface nor a MAC"));
+    let mut spec = bound();
+    spec.bindings[0].interface = Some("vlan66\" accept; #".into());
+    assert!(spec_error(&spec).contains("invalid interface name"));
+    let mut spec = bound();
+    spec.bindings[0].net = "10.66.0.0/24".parse().unwrap();
+    assert!(spec_error(&spec).contains("overlap"));
+}
+
+#[test]
 fn interface_name_injection_rejected() {
     for name in [
         "vlan66\" accept; #",
@@ -415,6 +548,15 @@ fn nft_check_redirect_with_killed_no_optional_listeners() {
             "fd66::1".parse().unwrap(),
         ],
         ..homelab()
+    });
+}
+
+#[test]
+fn nft_check_bound_sources() {
+    assert_kernel_accepts(&bound());
+    assert_kernel_accepts(&RulesetSpec {
+        interception: Interception::Tproxy,
+        ..bound()
     });
 }
 
@@ -648,6 +790,21 @@ fn netns_apply_tproxy() {
 }
 
 #[test]
+fn sync_killed_works_on_a_table_without_the_mac_set() {
+    let ns = Netns::create("oldtable");
+    let nft = ns.nft();
+    nft.apply(&format!(
+        "table inet {TABLE} {{\n\tset {KILL_SET_V4} {{ type ipv4_addr; flags interval; }}\n\
+         \tset {KILL_SET_V6} {{ type ipv6_addr; flags interval; }}\n}}\n"
+    ))
+    .unwrap();
+    let killed: IpAddr = "10.66.0.11".parse().unwrap();
+    nft.sync_killed(&[killed.into()], &[mac("02:00:00:00:00:11")])
+        .unwrap();
+    assert_eq!(nft.list_killed().unwrap(), vec![killed]);
+}
+
+#[test]
 fn netns_remove_without_table_fails() {
     let netns = Netns::create("notable");
     let nft = netns.nft();
@@ -664,7 +821,7 @@ fn sync_killed_mirrors_the_state_with_overlaps() {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-    nft.sync_killed(&nets).unwrap();
+    nft.sync_killed(&nets, &[]).unwrap();
     let out = run_timeout(&[
         "ip",
         "netns",
@@ -678,11 +835,118 @@ fn sync_killed_mirrors_the_state_with_overlaps() {
         KILL_SET_V4,
     ]);
     assert!(out.contains("10.66.0.0/24"), "{out}");
-    nft.sync_killed(&nets[..1]).unwrap();
+    nft.sync_killed(&nets[..1], &[]).unwrap();
     assert_eq!(
         nft.list_killed().unwrap(),
         vec!["10.66.0.11".parse::<IpAddr>().unwrap()]
     );
-    nft.sync_killed(&[]).unwrap();
+    let macs = [mac("02:00:00:00:00:11"), mac("02:00:00:00:00:12")];
+    nft.sync_killed(&nets[..1], &[macs[1], macs[0], macs[1]])
+        .unwrap();
+    let list_macs = || {
+        run_timeout(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "list",
+            "set",
+            "inet",
+            TABLE,
+            KILL_SET_MAC,
+        ])
+    };
+    let listed = list_macs();
+    assert!(
+        listed.contains("02:00:00:00:00:11") && listed.contains("02:00:00:00:00:12"),
+        "{listed}"
+    );
+    nft.sync_killed(&nets[..1], &macs[..1]).unwrap();
+    assert!(
+        !list_macs().contains("02:00:00:00:00:12"),
+        "{}",
+        list_macs()
+    );
+    nft.sync_killed(&[], &[]).unwrap();
     assert!(nft.list_killed().unwrap().is_empty());
+    assert!(!list_macs().contains("elements"), "{}", list_macs());
+}
+
+/// Each binding shape on real packets: an agent namespace behind "vlan66" (MAC
+/// 02:00:00:00:00:02), its source bound by interface, by MAC and by both, rightly and
+/// wrongly. Bound rightly, its connection to the explicit port is refused by the stack (it
+/// got through); bound wrongly, it is dropped and counted as spoofed.
+#[test]
+fn netns_bindings_on_real_packets() {
+    let gateway = Netns::create("bindgw");
+    let agent = Netns::create("bindag");
+    let (gw, ag) = (gateway.0.as_str(), agent.0.as_str());
+    for args in [
+        vec![
+            "ip", "-n", gw, "link", "add", "vlan66", "type", "veth", "peer", "name", "eth0",
+            "netns", ag,
+        ],
+        vec![
+            "ip", "-n", gw, "link", "add", "vlan67", "type", "veth", "peer", "name", "vlan67p",
+        ],
+        vec![
+            "ip",
+            "-n",
+            gw,
+            "addr",
+            "add",
+            "10.66.0.1/24",
+            "dev",
+            "vlan66",
+        ],
+        vec!["ip", "-n", gw, "link", "set", "vlan66", "up"],
+        vec!["ip", "-n", gw, "link", "set", "vlan67", "up"],
+        vec![
+            "ip",
+            "-n",
+            ag,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "02:00:00:00:00:02",
+        ],
+        vec!["ip", "-n", ag, "addr", "add", "10.66.0.2/24", "dev", "eth0"],
+        vec!["ip", "-n", ag, "link", "set", "eth0", "up"],
+    ] {
+        run_timeout(&args);
+    }
+    let nft = gateway.nft();
+    let net: IpNet = "10.66.0.2/32".parse().unwrap();
+    let cases = [
+        (Some("vlan66"), None, true),
+        (Some("vlan67"), None, false),
+        (None, Some("02:00:00:00:00:02"), true),
+        (None, Some("02:00:00:00:00:03"), false),
+        (Some("vlan66"), Some("02:00:00:00:00:02"), true),
+        (Some("vlan67"), Some("02:00:00:00:00:02"), false),
+        (Some("vlan66"), Some("02:00:00:00:00:03"), false),
+    ];
+    for (interface, m, passes) in cases {
+        let spec = RulesetSpec {
+            agent_interfaces: vec!["vlan66".into(), "vlan67".into()],
+            bindings: vec![SourceBinding {
+                net,
+                interface: interface.map(Into::into),
+                mac: m.map(mac),
+            }],
+            ..homelab()
+        };
+        nft.apply(&render(&spec).unwrap()).unwrap();
+        let reached = agent_connect(ag, "10.66.0.1", 3128);
+        let dropped = counter_packets(gw, COUNTER_SPOOFED_DROPPED);
+        if passes {
+            assert_eq!(reached, Some(false), "{interface:?} {m:?}");
+            assert_eq!(dropped, 0, "{interface:?} {m:?}");
+        } else {
+            assert_eq!(reached, None, "{interface:?} {m:?}");
+            assert!(dropped > 0, "{interface:?} {m:?}");
+        }
+    }
 }

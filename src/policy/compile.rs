@@ -9,10 +9,11 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::binding::{MacAddr, SourceBinding, valid_interface_name};
 use super::credentials::parse_argon2id;
 use super::pattern::{DomainPattern, DomainSet, Rule};
 use super::rules::{
-    RawAgent, RawCredentials, RawLimits, RawList, RulesSources, SourceError, SourceFile,
+    RawAgent, RawCredentials, RawLimits, RawList, RawSource, RulesSources, SourceError, SourceFile,
 };
 use super::{
     AgentId, AgentPolicy, CidrRule, Credentials, Limits, PasswordCheck, Policy, UNKNOWN_AGENT,
@@ -127,20 +128,14 @@ pub fn compile(
         deny.retain(|s| !s.is_empty());
 
         let mut sources_nets = Vec::new();
+        let mut bindings = Vec::new();
         for s in &raw.sources {
-            match parse_net(s.get_ref()) {
-                Some(net) => sources_nets.push(net),
-                None => errors.push(file.error_at(
-                    s.span().start,
-                    "sources",
-                    format!("`{}` is not an address or CIDR", s.get_ref()),
-                )),
-            }
-        }
-        for (net, s) in sources_nets.iter().zip(&raw.sources) {
+            let Some((net, binding)) = compile_source(file, s, &mut errors) else {
+                continue;
+            };
             if let Some((_, owner, _, _)) = source_owner
                 .iter()
-                .find(|(other, ..)| nets_overlap(net, other))
+                .find(|(other, ..)| nets_overlap(&net, other))
             {
                 errors.push(file.error_at(
                     s.span().start,
@@ -148,8 +143,10 @@ pub fn compile(
                     format!("`{net}` overlaps a source of agent `{owner}`: an address must identify one agent"),
                 ));
             } else {
-                source_owner.push((*net, name.clone(), file, s.span().start));
+                source_owner.push((net, name.clone(), file, s.span().start));
             }
+            sources_nets.push(net);
+            bindings.extend(binding);
         }
 
         let mut allow_cidrs = Vec::new();
@@ -226,6 +223,7 @@ pub fn compile(
         policy.agents.push(AgentPolicy {
             name,
             sources: sources_nets,
+            bindings,
             allow,
             deny,
             allow_cidrs,
@@ -242,6 +240,68 @@ pub fn compile(
     } else {
         Err(CompileErrors(errors))
     }
+}
+
+/// One `sources` entry: the network, and its binding when it names an interface or a MAC.
+/// Each bad value is reported at its own line.
+fn compile_source(
+    file: &SourceFile,
+    raw: &Spanned<RawSource>,
+    errors: &mut Vec<SourceError>,
+) -> Option<(IpNet, Option<SourceBinding>)> {
+    let not_a_net = |text: &str, at: usize| {
+        file.error_at(at, "sources", format!("`{text}` is not an address or CIDR"))
+    };
+    let bound = match raw.get_ref() {
+        RawSource::Net(text) => {
+            let Some(net) = parse_net(text) else {
+                errors.push(not_a_net(text, raw.span().start));
+                return None;
+            };
+            return Some((net, None));
+        }
+        RawSource::Bound(bound) => bound,
+    };
+    let net = parse_net(bound.net.get_ref());
+    if net.is_none() {
+        errors.push(not_a_net(bound.net.get_ref(), bound.net.span().start));
+    }
+    let mut valid = net.is_some();
+    let interface = bound.interface.as_ref().map(|i| i.get_ref().clone());
+    if let Some(i) = &bound.interface
+        && !valid_interface_name(i.get_ref())
+    {
+        errors.push(file.error_at(
+            i.span().start,
+            "sources.interface",
+            format!(
+                "`{}` is not an interface name: 1-15 of [A-Za-z0-9_.-]",
+                i.get_ref()
+            ),
+        ));
+        valid = false;
+    }
+    let mut mac = None;
+    if let Some(m) = &bound.mac {
+        match m.get_ref().parse::<MacAddr>() {
+            Ok(parsed) => mac = Some(parsed),
+            Err(e) => {
+                errors.push(file.error_at(
+                    m.span().start,
+                    "sources.mac",
+                    format!("`{}` {e}", m.get_ref()),
+                ));
+                valid = false;
+            }
+        }
+    }
+    let net = net.filter(|_| valid)?;
+    let binding = (interface.is_some() || mac.is_some()).then_some(SourceBinding {
+        net,
+        interface,
+        mac,
+    });
+    Some((net, binding))
 }
 
 fn parse_or_push<T: serde::de::DeserializeOwned>(
@@ -484,6 +544,139 @@ mod tests {
         assert_eq!(parse_size("20 GiB", false), Some(20 * 1024 * 1024 * 1024));
         assert_eq!(parse_size("20 GiB", true), None);
         assert_eq!(parse_size("lots", false), None);
+    }
+
+    fn agent_file(text: &str) -> RulesSources {
+        RulesSources {
+            agents: vec![SourceFile {
+                path: "rules/agents/a.toml".into(),
+                text: text.to_owned(),
+            }],
+            lists: Vec::new(),
+        }
+    }
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match compile(&agent_file(text), &[443], 1) {
+            Ok(_) => panic!("{text:?} compiled"),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn sources_bound_to_interface_and_mac() {
+        let text = "name = \"a\"\nsources = [\n  \"10.66.2.0/28\",\n  \
+                    { net = \"10.66.0.11\", interface = \"vlan66\", mac = \"02:00:00:00:00:1A\" },\n  \
+                    { net = \"fd66::11/128\", mac = \"02:00:00:00:00:1a\" },\n  \
+                    { net = \"10.66.1.0/24\", interface = \"vlan67\" },\n]\n";
+        let policy = compile(&agent_file(text), &[443], 1).unwrap();
+        let (_, a) = policy.agents().next().unwrap();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            a.sources,
+            [
+                net("10.66.2.0/28"),
+                net("10.66.0.11/32"),
+                net("fd66::11/128"),
+                net("10.66.1.0/24")
+            ]
+        );
+        let mac = MacAddr([2, 0, 0, 0, 0, 0x1a]);
+        assert_eq!(
+            a.bindings,
+            [
+                SourceBinding {
+                    net: net("10.66.0.11/32"),
+                    interface: Some("vlan66".into()),
+                    mac: Some(mac),
+                },
+                SourceBinding {
+                    net: net("fd66::11/128"),
+                    interface: None,
+                    mac: Some(mac),
+                },
+                SourceBinding {
+                    net: net("10.66.1.0/24"),
+                    interface: Some("vlan67".into()),
+                    mac: None,
+                },
+            ]
+        );
+        // A bound source identifies its agent like a plain one.
+        assert!(
+            policy
+                .agent_by_source("10.66.0.11".parse().unwrap())
+                .is_some()
+        );
+        // A table without interface or mac is a plain source.
+        let plain = compile(
+            &agent_file("name = \"a\"\nsources = [{ net = \"10.0.0.1\" }]\n"),
+            &[443],
+            1,
+        )
+        .unwrap();
+        let (_, a) = plain.agents().next().unwrap();
+        assert_eq!(a.sources, [net("10.0.0.1/32")]);
+        assert!(a.bindings.is_empty());
+    }
+
+    #[test]
+    fn source_binding_errors_name_their_line() {
+        let file = "rules/agents/a.toml";
+        let cases = [
+            (
+                "name = \"a\"\nsources = [\n  { net = \"10.0.0.1\", mac = \"02:00:00:00:00\" },\n]\n",
+                format!("{file}:3: key `sources.mac`: `02:00:00:00:00` must be six hex octets"),
+            ),
+            (
+                "name = \"a\"\n[[sources]]\nnet = \"10.0.0.1\"\nmac = \"ff:ff:ff:ff:ff:ff\"\n",
+                format!("{file}:4: key `sources.mac`: `ff:ff:ff:ff:ff:ff` is a multicast"),
+            ),
+            (
+                "name = \"a\"\n[[sources]]\nnet = \"10.0.0.1\"\ninterface = \"\"\n",
+                format!("{file}:4: key `sources.interface`: `` is not an interface name"),
+            ),
+            (
+                "name = \"a\"\n[[sources]]\nnet = \"10.0.0.1\"\ninterface = \"vlan66 }\"\n",
+                format!("{file}:4: key `sources.interface`: `vlan66 }}` is not an interface name"),
+            ),
+            (
+                "name = \"a\"\n[[sources]]\ninterface = \"vlan66\"\nnet = \"10.0.0.1/8\"\n",
+                format!("{file}:4: key `sources`: `10.0.0.1/8` is not an address or CIDR"),
+            ),
+            (
+                "name = \"a\"\nsources = [\n  { net = \"10.0.0.1\", iface = \"vlan66\" },\n]\n",
+                format!("{file}:3: key `iface`: unknown field `iface`"),
+            ),
+            (
+                "name = \"a\"\nsources = [\n  { interface = \"vlan66\" },\n]\n",
+                format!("{file}:3: key `net`: missing field `net`"),
+            ),
+            (
+                "name = \"a\"\nsources = [\n  7,\n]\n",
+                format!("{file}:3: invalid type: integer `7`, expected an address or CIDR"),
+            ),
+        ];
+        for (text, expected) in cases {
+            let errors = errors_of(text);
+            assert!(
+                errors.iter().any(|e| e.starts_with(&expected)),
+                "{text:?}: expected `{expected}` in {errors:?}"
+            );
+        }
+        // Every bad value is reported, not only the first.
+        let errors = errors_of(
+            "name = \"a\"\n[[sources]]\nnet = \"10.0.0.1\"\ninterface = \"\"\nmac = \"x\"\n",
+        );
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        // Bound sources overlap like plain ones.
+        let errors = errors_of(
+            "name = \"a\"\nsources = [\"10.0.0.0/24\", { net = \"10.0.0.5\", mac = \"02:00:00:00:00:05\" }]\n",
+        );
+        assert!(
+            errors[0].contains("overlaps a source of agent `a`"),
+            "{errors:?}"
+        );
     }
 
     #[test]

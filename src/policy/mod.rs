@@ -6,6 +6,7 @@
 //! what makes a decision benchmarkable, fuzzable and explainable.
 
 pub mod address;
+pub(crate) mod binding;
 mod compile;
 mod credentials;
 pub mod domain;
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 
 use crate::hash::RuleKeyMap;
 
+pub use binding::{MacAddr, MacError, SourceBinding};
 pub use compile::{CompileErrors, compile};
 pub use credentials::{Credentials, PasswordCheck};
 pub use domain::{DomainName, Host, parse_host};
@@ -68,6 +70,9 @@ pub struct CidrRule {
 pub struct AgentPolicy {
     pub name: Arc<str>,
     pub sources: Vec<IpNet>,
+    /// The sources bound to an interface and/or a MAC (a subset of `sources`, same order);
+    /// the nftables ruleset drops their packets from anywhere else.
+    pub bindings: Vec<SourceBinding>,
     pub allow: Vec<Arc<DomainSet>>,
     pub deny: Vec<Arc<DomainSet>>,
     pub allow_cidrs: Vec<CidrRule>,

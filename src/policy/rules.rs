@@ -97,7 +97,7 @@ fn backticked_after(message: &str, marker: &str) -> Option<String> {
 pub struct RawAgent {
     pub name: Spanned<String>,
     #[serde(default)]
-    pub sources: Vec<Spanned<String>>,
+    pub sources: Vec<Spanned<RawSource>>,
     #[serde(default)]
     pub include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -119,6 +119,46 @@ pub struct RawAgent {
     pub allow_missing_sni: bool,
     pub limits: Option<RawLimits>,
     pub credentials: Option<Spanned<RawCredentials>>,
+}
+
+/// One entry of an agent's `sources`: `"10.66.0.11/32"`, or a table binding the network to
+/// where its packets may come from: `{ net = "10.66.0.11/32", interface = "vlan66", mac =
+/// "02:00:00:00:00:11" }` (`interface` and `mac` each optional).
+#[derive(Debug)]
+pub enum RawSource {
+    Net(String),
+    Bound(RawBoundSource),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBoundSource {
+    pub net: Spanned<String>,
+    pub interface: Option<Spanned<String>>,
+    pub mac: Option<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for RawSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawSource;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address or CIDR, or a table { net, interface, mac }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSource, E> {
+                Ok(RawSource::Net(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawSource, A::Error> {
+                RawBoundSource::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawSource::Bound)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,7 +3,8 @@
 //!
 //! Phases of one request: identify → parse target → evaluate → resolve/check/dial →
 //! respond (403/407/5xx, or 200 + relay, or forwarded response) → one record. A denied
-//! request never touches an upstream.
+//! request never touches an upstream. In a tunnel, a ClientHello the checks refuse (SNI
+//! not the CONNECT host, no SNI, ECH) gets a TLS `access_denied` alert before the close.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -17,12 +18,14 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Shared;
 use crate::policy::{DomainName, Host, Identity, Reason, Target};
 use crate::proxy::ConnectionSlot;
+use crate::proxy::alert::{HelloAlert, refuses_hello};
 use crate::proxy::peek::read_client_hello;
 use crate::proxy::relay::{RelayCounters, RelayEnd, relay, relay_io};
 use crate::proxy::sni::ClientHello;
@@ -127,6 +130,9 @@ async fn handle(
         shared.telemetry.record(rec);
         return limited(refused);
     }
+    // Taken before the kill check: a kill from here on cancels it, whatever phase the
+    // request is in (resolution, the hello wait, the relay).
+    let cancel = shared.killswitch.tunnel_token(&rec.agent);
     if shared.killswitch.is_killed(&rec.agent) {
         return deny(rec, Reason::KillSwitch);
     }
@@ -163,6 +169,11 @@ async fn handle(
             return deny(rec, f.reason);
         }
     };
+    if cancel.is_cancelled() {
+        // Killed while the name resolved.
+        let reason = cancelled_reason(&shared, &rec.agent, false);
+        return deny(rec, reason);
+    }
     // Limits after the decision (DESIGN §2 step 6): a denied request spends no tokens.
     let admission = match agent.and_then(|id| policy.agent(id)) {
         Some(a) => match shared.limiter.admit(&rec.agent, &a.limits, Instant::now()) {
@@ -191,7 +202,7 @@ async fn handle(
                 admission,
             };
             let peer = rec.source;
-            let fut = tunnel(shared.clone(), req, checks, rec, started, slot);
+            let fut = tunnel(shared.clone(), req, (checks, cancel), rec, started, slot);
             super::spawn_supervised(&shared, Mode::Explicit, peer, Box::pin(fut));
             empty(StatusCode::OK)
         }
@@ -214,6 +225,7 @@ async fn handle(
                     upstream,
                     authority,
                     path,
+                    cut: cancel,
                 },
                 rec,
                 started,
@@ -261,8 +273,18 @@ pub(crate) fn relay_outcome(
 
 /// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
 /// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
-/// what clients send there; a hello naming some host is refused.
+/// what clients send there; a hello naming some host is refused. A refusal comes with the
+/// alert that may answer it.
 fn check_hello(
+    checks: &TunnelChecks,
+    hello: ClientHello,
+    rec: &mut ConnectionRecord,
+) -> Result<(), (Reason, HelloAlert)> {
+    let alert = HelloAlert::for_hello(&hello);
+    check_names(checks, hello, rec).map_err(|reason| (reason, alert))
+}
+
+fn check_names(
     checks: &TunnelChecks,
     hello: ClientHello,
     rec: &mut ConnectionRecord,
@@ -285,25 +307,49 @@ fn check_hello(
     }
 }
 
+/// A hello [`check_hello`] refused: the TLS `access_denied` alert first when the reason
+/// calls for one ([`refuses_hello`]). Deny path only.
+async fn refuse_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    agent_io: &mut S,
+    alert: HelloAlert,
+    reason: Reason,
+) -> Reason {
+    if refuses_hello(reason) {
+        alert.send(agent_io).await;
+    }
+    reason
+}
+
 /// After `200 Connection established`: read the ClientHello (deadline, cap), check it, and
 /// only then dial the checked address, replay the hello and relay. The kill switch and
 /// shutdown end the tunnel in every phase, the hello wait included.
 async fn tunnel(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    checks: TunnelChecks,
+    (checks, cancel): (TunnelChecks, CancellationToken),
     mut rec: ConnectionRecord,
     started: Instant,
     _slot: Arc<ConnectionSlot>,
 ) {
     let counters = RelayCounters::default();
-    let cancel = shared.killswitch.tunnel_token(&rec.agent);
     let agent = rec.agent.clone();
-    let registration =
-        shared
-            .tunnels
-            .register(agent.clone(), checks.target.clone(), cancel.clone());
+    let registration = shared.tunnels.register(
+        agent.clone(),
+        checks.target.clone(),
+        checks.addrs.clone(),
+        cancel.clone(),
+    );
     let outcome = async {
+        // Decided on the policy of the request: a reload since then that no longer allows
+        // the tunnel revokes it here (later reloads find it registered).
+        if !crate::reload::still_allowed(
+            &shared.policy.load(),
+            &agent,
+            &checks.target,
+            &checks.addrs,
+        ) {
+            return Err(Reason::PolicyRevoked);
+        }
         let upgraded = hyper::upgrade::on(req)
             .await
             .map_err(|_| Reason::Malformed)?;
@@ -364,8 +410,9 @@ async fn tunnel(
 
 /// Read the tunnel's ClientHello (deadline, cap; `peeked` may already hold its start),
 /// check it against the CONNECT target, dial the checked address and replay the hello.
+/// A parsed hello the checks refuse gets the TLS `access_denied` alert before the close.
 /// The hello's buffer is gone before the relay starts: an idle tunnel keeps no bytes.
-async fn open_upstream<R: AsyncRead + Unpin>(
+async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     checks: &TunnelChecks,
     agent_io: &mut R,
@@ -374,11 +421,15 @@ async fn open_upstream<R: AsyncRead + Unpin>(
     rec: &mut ConnectionRecord,
 ) -> Result<TcpStream, Reason> {
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let hello = read_client_hello(agent_io, &mut peeked, deadline).await;
+    let mut held = shared.handshake.account();
+    let hello = read_client_hello(agent_io, &mut peeked, &mut held, deadline).await;
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
-    check_hello(checks, hello?, rec)?;
+    if let Err((reason, alert)) = check_hello(checks, hello?, rec) {
+        // Boxed: the alert's state must not weigh on the allowed path's.
+        return Err(Box::pin(refuse_hello(agent_io, alert, reason)).await);
+    }
     let up = upstream::dial(
         &checks.addrs,
         checks.target.port,

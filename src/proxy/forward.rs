@@ -37,6 +37,9 @@ pub struct ForwardTo {
     pub upstream: Upstream,
     pub authority: String,
     pub path: String,
+    /// The request's token, taken before its kill check: cut by a kill of the agent or of
+    /// all, and by shutdown.
+    pub cut: tokio_util::sync::CancellationToken,
 }
 
 pub async fn forward(
@@ -51,6 +54,7 @@ pub async fn forward(
         upstream,
         authority,
         path,
+        cut,
     } = to;
     let counters = Arc::new(RelayCounters::default());
     let finish = RecordOnDrop {
@@ -82,9 +86,6 @@ pub async fn forward(
         return finish.fail(Reason::UpstreamFailed);
     };
     // Cut by the kill switch (of this agent or all) and by shutdown.
-    let cut = shared
-        .killswitch
-        .tunnel_token(finish.rec.as_ref().map_or("", |r| &r.agent));
     shared.tracker.spawn(async move {
         tokio::select! {
             _ = conn => {}

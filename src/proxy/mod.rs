@@ -4,6 +4,7 @@
 //! [`crate::policy::Policy`]; every connection ends in exactly one
 //! [`crate::telemetry::ConnectionRecord`]. Must not read rules files or block on the log.
 
+pub(crate) mod alert;
 pub mod auth;
 mod caps;
 pub mod explicit;
@@ -16,7 +17,7 @@ pub mod target;
 pub mod transparent;
 pub mod upstream;
 
-pub use caps::{ConnectionCaps, ConnectionSlot};
+pub use caps::{CapLimits, ConnectionCaps, ConnectionSlot};
 
 use std::any::Any;
 use std::future::Future;
@@ -53,9 +54,12 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(slot) = shared.caps.try_acquire(peer.ip()) else {
-                    let policy = shared.policy.load();
-                    let agent = policy.agent_by_source(peer.ip());
+                // Identify first (a map lookup), so one agent's connections, however many
+                // addresses it uses, count against its own share before the total.
+                let policy = shared.policy.load();
+                let agent = policy.agent_by_source(peer.ip());
+                let owner = agent.and_then(|id| policy.agent(id)).map(|a| &a.name);
+                let Some(slot) = shared.caps.try_acquire(owner, peer.ip()) else {
                     let mut rec = ConnectionRecord::begin(
                         mode,
                         peer,
@@ -66,6 +70,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                     shared.telemetry.record(rec);
                     continue;
                 };
+                drop(policy);
                 nodelay.set(&stream);
                 spawn_supervised(
                     &shared,

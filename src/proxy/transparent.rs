@@ -5,8 +5,11 @@
 //! resolve the *name* ourselves and dial that address, never the agent's original
 //! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
 //! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
-//! Port 80 connections are then served request by request (hyper); a later request on the
-//! same connection naming another host is refused and the connection closed.
+//! A well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
+//! close (`alert`). Port 80 connections are served request by request (hyper), the first
+//! one included: a refused request gets its HTTP refusal (`403` and `X-Portcullis-Reason`
+//! for a policy denial) and the connection is closed; so is a later request naming another
+//! host. Nothing of a refused request reaches an upstream.
 
 use std::convert::Infallible;
 use std::io;
@@ -27,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::gateway::Shared;
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
 use crate::proxy::ConnectionSlot;
+use crate::proxy::alert::{HelloAlert, refuses_hello};
 use crate::proxy::forward::{ForwardTo, ProxyBody, forward, refusal};
 use crate::proxy::http_head::{HeadParse, parse_request_head};
 use crate::proxy::peek::read_client_hello;
@@ -79,6 +83,10 @@ fn handle(
             policy.generation(),
         );
         let counters = RelayCounters::default();
+        // Taken before the kill check: a kill from here on cancels it, in every phase (the
+        // hello the agent may hold back for the whole handshake deadline included).
+        let cancel = shared.killswitch.tunnel_token(&rec.agent);
+        let who = rec.agent.clone();
         let outcome = async {
             let original = sys::original_destination(&stream, shared.config.interception)
                 .map_err(|_| Reason::Malformed)?;
@@ -100,80 +108,85 @@ fn handle(
             };
             let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
             let mut peeked = Vec::new();
+            let mut held = shared.handshake.account();
             match expect {
                 Expect::Tls => {
                     // Boxed phases (hello, dial, HTTP): their state is freed before the
                     // relay, so it does not weigh on every idle tunnel. What the hello tells
                     // is kept; the hello itself is not.
-                    let (target, admission) = {
-                        let hello =
-                            Box::pin(read_client_hello(&mut stream, &mut peeked, deadline)).await;
+                    let (target, admission, alert) = {
+                        let hello = Box::pin(until_cancelled(
+                            (&shared, &who, &cancel),
+                            read_client_hello(&mut stream, &mut peeked, &mut held, deadline),
+                        ))
+                        .await;
                         counters
                             .from_agent
                             .store(peeked.len() as u64, Ordering::Relaxed);
                         let hello = hello?;
+                        // A parsed hello: a refusal from here to the dial may get the alert.
+                        let alert = HelloAlert::for_hello(&hello);
                         rec.ech = hello.ech;
                         rec.server_name = hello.server_name;
-                        let a = agent.and_then(|id| policy.agent(id));
-                        if hello.ech && a.is_some_and(|a| a.deny_ech) {
-                            return Err(Reason::EchDenied);
+                        match check_hello(&shared, (&policy, agent), hello.ech, original, &mut rec)
+                        {
+                            Ok((target, admission)) => (target, admission, alert),
+                            Err(reason) => {
+                                return Err(refuse_hello(&shared, stream, alert, reason));
+                            }
                         }
-                        // Never fall back to the original destination: no SNI, no connection.
-                        let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
-                        let name =
-                            crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
-                        let target = Target {
-                            host: Host::Name(name),
-                            port: original.port(),
-                        };
-                        let admission = admit(&shared, &policy, agent, &rec.agent)?;
-                        (target, admission)
                     };
                     // The peeked bytes are replayed as the connection opens, then freed:
                     // an idle tunnel keeps no bytes.
-                    let up = Box::pin(check_and_dial(
-                        &shared, &policy, agent, &target, original, &peeked, &mut rec,
+                    let up = match Box::pin(until_cancelled(
+                        (&shared, &who, &cancel),
+                        check_and_dial(
+                            &shared, &policy, agent, &target, original, &peeked, &mut rec,
+                        ),
                     ))
-                    .await?
-                    .stream;
+                    .await
+                    {
+                        Ok(up) => up,
+                        Err(reason) => return Err(refuse_hello(&shared, stream, alert, reason)),
+                    };
+                    let (up, up_addr) = (up.stream, up.addr.ip());
                     drop(std::mem::take(&mut peeked));
                     let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
                     tunnel(
                         &shared,
-                        &stream,
-                        &up,
+                        (&stream, &up),
                         &counters,
-                        (&rec.agent, &target),
+                        (&rec.agent, &target, up_addr),
+                        &cancel,
                         &admission.shaping,
                     )
                     .await
                 }
                 Expect::Http => {
-                    let target = Box::pin(read_http_target(
-                        &mut stream,
-                        &mut peeked,
-                        deadline,
-                        original.port(),
-                        cfg.max_request_head_bytes,
+                    let target = Box::pin(until_cancelled(
+                        (&shared, &who, &cancel),
+                        read_http_target(
+                            &mut stream,
+                            &mut peeked,
+                            &mut held,
+                            deadline,
+                            original.port(),
+                            cfg.max_request_head_bytes,
+                        ),
                     ))
                     .await;
                     counters
                         .from_agent
                         .store(peeked.len() as u64, Ordering::Relaxed);
                     let target = target?;
-                    rec.destination_domain = domain_of(&target);
-                    let verdict = policy.evaluate(agent, &target);
-                    rec.rule = verdict.rule.clone();
-                    if let Some(reason) = verdict.deny_reason() {
-                        return Err(reason);
-                    }
-                    // Hand over to per-request serving; each request writes its own record.
+                    // Hand over to per-request serving; each request, the first included, is
+                    // decided and recorded on its own: a refused one gets its HTTP refusal.
                     let conn = HttpConnection {
                         peer,
                         agent,
                         first: target,
                         original,
-                        cancel: shared.killswitch.tunnel_token(&rec.agent),
+                        cancel: cancel.clone(),
                     };
                     Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
                     Ok(Handover::Http)
@@ -195,11 +208,65 @@ fn handle(
     }
 }
 
+/// `phase`, unless the connection's token is cancelled first (a kill of the agent or of
+/// all, or shutdown): then it ends at once with the reason. Boxed by its callers with the
+/// phase inside, so the wait adds nothing to the state an idle tunnel keeps.
+async fn until_cancelled<T>(
+    (shared, agent, cancel): (&Shared, &str, &tokio_util::sync::CancellationToken),
+    phase: impl Future<Output = Result<T, Reason>>,
+) -> Result<T, Reason> {
+    tokio::select! {
+        biased;
+        r = phase => r,
+        () = cancel.cancelled() => Err(crate::proxy::explicit::cancelled_reason(shared, agent, false)),
+    }
+}
+
 enum Handover {
     /// The connection was relayed and ended; the caller writes its record.
     Done,
     /// Port 80: requests were served and recorded one by one.
     Http,
+}
+
+/// What the parsed hello must pass before any name is resolved: ECH (if the agent denies
+/// it), an SNI that is a host name, and the agent's limits. The target it names, and the
+/// admission.
+fn check_hello(
+    shared: &Shared,
+    (policy, agent): (&Policy, Option<AgentId>),
+    ech: bool,
+    original: SocketAddr,
+    rec: &mut ConnectionRecord,
+) -> Result<(Target, crate::limits::Admission), Reason> {
+    if ech
+        && agent
+            .and_then(|id| policy.agent(id))
+            .is_some_and(|a| a.deny_ech)
+    {
+        return Err(Reason::EchDenied);
+    }
+    // Never fall back to the original destination: no SNI, no connection.
+    let sni = rec.server_name.as_deref().ok_or(Reason::NoSni)?;
+    let name = crate::policy::DomainName::parse(sni).map_err(|_| Reason::Malformed)?;
+    let target = Target {
+        host: Host::Name(name),
+        port: original.port(),
+    };
+    let admission = admit(shared, policy, agent, &rec.agent)?;
+    Ok((target, admission))
+}
+
+/// A refusal after a parsed ClientHello (deny path only): the TLS `access_denied` alert
+/// when the reason calls for one ([`refuses_hello`]), written at once (7 bytes into a send
+/// buffer nothing was written to), the write half shut, and the connection handed to a
+/// short drain ([`HelloAlert::write_and_linger`]) so that its close does not reset the
+/// alert away. Otherwise the connection closes when dropped here.
+fn refuse_hello(shared: &Shared, stream: TcpStream, alert: HelloAlert, reason: Reason) -> Reason {
+    if refuses_hello(reason) {
+        alert.write_and_linger(stream, &shared.tracker);
+    }
+    reason
 }
 
 /// The agent's limits for one more connection (transparent mode closes on refusal; there
@@ -254,6 +321,15 @@ async fn check_and_dial(
         // THREATS A1: the agent aimed elsewhere than the name resolves to; we dial the name.
         rec.destination_mismatch = true;
     }
+    // The connection may have waited (the hello, the resolution) on a policy a reload has
+    // since replaced: nothing is sent upstream that the live policy would not allow.
+    let live = shared.policy.load();
+    if live.generation() != policy.generation()
+        && !crate::reload::still_allowed(&live, &rec.agent, target, &addrs)
+    {
+        return Err(Reason::PolicyRevoked);
+    }
+    drop(live);
     let up = upstream::dial(&addrs, target.port, cfg.connect_timeout, first)
         .await
         .map_err(|f| {
@@ -271,23 +347,28 @@ async fn check_and_dial(
 )]
 fn tunnel<'a>(
     shared: &'a Shared,
-    agent_io: &'a TcpStream,
-    up: &'a TcpStream,
+    (agent_io, up): (&'a TcpStream, &'a TcpStream),
     counters: &'a RelayCounters,
-    (agent, target): (&'a Arc<str>, &'a Target),
+    (agent, target, addr): (&'a Arc<str>, &'a Target, std::net::IpAddr),
+    cancel: &'a tokio_util::sync::CancellationToken,
     shaping: &'a crate::limits::Shaping,
 ) -> impl Future<Output = Result<Handover, Reason>> + 'a {
-    async move {
-        let cancel = shared.killswitch.tunnel_token(agent);
-        let registration = shared
-            .tunnels
-            .register(agent.clone(), target.clone(), cancel.clone());
+    // The registration and the relay share the tunnel's one allocation.
+    crate::proxy::boxed_small(async move {
+        let registration =
+            shared
+                .tunnels
+                .register(agent.clone(), target.clone(), vec![addr], cancel.clone());
+        // Decided on the policy of the connection's start: a reload since then that no longer
+        // allows it revokes it here (later reloads find it registered).
+        if !crate::reload::still_allowed(&shared.policy.load(), agent, target, &[addr]) {
+            return Err(Reason::PolicyRevoked);
+        }
         let idle = shared.config.idle_timeout;
-        let end =
-            crate::proxy::boxed_small(relay(agent_io, up, idle, &cancel, counters, shaping)).await;
+        let end = relay(agent_io, up, idle, cancel, counters, shaping).await;
         crate::proxy::explicit::relay_outcome(shared, agent, end, &registration)
             .map(|()| Handover::Done)
-    }
+    })
 }
 
 /// Read the first HTTP request head and return the target its Host names. The Host port,
@@ -295,6 +376,7 @@ fn tunnel<'a>(
 async fn read_http_target(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    held: &mut crate::proxy::peek::Held,
     deadline: tokio::time::Instant,
     port: u16,
     cap: usize,
@@ -318,7 +400,7 @@ async fn read_http_target(
             return Err(Reason::Malformed);
         }
         // As before, one read may take the head past `cap` by less than a read's size.
-        crate::proxy::peek::read_more(stream, buf, usize::MAX, deadline).await?;
+        crate::proxy::peek::read_more(stream, buf, usize::MAX, held, deadline).await?;
     }
 }
 
@@ -347,19 +429,7 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, con
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
         let conn = conn.clone();
-        async move {
-            Ok::<_, Infallible>(
-                http_request(
-                    shared,
-                    req,
-                    conn.peer,
-                    conn.agent,
-                    &conn.first,
-                    conn.original,
-                )
-                .await,
-            )
-        }
+        async move { Ok::<_, Infallible>(http_request(shared, req, &conn).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -375,11 +445,16 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, con
 async fn http_request(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    agent: Option<AgentId>,
-    first: &Target,
-    original: SocketAddr,
+    conn: &HttpConnection,
 ) -> Response<ProxyBody> {
+    let HttpConnection {
+        peer,
+        agent,
+        ref first,
+        original,
+        ref cancel,
+    } = *conn;
+    let cut = cancel.clone();
     let started = Instant::now();
     let policy = shared.policy.load_full();
     let mut rec = ConnectionRecord::begin(
@@ -391,11 +466,18 @@ async fn http_request(
     rec.original_destination = Some(original);
     rec.http_method = Some(req.method().as_str().to_owned());
     rec.destination_port = Some(first.port);
+    // Every refusal, the first request's too, is the same: status, reason header, close
+    // (a later request would have to name the same refused host).
     let deny = |mut rec: ConnectionRecord, reason: Reason| {
         rec.reason = Some(reason);
         rec.duration = started.elapsed();
         shared.telemetry.record(rec);
-        refusal(reason)
+        let mut response = refusal(reason);
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        response
     };
     if shared.killswitch.is_killed(&rec.agent) {
         return deny(rec, Reason::KillSwitch);
@@ -465,6 +547,7 @@ async fn http_request(
             upstream: up,
             authority,
             path,
+            cut,
         },
         rec_for_dial,
         started,

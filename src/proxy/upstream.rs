@@ -85,6 +85,11 @@ impl DnsResolver {
         // upstream does) no longer costs every new connection a refused question and its
         // retries.
         builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+        // No cache inside hickory: it counts answers, not bytes, and keeps each whole (an
+        // agent's own DNS under an allowed wildcard can answer thousands of records a name,
+        // for a day). `NameCache` below keeps at most MAX_ADDRESSES a name, and answers
+        // without addresses for NEGATIVE_MIN_TTL.
+        builder.options_mut().cache_size = 0;
         let resolver = builder
             .build()
             .map_err(|e| ResolveError::Failed(e.to_string()))?;
@@ -98,35 +103,49 @@ impl DnsResolver {
 impl Resolve for DnsResolver {
     fn lookup<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, ResolveError>> {
         if let Some(addrs) = self.names.get(name, Instant::now()) {
-            return Box::pin(std::future::ready(Ok(addrs)));
+            let found = if addrs.is_empty() {
+                Err(ResolveError::NoAddress)
+            } else {
+                Ok(addrs)
+            };
+            return Box::pin(std::future::ready(found));
         }
         Box::pin(async move {
             // Fully qualified: search domains must never turn `evil` into `evil.corp.lan`.
             let fqdn = format!("{name}.");
-            let lookup = self
-                .resolver
-                .lookup_ip(fqdn.as_str())
-                .await
-                .map_err(|e| ResolveError::Failed(e.to_string()))?;
-            let addrs: Vec<IpAddr> = lookup.iter().collect();
+            let looked = self.resolver.lookup_ip(fqdn.as_str()).await;
+            let now = Instant::now();
+            let lookup = match looked {
+                Ok(l) => l,
+                Err(e) if e.is_no_records_found() => {
+                    self.names.put(name, &[], now + NEGATIVE_MIN_TTL, now);
+                    return Err(ResolveError::NoAddress);
+                }
+                Err(e) => return Err(ResolveError::Failed(e.to_string())),
+            };
+            let addrs: Vec<IpAddr> = lookup.iter().take(MAX_ADDRESSES).collect();
             if addrs.is_empty() {
+                self.names.put(name, &[], now + NEGATIVE_MIN_TTL, now);
                 return Err(ResolveError::NoAddress);
             }
-            self.names
-                .put(name, &addrs, lookup.valid_until(), Instant::now());
+            self.names.put(name, &addrs, lookup.valid_until(), now);
             Ok(addrs)
         })
     }
 }
 
 /// Names kept at most; a full cache drops its expired entries, and if none are, all of
-/// them (the next lookups go to hickory's own cache, then upstream).
+/// them (the next lookups go upstream). With at most [`MAX_ADDRESSES`] a name, the cache
+/// holds at most about 4096 × (253 + 32 × 17 + 64) bytes, ~3.5 MiB.
 const NAME_CACHE_MAX: usize = 4096;
+/// Addresses kept of one answer, in the order given (the dial tries them in order).
+pub const MAX_ADDRESSES: usize = 32;
 
 /// Addresses per name until their TTL runs out: a cache hit is a hash lookup, where
 /// hickory's own cache costs ~7 µs of future machinery per new tunnel. Only answers with
 /// addresses are kept, never longer than hickory says they are valid, and every address is
-/// still checked against the policy on every connection (resolve_checked).
+/// still checked against the policy on every connection (resolve_checked). An empty list
+/// is an answer without addresses.
 #[derive(Default)]
 struct NameCache(Mutex<HashMap<Box<str>, Cached>>);
 

@@ -1,11 +1,12 @@
 //! The bytes the probes send, and the parsing of what comes back: a TLS ClientHello (with or
-//! without SNI), a QUIC datagram that forces a Version Negotiation reply, DNS queries and
-//! replies, a plain HTTP request. Pure functions: no sockets, no clock (randomness is passed
+//! without SNI) and the alert that refuses it, a QUIC datagram that forces a Version
+//! Negotiation reply, DNS queries (with EDNS, so a refusal can carry an Extended DNS Error)
+//! and replies, a plain HTTP request. Pure functions: no sockets, no clock (randomness is passed
 //! in), so every builder is checked against the parser the gateway itself uses.
 
 use std::net::IpAddr;
 
-use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 
 /// A TLS 1.3 ClientHello (TLS 1.2 compatible) as one record: what a real client sends, so a
@@ -126,7 +127,8 @@ pub fn is_version_negotiation(reply: &[u8], dcid: [u8; 8], scid: [u8; 8]) -> boo
         && head[15..23] == dcid
 }
 
-/// A recursive query for `name`'s A records.
+/// A recursive query for `name`'s A records, with an OPT record (EDNS, 1232-byte payload):
+/// what lets a refusal carry its Extended DNS Error.
 pub fn dns_query(id: u16, name: &str) -> Result<Vec<u8>, String> {
     let fqdn = if name.ends_with('.') {
         name.to_owned()
@@ -138,6 +140,9 @@ pub fn dns_query(id: u16, name: &str) -> Result<Vec<u8>, String> {
     m.metadata.id = id;
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(qname, RecordType::A));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    m.set_edns(edns);
     m.to_vec().map_err(|e| e.to_string())
 }
 
@@ -149,6 +154,8 @@ pub struct DnsReply {
     pub addresses: Vec<IpAddr>,
     /// Answer records of any type.
     pub answers: usize,
+    /// The first Extended DNS Error (RFC 8914): info-code and EXTRA-TEXT.
+    pub ede: Option<(u16, String)>,
 }
 
 /// Parse the reply to the query with `id`; `None` for anything else (wrong id, not a
@@ -167,11 +174,30 @@ pub fn parse_dns_reply(bytes: &[u8], id: u16) -> Option<DnsReply> {
             _ => None,
         })
         .collect();
+    let ede = m.edns.as_ref().and_then(|e| {
+        e.options()
+            .options
+            .iter()
+            .find_map(|(code, option)| crate::dns::ede::decode(*code, option))
+    });
     Some(DnsReply {
         rcode: m.metadata.response_code,
         addresses,
         answers: m.answers.len(),
+        ede,
     })
+}
+
+/// TLS `access_denied` (RFC 8446 §6.2).
+pub(crate) const ALERT_ACCESS_DENIED: u8 = 49;
+
+/// If `reply` is exactly one plaintext TLS alert record (content type 21), its level and
+/// description: what a gateway that refuses a ClientHello sends before it closes.
+pub(crate) fn tls_alert(reply: &[u8]) -> Option<(u8, u8)> {
+    match reply {
+        [21, 3, _, 0, 2, level, description] => Some((*level, *description)),
+        _ => None,
+    }
 }
 
 /// A plain HTTP/1.1 request naming the address itself as the host: what a client sends
@@ -276,8 +302,45 @@ mod tests {
         assert_eq!(r.rcode, ResponseCode::NoError);
         assert_eq!(r.addresses, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(parse_dns_reply(&m.to_vec().unwrap(), 0x4321), None);
+        assert!(m.edns.is_some(), "the query offers EDNS");
+        assert_eq!(r.ede, None);
+        // A refusal with an Extended DNS Error, as the gateway's forwarder sends it.
+        m.answers.clear();
+        m.metadata.response_code = ResponseCode::NXDomain;
+        if let Some(e) = m.edns.as_mut() {
+            e.options_mut().insert(crate::dns::ede::option(
+                crate::policy::Reason::NotAllowed,
+                Some("coder-1"),
+            ));
+        }
+        let r = parse_dns_reply(&m.to_vec().unwrap(), 0x1234).unwrap();
+        assert_eq!(r.rcode, ResponseCode::NXDomain);
+        assert_eq!(
+            r.ede,
+            Some((15, "portcullis: not_allowed for coder-1".to_owned()))
+        );
         assert_eq!(parse_dns_reply(b"garbage", 0x1234), None);
         assert!(dns_query(1, "bad name with spaces..").is_err());
+    }
+
+    #[test]
+    fn alerts() {
+        assert_eq!(
+            tls_alert(&[21, 3, 1, 0, 2, 2, 49]),
+            Some((2, ALERT_ACCESS_DENIED))
+        );
+        assert_eq!(tls_alert(&[21, 3, 3, 0, 2, 1, 0]), Some((1, 0)));
+        assert_eq!(tls_alert(&[21, 3, 3, 0, 2, 2]), None, "cut short");
+        assert_eq!(
+            tls_alert(&[21, 3, 3, 0, 2, 2, 49, 0]),
+            None,
+            "more than one record"
+        );
+        assert_eq!(
+            tls_alert(&[22, 3, 3, 0, 2, 2, 49]),
+            None,
+            "a handshake record"
+        );
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! to a portcullis listener is **dropped**, never rejected. So:
 //! - no SYN-ACK / no reply before the deadline, or no route → `closed`;
 //! - a connection that completes and gets bytes back → `OPEN` (something past the gateway
-//!   answered), unless the bytes are portcullis' own refusal (`x-portcullis-reason`);
+//!   answered), unless the bytes are portcullis' own refusal: an HTTP response with
+//!   `x-portcullis-reason`, or, to a ClientHello, one fatal TLS `access_denied` alert record
+//!   and nothing else (a server that answers a hello sends a ServerHello or, for a name it
+//!   does not serve, another alert);
 //! - a connection that completes and is closed without a byte after a complete request →
 //!   `closed`: the transparent listener took it and denied it (a real server answers a
 //!   ClientHello or an HTTP request);
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
 
-use super::packets::{DnsReply, is_version_negotiation};
+use super::packets::{ALERT_ACCESS_DENIED, DnsReply, is_version_negotiation, tls_alert};
 
 /// The result column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,10 +119,7 @@ pub fn tcp_escape(seen: &TcpSeen, expect: Expect, timeout: Duration) -> Finding 
         TcpSeen::Error(e) => finding(Outcome::Inconclusive, format!("error: {e}")),
         TcpSeen::Connected { reply, end } => {
             if let Some(refusal) = gateway_refusal(reply) {
-                return finding(
-                    Outcome::Closed,
-                    format!("denied by the gateway: HTTP {refusal}"),
-                );
+                return finding(Outcome::Closed, format!("denied by the gateway: {refusal}"));
             }
             if !reply.is_empty() {
                 return finding(
@@ -155,10 +155,7 @@ pub fn tcp_works(seen: &TcpSeen, timeout: Duration) -> Finding {
     match seen {
         TcpSeen::Connected { reply, .. } if !reply.is_empty() => {
             if let Some(refusal) = gateway_refusal(reply) {
-                finding(
-                    Outcome::Failed,
-                    format!("denied by the gateway: HTTP {refusal}"),
-                )
+                finding(Outcome::Failed, format!("denied by the gateway: {refusal}"))
             } else {
                 finding(
                     Outcome::Ok,
@@ -173,8 +170,18 @@ pub fn tcp_works(seen: &TcpSeen, timeout: Duration) -> Finding {
     }
 }
 
-/// If `reply` is portcullis' own HTTP refusal, its status and reason ("403 not_allowed").
+/// If `reply` is portcullis' own refusal, what it said: "HTTP 403 not_allowed" (status and
+/// `x-portcullis-reason`), or "TLS alert access_denied" (the hello was refused; the alert
+/// carries no reason, the gateway's log has it).
 pub fn gateway_refusal(reply: &[u8]) -> Option<String> {
+    if tls_alert(reply) == Some((2, ALERT_ACCESS_DENIED)) {
+        return Some("TLS alert access_denied".into());
+    }
+    http_refusal(reply).map(|r| format!("HTTP {r}"))
+}
+
+/// If `reply` is portcullis' own HTTP refusal, its status and reason ("403 not_allowed").
+fn http_refusal(reply: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(reply.get(..reply.len().min(4096))?).ok()?;
     let (head, _) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let mut lines = head.split("\r\n");
@@ -233,6 +240,21 @@ pub enum DnsSeen {
     Refused,
     Unreachable(String),
     Error(String),
+}
+
+/// The Extended DNS Error of a reply, for a detail: ` (EDE 15 Blocked: "portcullis: …")`.
+fn ede_note(r: &DnsReply) -> String {
+    match &r.ede {
+        Some((info, text)) => format!(" (EDE {}: {text:?})", crate::dns::ede::describe(*info)),
+        None => String::new(),
+    }
+}
+
+/// The reply carries portcullis' own Extended DNS Error: refused by the gateway's policy.
+fn gateway_ede(r: &DnsReply) -> bool {
+    r.ede
+        .as_ref()
+        .is_some_and(|(_, text)| text.starts_with("portcullis: "))
 }
 
 fn rcode_name(rcode: ResponseCode) -> String {
@@ -297,8 +319,9 @@ pub fn outside_dns(seen: &DnsSeen, name: &str, timeout: Duration) -> Finding {
         ResponseCode::Refused | ResponseCode::NXDomain if r.answers == 0 => finding(
             Outcome::Closed,
             format!(
-                "{rcode}: the gateway's filtering resolver caught it (a public resolver \
-                 answers {name})"
+                "{rcode}{}: the gateway's filtering resolver caught it (a public resolver \
+                 answers {name})",
+                ede_note(r)
             ),
         ),
         _ => finding(
@@ -318,7 +341,17 @@ pub fn dns_exfil(seen: &DnsSeen, timeout: Duration) -> Finding {
     match r.rcode {
         ResponseCode::Refused => finding(
             Outcome::Closed,
-            "REFUSED: the resolver would not look the name up",
+            format!(
+                "REFUSED{}: the resolver would not look the name up",
+                ede_note(r)
+            ),
+        ),
+        ResponseCode::NXDomain if gateway_ede(r) => finding(
+            Outcome::Closed,
+            format!(
+                "NXDOMAIN{}: refused by the gateway's policy, not looked up",
+                ede_note(r)
+            ),
         ),
         ResponseCode::NoError => finding(
             Outcome::Open,
@@ -329,8 +362,8 @@ pub fn dns_exfil(seen: &DnsSeen, timeout: Duration) -> Finding {
         ),
         ResponseCode::NXDomain => finding(
             Outcome::Inconclusive,
-            "NXDOMAIN: portcullis answers so only with dns.refuse_with = \"nxdomain\"; a \
-             forwarding resolver answers so after asking upstream (the leak)",
+            "NXDOMAIN without portcullis' Extended DNS Error: a forwarding resolver answers \
+             so after asking upstream (the leak)",
         ),
         ResponseCode::ServFail => finding(
             Outcome::Inconclusive,
@@ -351,7 +384,7 @@ pub fn gateway_dns(seen: &DnsSeen, timeout: Duration) -> Finding {
         }
         DnsSeen::Reply(r) => finding(
             Outcome::Failed,
-            format!("{} with no address", rcode_name(r.rcode)),
+            format!("{} with no address{}", rcode_name(r.rcode), ede_note(r)),
         ),
         other => {
             let why = dns_unanswered(other, timeout, Outcome::Failed).detail;
@@ -393,6 +426,17 @@ fn status_text(status: u16, reason: Option<&str>) -> String {
 /// A name the gateway must deny, through the proxy.
 pub fn proxy_escape(seen: &ProxySeen) -> Finding {
     match seen {
+        ProxySeen::Answered {
+            status: 200,
+            tunnel: Some((reply, _)),
+            ..
+        } if gateway_refusal(reply).is_some() => finding(
+            Outcome::Closed,
+            format!(
+                "the proxy opened the tunnel, then refused the hello: {}",
+                gateway_refusal(reply).unwrap_or_default()
+            ),
+        ),
         ProxySeen::Answered { status: 200, .. } => finding(
             Outcome::Open,
             "the proxy opened the tunnel (200 Connection established)",
@@ -423,6 +467,17 @@ pub fn proxy_escape(seen: &ProxySeen) -> Finding {
 /// The allowed name through the proxy: a 200 and the upstream's answer to our hello.
 pub fn proxy_works(seen: &ProxySeen) -> Finding {
     match seen {
+        ProxySeen::Answered {
+            status: 200,
+            tunnel: Some((reply, _)),
+            ..
+        } if gateway_refusal(reply).is_some() => finding(
+            Outcome::Failed,
+            format!(
+                "200, then the hello was refused: {}",
+                gateway_refusal(reply).unwrap_or_default()
+            ),
+        ),
         ProxySeen::Answered {
             status: 200,
             tunnel: Some((reply, _)),
@@ -534,7 +589,10 @@ mod tests {
     #[test]
     fn the_gateways_own_refusal_is_closed_not_open() {
         let refusal = b"HTTP/1.1 403 Forbidden\r\nX-Portcullis-Reason: not_allowed\r\ncontent-length: 3\r\n\r\nno\n";
-        assert_eq!(gateway_refusal(refusal).as_deref(), Some("403 not_allowed"));
+        assert_eq!(
+            gateway_refusal(refusal).as_deref(),
+            Some("HTTP 403 not_allowed")
+        );
         let f = tcp_escape(&connected(refusal, End::Eof), Expect::Raw, T);
         assert_eq!(f.outcome, Outcome::Closed);
         assert!(f.detail.contains("403 not_allowed"), "{}", f.detail);
@@ -551,6 +609,34 @@ mod tests {
             tcp_works(&connected(refusal, End::Eof), T).outcome,
             Outcome::Failed
         );
+    }
+
+    /// The transparent listener refuses a hello with one fatal access_denied alert: closed
+    /// (or failed, for the allowed name), with that reason. Any other alert, or an alert
+    /// followed by more bytes, is an answer from outside.
+    #[test]
+    fn the_gateways_alert_is_closed_not_open() {
+        let alert = [21, 3, 1, 0, 2, 2, 49];
+        for end in [End::Eof, End::Reset, End::Silent] {
+            let f = tcp_escape(&connected(&alert, end), Expect::Named, T);
+            assert_eq!(f.outcome, Outcome::Closed, "{end:?}");
+            assert_eq!(f.detail, "denied by the gateway: TLS alert access_denied");
+        }
+        let f = tcp_works(&connected(&alert, End::Eof), T);
+        assert_eq!(f.outcome, Outcome::Failed);
+        assert!(f.detail.contains("TLS alert access_denied"), "{}", f.detail);
+        // unrecognized_name (112), a warning, or an alert and a handshake: a real server.
+        for other in [
+            &[21, 3, 3, 0, 2, 2, 112][..],
+            &[21, 3, 3, 0, 2, 1, 49],
+            &[21, 3, 3, 0, 2, 2, 49, 22, 3, 3, 0, 1, 0],
+        ] {
+            assert_eq!(
+                tcp_escape(&connected(other, End::Eof), Expect::Named, T).outcome,
+                Outcome::Open,
+                "{other:?}"
+            );
+        }
     }
 
     #[test]
@@ -600,7 +686,50 @@ mod tests {
             rcode,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
             answers: addresses.len(),
+            ede: None,
         })
+    }
+
+    fn with_ede(seen: DnsSeen, info: u16, text: &str) -> DnsSeen {
+        let DnsSeen::Reply(mut r) = seen else {
+            panic!("not a reply")
+        };
+        r.ede = Some((info, text.to_owned()));
+        DnsSeen::Reply(r)
+    }
+
+    /// The forwarder's NXDOMAIN (the default refusal) with its Extended DNS Error is the
+    /// gateway at work, named with its reason; without the EDE it proves nothing.
+    #[test]
+    fn the_gateways_ede_is_closed_with_its_reason() {
+        let text = "portcullis: not_allowed for coder-1";
+        let nx = with_ede(reply(ResponseCode::NXDomain, &[]), 15, text);
+        let f = dns_exfil(&nx, T);
+        assert_eq!(f.outcome, Outcome::Closed);
+        assert_eq!(
+            f.detail,
+            "NXDOMAIN (EDE 15 Blocked: \"portcullis: not_allowed for coder-1\"): refused by \
+             the gateway's policy, not looked up"
+        );
+        let f = outside_dns(&nx, "example.com", T);
+        assert_eq!(f.outcome, Outcome::Closed);
+        assert!(f.detail.contains("EDE 15 Blocked"), "{}", f.detail);
+        let refused = with_ede(
+            reply(ResponseCode::Refused, &[]),
+            18,
+            "portcullis: kill_switch for coder-1",
+        );
+        assert!(dns_exfil(&refused, T).detail.contains("18 Prohibited"));
+        // Another resolver's EDE is not the gateway's.
+        let other = with_ede(
+            reply(ResponseCode::NXDomain, &[]),
+            15,
+            "blocked by a DNS filter",
+        );
+        assert_eq!(dns_exfil(&other, T).outcome, Outcome::Inconclusive);
+        let f = gateway_dns(&nx, T);
+        assert_eq!(f.outcome, Outcome::Failed);
+        assert!(f.detail.contains(text), "{}", f.detail);
     }
 
     #[test]
@@ -669,6 +798,21 @@ mod tests {
             reason: (status != 200).then(|| "not_allowed".to_owned()),
             tunnel: tunnel.map(|b| (b.to_vec(), End::Eof)),
         };
+        let alert: &[u8] = &[21, 3, 3, 0, 2, 2, 49];
+        let f = proxy_escape(&answered(200, Some(alert)));
+        assert_eq!(f.outcome, Outcome::Closed);
+        assert!(
+            f.detail.ends_with("TLS alert access_denied"),
+            "{}",
+            f.detail
+        );
+        let f = proxy_works(&answered(200, Some(alert)));
+        assert_eq!(f.outcome, Outcome::Failed);
+        assert!(
+            f.detail.ends_with("TLS alert access_denied"),
+            "{}",
+            f.detail
+        );
         let f = proxy_escape(&answered(403, None));
         assert_eq!(f.outcome, Outcome::Closed);
         assert_eq!(f.detail, "denied by the proxy: 403 not_allowed");

@@ -6,7 +6,11 @@ use std::io::{BufWriter, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::ConnectionRecord;
+use super::metrics::AgentMetrics;
 use crate::config::LogDestination;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +28,8 @@ pub enum LogWriterError {
     reason = "records travel inline: boxing would allocate once per connection"
 )]
 pub(super) enum LogItem {
-    Record(ConnectionRecord),
+    /// A record and its agent's handles (whose queued-lines count the writer lowers).
+    Record(ConnectionRecord, Arc<AgentMetrics>),
     /// A control-plane event (kill switch, admin), already one JSON object.
     Line(String),
     /// Write what is queued before this, then exit.
@@ -34,6 +39,10 @@ pub(super) enum LogItem {
 /// Owns the writer thread. Dropping every [`super::Telemetry`] and this writer ends it.
 pub struct LogWriter {
     tx: Option<SyncSender<LogItem>>,
+    /// The queue's size in lines.
+    capacity: usize,
+    /// Lines in the queue now (raised by the senders, lowered by the writer).
+    queued: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
     /// The writer thread's id, for the tests that count its wake-ups.
     #[cfg(test)]
@@ -56,6 +65,8 @@ impl LogWriter {
             ),
         };
         let (tx, rx) = sync_channel(queue);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let queued_in_thread = queued.clone();
         #[cfg(test)]
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         #[cfg(test)]
@@ -74,15 +85,27 @@ impl LogWriter {
                     rustix::thread::gettid().as_raw_nonzero().get(),
                     std::sync::atomic::Ordering::SeqCst,
                 );
-                write_lines(rx, sink);
+                write_lines(rx, sink, &queued_in_thread);
             })
             .ok();
         Ok(Self {
             tx: Some(tx),
+            capacity: queue,
+            queued,
             thread,
             #[cfg(test)]
             tid,
         })
+    }
+
+    /// The queue's size in lines.
+    pub(super) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The count of lines in the queue, shared with the senders.
+    pub(super) fn queued(&self) -> Arc<AtomicUsize> {
+        self.queued.clone()
     }
 
     pub(super) fn sender(&self) -> SyncSender<LogItem> {
@@ -114,23 +137,26 @@ const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 /// The writer thread's nice value (the data path runs at 0).
 const WRITER_NICE: i32 = 10;
 
-fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>) {
+fn write_lines(rx: Receiver<LogItem>, sink: Box<dyn Write + Send>, queued: &AtomicUsize) {
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
     // Each record is formatted whole, then handed to the buffer in one piece, so the buffer
     // only ever writes whole lines: a reader tailing the file never finds a record cut at
     // a 64 KiB flush.
     let mut line = Vec::with_capacity(1024);
     let mut write = move |out: &mut BufWriter<_>, item| match item {
-        LogItem::Record(r) => {
+        LogItem::Record(r, agent) => {
             line.clear();
             r.write_json(&mut line);
             line.push(b'\n');
             let _ = out.write_all(&line);
+            agent.log_queued.fetch_sub(1, Ordering::Relaxed);
+            queued.fetch_sub(1, Ordering::Relaxed);
             true
         }
         LogItem::Line(mut text) => {
             text.push('\n');
             let _ = out.write_all(text.as_bytes());
+            queued.fetch_sub(1, Ordering::Relaxed);
             true
         }
         LogItem::Stop => false,
@@ -190,12 +216,10 @@ mod tests {
 
     fn record(port: u16) -> LogItem {
         let source = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        LogItem::Record(ConnectionRecord::begin(
-            Mode::Explicit,
-            source,
-            "t".into(),
-            1,
-        ))
+        LogItem::Record(
+            ConnectionRecord::begin(Mode::Explicit, source, "t".into(), 1),
+            Arc::new(crate::telemetry::Metrics::new()).agent("t"),
+        )
     }
 
     fn lines(path: &Path) -> Vec<String> {
@@ -254,7 +278,11 @@ mod tests {
         }
         tx.send(LogItem::Stop).unwrap();
         let writes = Writes::default();
-        write_lines(rx, Box::new(writes.clone()));
+        write_lines(
+            rx,
+            Box::new(writes.clone()),
+            &AtomicUsize::new(usize::MAX / 2),
+        );
         let writes = writes.0.lock().unwrap();
         assert!(writes.len() > 2, "the burst should take several writes");
         for (i, w) in writes.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! are created once and cached, so recording a connection is a handful of atomic adds, not
 //! label lookups by string.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -55,6 +56,12 @@ struct ScopeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LogLabels {
+    agent: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -97,9 +104,41 @@ pub struct AgentMetrics {
     pub active_tunnels: Gauge,
     pub dns_allowed: Counter,
     pub dns_refused: Counter,
+    /// This agent's lines in the log queue now: bounded by its fair share.
+    pub(crate) log_queued: std::sync::atomic::AtomicUsize,
+    /// Lines held back by the share since the last summary, by (mode, reason).
+    log_held: std::sync::Mutex<HashMap<(Mode, Option<Reason>), u64>>,
+    /// Held back and summarised / lost because the whole queue was full.
+    log_summarized: Counter,
+    log_lost: Counter,
 }
 
 impl AgentMetrics {
+    /// A line of this agent's held back by its share of the log queue: counted into the next
+    /// summary line.
+    pub(crate) fn hold(&self, mode: Mode, reason: Option<Reason>) {
+        self.log_summarized.inc();
+        let mut held = self.log_held.lock().unwrap_or_else(|p| p.into_inner());
+        *held.entry((mode, reason)).or_insert(0) += 1;
+    }
+
+    /// Take what was held back since the last call.
+    pub(crate) fn take_held(&self) -> Vec<((Mode, Option<Reason>), u64)> {
+        let mut held = self.log_held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = held.drain().collect();
+        out.sort_by_key(|((m, r), _)| (m.as_str(), r.map(Reason::as_str)));
+        out
+    }
+
+    /// A line lost because the whole queue was full.
+    pub(crate) fn lost(&self) {
+        self.log_lost.inc();
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     fn connection_counter(&self, mode: Mode, reason: Option<Reason>) -> &Counter {
         let m = mode_slot(mode);
         let r = reason
@@ -138,6 +177,7 @@ pub struct Metrics {
     kill_switch: Family<ScopeLabel, Gauge>,
     kill_switch_auth_failures: Family<ReasonLabel, Counter>,
     pub log_dropped: Counter,
+    log_dropped_by_agent: Family<LogLabels, Counter>,
     agents: RwLock<RuleKeyMap<String, Arc<AgentMetrics>>>,
     /// `connection_duration`'s handle per mode (by [`mode_slot`]), taken from the family
     /// once: a family lookup hashes the label and takes a lock, on every connection.
@@ -243,6 +283,12 @@ impl Metrics {
             "Connection log lines dropped because the queue was full",
             log_dropped.clone(),
         );
+        let log_dropped_by_agent = Family::<LogLabels, Counter>::default();
+        registry.register(
+            "log_dropped_by_agent",
+            "Connection log lines not written one by one, by agent: summarized (held back by the agent's share of the log queue and counted in a summary line) or lost (the whole queue was full)",
+            log_dropped_by_agent.clone(),
+        );
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
             .get_or_create(&VersionLabel {
@@ -282,6 +328,7 @@ impl Metrics {
             kill_switch,
             kill_switch_auth_failures,
             log_dropped,
+            log_dropped_by_agent,
             agents: RwLock::default(),
             durations: Default::default(),
         }
@@ -319,6 +366,16 @@ impl Metrics {
         let dns_allowed = dns("allow");
         let dns_refused = dns("deny");
         let active_tunnels = self.active_tunnels.get_or_create(&label).clone();
+        let log_lines = |kind| {
+            self.log_dropped_by_agent
+                .get_or_create(&LogLabels {
+                    agent: agent.to_owned(),
+                    kind,
+                })
+                .clone()
+        };
+        let log_summarized = log_lines("summarized");
+        let log_lost = log_lines("lost");
         let m = Arc::new(AgentMetrics {
             name: agent.to_owned(),
             connections: self.connections.clone(),
@@ -328,6 +385,10 @@ impl Metrics {
             active_tunnels,
             dns_allowed,
             dns_refused,
+            log_queued: std::sync::atomic::AtomicUsize::new(0),
+            log_held: std::sync::Mutex::default(),
+            log_summarized,
+            log_lost,
         });
         if let Ok(mut agents) = self.agents.write() {
             return agents.entry(agent.to_owned()).or_insert(m).clone();
@@ -335,9 +396,21 @@ impl Metrics {
         m
     }
 
+    /// Every agent's handles created so far.
+    pub(crate) fn agents(&self) -> Vec<Arc<AgentMetrics>> {
+        self.agents
+            .read()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Everything a finished connection changes, derived from its record.
     pub fn observe(&self, rec: &ConnectionRecord) {
-        let a = self.agent(&rec.agent);
+        self.observe_for(&self.agent(&rec.agent), rec);
+    }
+
+    /// [`Metrics::observe`] with the agent's handles already at hand.
+    pub fn observe_for(&self, a: &AgentMetrics, rec: &ConnectionRecord) {
         a.connection_counter(rec.mode, rec.reason).inc();
         a.bytes_from_agent.inc_by(rec.bytes_from_agent);
         a.bytes_to_agent.inc_by(rec.bytes_to_agent);

@@ -18,10 +18,23 @@ pub use log::{LogWriter, LogWriterError};
 pub use metrics::{Metrics, TunnelGauge};
 pub use record::{ConnectionRecord, Mode};
 
+/// One agent's share of the log queue is its size divided by this.
+const LOG_SHARE_DIVISOR: usize = 8;
+/// The smallest share, for tiny queues.
+const MIN_LOG_SHARE: usize = 16;
+
 /// The shared handle the data path records through.
 #[derive(Clone)]
 pub struct Telemetry {
     log: Option<std::sync::mpsc::SyncSender<LogItem>>,
+    /// Lines one agent may have in the log queue at once while the queue is over half full
+    /// (its fair share); beyond it its lines are summarised, so one agent's flood cannot
+    /// crowd out another's denials.
+    share: usize,
+    /// Half the queue: below it every agent's lines are queued whatever its share.
+    half: usize,
+    /// Lines in the queue now (the writer lowers it).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     counters: Arc<Counters>,
     pub metrics: Arc<Metrics>,
 }
@@ -37,6 +50,9 @@ impl Telemetry {
     pub fn new(writer: &LogWriter) -> Self {
         Self {
             log: Some(writer.sender()),
+            share: (writer.capacity() / LOG_SHARE_DIVISOR).max(MIN_LOG_SHARE),
+            half: writer.capacity() / 2,
+            queued: writer.queued(),
             counters: Arc::default(),
             metrics: Arc::new(Metrics::new()),
         }
@@ -46,6 +62,9 @@ impl Telemetry {
     pub fn disabled() -> Self {
         Self {
             log: None,
+            share: usize::MAX,
+            half: usize::MAX,
+            queued: Arc::default(),
             counters: Arc::default(),
             metrics: Arc::new(Metrics::new()),
         }
@@ -55,12 +74,45 @@ impl Telemetry {
     /// here and nowhere else. Never blocks.
     pub fn record(&self, record: ConnectionRecord) {
         self.counters.records.fetch_add(1, Ordering::Relaxed);
-        self.metrics.observe(&record);
-        if let Some(tx) = &self.log
-            && tx.try_send(LogItem::Record(record)).is_err()
+        let agent = self.metrics.agent(&record.agent);
+        self.metrics.observe_for(&agent, &record);
+        let Some(tx) = &self.log else { return };
+        if agent.log_queued.load(Ordering::Relaxed) >= self.share
+            && self.queued.load(Ordering::Relaxed) >= self.half
         {
+            agent.hold(record.mode, record.reason);
+            return;
+        }
+        agent.log_queued.fetch_add(1, Ordering::Relaxed);
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if tx.try_send(LogItem::Record(record, agent.clone())).is_err() {
+            agent.log_queued.fetch_sub(1, Ordering::Relaxed);
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            agent.lost();
             self.counters.log_dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.log_dropped.inc();
+        }
+    }
+
+    /// Write one summary line per (agent, mode, reason) for the lines the agents' shares held
+    /// back since the last call: `portcullis.summarized` says how many. Called every second.
+    pub fn flush_summaries(&self) {
+        let Some(tx) = &self.log else { return };
+        for agent in self.metrics.agents() {
+            for ((mode, reason), n) in agent.take_held() {
+                let mut stamp = [0u8; 64];
+                let line = serde_json::json!({
+                    "@timestamp": record::rfc3339(std::time::SystemTime::now(), &mut stamp),
+                    "event.kind": "summary",
+                    "event.action": if reason.is_some() { "deny" } else { "allow" },
+                    "event.reason": reason.map(crate::policy::Reason::as_str),
+                    "agent.name": agent.name(),
+                    "portcullis.mode": mode.as_str(),
+                    "portcullis.summarized": n,
+                })
+                .to_string();
+                self.send_line(tx, line);
+            }
         }
     }
 
@@ -82,7 +134,13 @@ impl Telemetry {
             }
         }
         let line = serde_json::Value::Object(object).to_string();
+        self.send_line(tx, line);
+    }
+
+    fn send_line(&self, tx: &std::sync::mpsc::SyncSender<LogItem>, line: String) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if tx.try_send(LogItem::Line(line)).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.counters.log_dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.log_dropped.inc();
         }

@@ -9,7 +9,7 @@ use super::json::{Object, key};
 use crate::policy::Reason;
 
 /// Which listener served the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     Explicit,
     Transparent,

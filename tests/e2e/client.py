@@ -3,6 +3,8 @@
 
   send HOST PORT HEX MODE   send the bytes (hex) whole or one byte per segment; print how
                             many bytes came back within 3 s
+  exchange HOST PORT HEX     send the bytes (hex) whole; print in hex what came back
+                            before the close (at most 3 s, 64 KiB)
   hold HOST PORT N SECS     open N connections, send one byte on each, hold them SECS
                             seconds (bounded), then close; print how many connected
   udp HOST PORT             send one datagram
@@ -37,6 +39,23 @@ def send(host, port, hexbytes, mode):
     except (socket.timeout, ConnectionResetError):
         pass
     print(got)
+
+
+def exchange(host, port, hexbytes):
+    s = socket.create_connection((host, int(port)), timeout=3)
+    s.sendall(bytes.fromhex(hexbytes))
+    got = b""
+    deadline = time.monotonic() + 3
+    try:
+        while len(got) < 65536 and time.monotonic() < deadline:
+            s.settimeout(max(deadline - time.monotonic(), 0.01))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    print(got.hex())
 
 
 def hold(host, port, n, secs):
@@ -115,4 +134,4 @@ def dns(host, port, transport, name):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"send": send, "hold": hold, "udp": udp, "dns": dns}[cmd](*args)
+    {"send": send, "exchange": exchange, "hold": hold, "udp": udp, "dns": dns}[cmd](*args)

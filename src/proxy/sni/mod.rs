@@ -44,6 +44,9 @@ pub struct ClientHello {
     pub ech: bool,
     /// Bytes of `buf` taken by the records that carried the hello.
     pub consumed: usize,
+    /// The `legacy_record_version` of the first record (0x0301..=0x0304): the version an
+    /// alert refusing this hello is framed with.
+    pub record_version: u16,
 }
 
 /// Outcome of looking at the bytes received so far.
@@ -87,7 +90,15 @@ pub fn parse_client_hello(buf: &[u8]) -> Parse {
         Ok(Some((message, consumed))) => {
             let body = message.get(HANDSHAKE_HEADER_LEN..).unwrap_or_default();
             match parse_body(body) {
-                Ok(hello) => Parse::Done(ClientHello { consumed, ..hello }),
+                Ok(hello) => Parse::Done(ClientHello {
+                    consumed,
+                    // `reassemble` checked the first record's header: all five bytes are here.
+                    record_version: match buf {
+                        [_, major, minor, ..] => u16::from_be_bytes([*major, *minor]),
+                        _ => 0x0303,
+                    },
+                    ..hello
+                }),
                 Err(reject) => Parse::Reject(reject),
             }
         }
@@ -301,6 +312,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, Reject> {
         alpn: Alpn::default(),
         ech: false,
         consumed: 0,
+        record_version: 0x0303,
     };
     if reader.is_empty() {
         return Ok(hello); // pre-TLS-1.2 client without extensions

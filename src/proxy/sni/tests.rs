@@ -735,3 +735,15 @@ proptest! {
         prop_assert_eq!(hello.consumed, records.len());
     }
 }
+
+/// The first record's version is kept for the alert that may refuse the hello: 0x0301 from
+/// most clients, whatever the first record says otherwise (here 0x0303, then 0x0301).
+#[test]
+fn the_first_records_version_is_reported() {
+    let message = build_hello(&[sni(b"allowed.test")]);
+    let one = split_records(&message, &[]);
+    assert_eq!(expect_done(&one).record_version, 0x0301);
+    let mut two = split_records(&message, &[10]);
+    two[2] = 0x03;
+    assert_eq!(expect_done(&two).record_version, 0x0303);
+}

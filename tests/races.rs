@@ -1,0 +1,217 @@
+//! Acting in the window between check and use: a kill or a reload that lands while a
+//! connection resolves its name or while its agent holds back the ClientHello must still cut
+//! it, and nothing may reach the upstream after the kill or reload answered. And a reload
+//! that removes the `allow_cidrs` entry a live tunnel's address needed revokes it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use portcullis::proxy::upstream::{BoxFuture, Resolve, ResolveError, StaticResolver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Resolves from a table, `slow.test` after a delay.
+struct Slow(StaticResolver, Duration);
+
+impl Resolve for Slow {
+    fn lookup<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, ResolveError>> {
+        Box::pin(async move {
+            if name == "slow.test" {
+                tokio::time::sleep(self.1).await;
+            }
+            self.0.lookup(name).await
+        })
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A signed kill of `coder-1` with the test gateway's key; returns when it answered.
+async fn kill(admin: SocketAddr, id: &str) {
+    let body = r#"{"scope":"agent","agent":"coder-1","reason":"race"}"#;
+    let h = signed_headers(ADMIN_WHSEC, id, now(), body);
+    let (code, resp) = admin_request(admin, "POST", "/v1/kill", &h, body.as_bytes()).await;
+    assert_eq!(code, 200, "{resp}");
+}
+
+/// Explicit proxy: the agent's CONNECT resolves slowly; the kill lands meanwhile. Before,
+/// the tunnel got a fresh token after the kill and relayed, logged `allow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_slow_resolution_refuses_the_connect() {
+    let up = silent_upstream().await;
+    let port = up.addr.port();
+    let agent = format!(
+        "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"slow.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32:{port}\"]\n"
+    );
+    let resolver = Slow(
+        StaticResolver::new().with("slow.test", &["127.0.0.1".parse().unwrap()]),
+        Duration::from_millis(800),
+    );
+    let gw = gateway(&[("coder-1", &agent)], &[], resolver).await;
+    let proxy = gw.proxy;
+    let connect = tokio::spawn(async move { open_tunnel(proxy, "slow.test", port).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(gw.admin, "kill_during_resolve").await;
+    let outcome = connect.await.unwrap();
+    let head = outcome.expect_err("a tunnel opened after the kill answered");
+    assert!(
+        head.contains("403") && head.contains("kill_switch"),
+        "{head}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        up.seen.connections(),
+        0,
+        "the upstream was reached after the kill"
+    );
+    gw.stop().await;
+}
+
+/// A reload that removes the `allow_cidrs` entry a live tunnel's address needed revokes it
+/// (before, reloads re-checked names only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_allow_cidrs_entry_revokes_the_live_tunnel() {
+    let up = silent_upstream().await;
+    let port = up.addr.port();
+    let rules = |cidrs: &str| {
+        format!(
+            "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"allowed.test:{port}\"]\nallow_cidrs = [{cidrs}]\n"
+        )
+    };
+    let gw = gateway(
+        &[("coder-1", &rules(&format!("\"127.0.0.1/32:{port}\"")))],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+    )
+    .await;
+    let mut tunnel = open_tunnel(gw.proxy, "allowed.test", port).await.unwrap();
+    std::fs::write(gw.dir.path().join("rules/agents/coder-1.toml"), rules("")).unwrap();
+    let (code, body) = signed_reload(gw.admin).await;
+    assert_eq!(code, 200, "{body}");
+    let mut b = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(2), tunnel.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the tunnel outlived the allow_cidrs entry: {closed:?}"
+    );
+    let lines = gw.log_lines(1).await;
+    assert!(
+        lines.iter().any(|l| l["event.reason"] == "policy_revoked"),
+        "{lines:?}"
+    );
+    gw.stop().await;
+}
+
+/// The transparent listener on loopback (interception `tproxy`: the original destination is
+/// the socket's local address, as the load benchmark runs it), with the upstream for
+/// `allowed.test` on 127.0.0.2 at the same port. Needs root (IP_TRANSPARENT).
+async fn transparent_gateway(upstream_port: u16) -> (TestGateway, SocketAddr) {
+    netns_root_check();
+    let listen: SocketAddr = format!("127.0.0.1:{upstream_port}").parse().unwrap();
+    let agent = format!(
+        "name = \"coder-1\"\nsources = [\"127.0.0.1/32\"]\nallow = [\"allowed.test:{upstream_port}\"]\nallow_cidrs = [\"127.0.0.2/32:{upstream_port}\"]\n"
+    );
+    let resolver = StaticResolver::new().with("allowed.test", &["127.0.0.2".parse().unwrap()]);
+    let gw = gateway_with(&[("coder-1", &agent)], &[], resolver, |c, _| {
+        c.transparent_listen = vec![listen];
+        c.interception = portcullis::sys::Interception::Tproxy;
+        c.transparent_tls_ports = vec![upstream_port];
+        c.transparent_http_ports = vec![];
+        c.handshake_timeout = Duration::from_secs(10);
+    })
+    .await;
+    (gw, listen)
+}
+
+fn netns_root_check() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "the transparent listener needs IP_TRANSPARENT: run as root (CI does)"
+    );
+}
+
+/// Transparent TLS: the agent connects, holds its ClientHello back (up to the handshake
+/// deadline, its choice), the kill lands, then it sends the hello. Before, the connection
+/// took its token after the hello and relayed for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_while_the_hello_is_held_back_cuts_the_connection() {
+    let up = silent_upstream_on("127.0.0.2:0".parse().unwrap()).await;
+    let (gw, listen) = transparent_gateway(up.addr.port()).await;
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(gw.admin, "kill_during_hello").await;
+    let _ = s.write_all(&client_hello("allowed.test")).await;
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0) | Err(_))),
+        "still open after the kill: {r:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        up.seen.connections(),
+        0,
+        "the upstream was reached after the kill"
+    );
+    let lines = gw.log_lines(1).await;
+    assert!(
+        lines.iter().any(|l| l["event.reason"] == "kill_switch"),
+        "{lines:?}"
+    );
+    gw.stop().await;
+}
+
+/// Transparent TLS: the agent holds its hello back across a reload that removes the name;
+/// the hello is then judged by the live policy, and nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_the_hello_is_held_back_revokes_it() {
+    let up = silent_upstream_on("127.0.0.2:0".parse().unwrap()).await;
+    let port = up.addr.port();
+    let (gw, listen) = transparent_gateway(port).await;
+    // Allowed before the reload: the path works.
+    let mut ok = tokio::net::TcpStream::connect(listen).await.unwrap();
+    ok.write_all(&client_hello("allowed.test")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while up.seen.connections() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        up.seen.connections(),
+        1,
+        "the allowed hello never reached the upstream"
+    );
+    drop(ok);
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(
+        gw.dir.path().join("rules/agents/coder-1.toml"),
+        "name = \"coder-1\"\nsources = [\"127.0.0.1/32\"]\nallow = [\"other.test\"]\n",
+    )
+    .unwrap();
+    let (code, body) = signed_reload(gw.admin).await;
+    assert_eq!(code, 200, "{body}");
+    let _ = s.write_all(&client_hello("allowed.test")).await;
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;
+    assert!(
+        !matches!(r, Ok(Ok(n)) if n > 0 && b[0] != 0x15),
+        "relayed after the reload: {r:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        up.seen.connections(),
+        1,
+        "the upstream was reached after the reload"
+    );
+    gw.stop().await;
+}
