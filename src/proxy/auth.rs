@@ -143,16 +143,21 @@ impl Authenticator {
         // of one. A refused verification (back-off, limit) leaves the outcome open: the next
         // waiter tries under its own source's back-off.
         let source = SourceKey::of(source);
-        let flight = self.flight((key, generation));
+        let flight = Landing {
+            auth: self,
+            key: (key, generation),
+            flight: self.flight((key, generation)),
+        };
         let ran = AtomicBool::new(false);
         let outcome = flight
+            .flight
             .get_or_try_init(|| {
                 ran.store(true, Ordering::Relaxed);
                 self.verify(policy, source, username, password, key)
             })
             .await
             .copied();
-        self.land((key, generation), &flight);
+        drop(flight);
         match outcome {
             Ok(Some(agent)) => remember(agent),
             Ok(None) => {
@@ -294,6 +299,21 @@ fn random_key() -> [u8; 32] {
         chunk.copy_from_slice(&v.to_le_bytes());
     }
     key
+}
+
+/// A request's share in a verification under way: it lands (see [`Authenticator::land`])
+/// when the request is answered, or dropped with it when the client hangs up first, so no
+/// entry outlives the requests that wait on it.
+struct Landing<'a> {
+    auth: &'a Authenticator,
+    key: (CredentialKey, u64),
+    flight: Flight,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.auth.land(self.key, &self.flight);
+    }
 }
 
 /// An attempt counted in flight for its source, finished as a success or a failure, or
@@ -674,6 +694,10 @@ mod tests {
             )
             .await;
             assert!(hung_up.is_err(), "verification finished within 1 µs");
+            assert!(
+                lock(&auth.in_flight).is_empty(),
+                "a hung-up request left its entry"
+            );
             // The slot stays with the computation until it ends, hang-up or not.
             assert_eq!(auth.verifications.available_permits(), 0);
             while auth.verifications.available_permits() == 0 {
