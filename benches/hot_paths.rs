@@ -1,14 +1,19 @@
 //! The per-connection hot pieces besides the policy decision (see benches/policy.rs):
 //! ClientHello parsing (SNI detection), HTTP head parsing (Host detection), recording one
 //! connection's metrics (issue target: < 1 µs), formatting its JSON log line (the log
-//! writer thread's work per connection), and taking and giving back a connection slot
-//! (caps by agent, then by source).
+//! writer thread's work per connection), taking and giving back a connection slot (caps by
+//! agent, then by source), and proxy Basic auth: the cache-hit check a connection with
+//! already verified credentials pays, and one argon2id verification at the recommended
+//! cost (what a cache miss costs a blocking thread).
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use portcullis::policy::Reason;
+use portcullis::config::AuthSettings;
+use portcullis::policy::rules::{RulesSources, SourceFile};
+use portcullis::policy::{PasswordCheck, Reason, compile};
+use portcullis::proxy::auth::{Authenticator, Session};
 use portcullis::proxy::http_head::parse_request_head;
 use portcullis::proxy::sni::parse_client_hello;
 use portcullis::proxy::{CapLimits, ConnectionCaps};
@@ -129,5 +134,95 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// An argon2id PHC string for `password` at cost m KiB, t passes.
+fn phc(password: &str, m: u32, t: u32) -> String {
+    use argon2::{Argon2, Params};
+    use password_hash::CustomizedPasswordHasher;
+    let Ok(params) = Params::new(m, t, 1, None) else {
+        return String::new();
+    };
+    Argon2::default()
+        .hash_password_with_params(password.as_bytes(), b"bench-salt-16byt", params)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+}
+
+fn bench_auth(c: &mut Criterion) {
+    // 100 agents; one hash made (each costs what a verification does), shared by all.
+    let hash = phc("password-42", 19 * 1024, 2);
+    let mut sources = RulesSources::default();
+    for i in 0..100 {
+        sources.agents.push(SourceFile {
+            path: format!("rules/agents/agent-{i}.toml").into(),
+            text: format!(
+                "name = \"agent-{i}\"\n[credentials]\nusername = \"agent-{i}\"\npassword_hash = \"{hash}\"\n"
+            ),
+        });
+    }
+    let policy = match compile(&sources, &[443], 1) {
+        Ok(p) => p,
+        Err(e) => panic!("bench policy invalid: {e}"),
+    };
+    let auth = Authenticator::new(AuthSettings::default());
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        panic!("no runtime");
+    };
+    let source: std::net::IpAddr = [10, 66, 0, 11].into();
+    let (user, password) = ("agent-42", "password-42");
+    // The one verification that fills the cache.
+    let first =
+        rt.block_on(auth.authenticate(&policy, source, user, password, &Session::default()));
+    assert!(first.is_ok(), "bench credentials refused: {first:?}");
+
+    let mut g = c.benchmark_group("proxy_auth");
+    g.bench_function("cache_hit_key_and_lookup", |b| {
+        b.iter(|| {
+            let key = auth.credential_key(black_box(user), black_box(password));
+            black_box(auth.cached(&policy, user, &key, std::time::Instant::now()))
+        })
+    });
+    // What a new connection with verified credentials pays in all (a fresh session each).
+    g.bench_function("authenticate_cache_hit", |b| {
+        b.iter(|| {
+            black_box(rt.block_on(auth.authenticate(
+                &policy,
+                source,
+                black_box(user),
+                black_box(password),
+                &Session::default(),
+            )))
+        })
+    });
+    // Later requests on the same keep-alive connection.
+    let session = Session::default();
+    g.bench_function("authenticate_same_connection", |b| {
+        b.iter(|| {
+            black_box(rt.block_on(auth.authenticate(
+                &policy,
+                source,
+                black_box(user),
+                black_box(password),
+                &session,
+            )))
+        })
+    });
+    let sha = PasswordCheck::Sha256([0; 32]);
+    g.bench_function("verify_sha256", |b| {
+        b.iter(|| black_box(sha.verify(black_box(b"password-42"))))
+    });
+    g.finish();
+
+    // A cache miss: one argon2id verification at m = 19456 KiB, t = 2, p = 1.
+    let Some((_, creds)) = policy.credentials_for(user) else {
+        panic!("no credentials");
+    };
+    let mut g = c.benchmark_group("proxy_auth_verify");
+    g.sample_size(10);
+    g.bench_function("argon2id_m19456_t2", |b| {
+        b.iter(|| black_box(creds.password.verify(black_box(b"wrong-password"))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_auth);
 criterion_main!(benches);

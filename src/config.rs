@@ -31,6 +31,7 @@ struct RawConfig {
     caps: RawCaps,
     dns: RawDns,
     admin: RawAdmin,
+    auth: RawAuth,
 }
 
 impl Default for RawConfig {
@@ -50,6 +51,7 @@ impl Default for RawConfig {
             caps: RawCaps::default(),
             dns: RawDns::default(),
             admin: RawAdmin::default(),
+            auth: RawAuth::default(),
         }
     }
 }
@@ -269,6 +271,111 @@ pub struct AdminSettings {
     pub control_socket: Option<PathBuf>,
 }
 
+// --- [auth]: proxy Basic-auth verification and guessing back-off (src/proxy/auth.rs) ---
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    /// Failed attempts a source gets before its back-off starts.
+    free_failures: u32,
+    /// The first back-off; each further failure doubles it, up to `backoff_max_ms`.
+    backoff_initial_ms: u64,
+    backoff_max_ms: u64,
+    /// A source's failures are forgotten this long after its last one.
+    forget_after_secs: u64,
+    /// Sources tracked at once (a fixed table: a flood of sources evicts, never grows it).
+    tracked_sources: usize,
+    /// A verified (username, password) is trusted again for this long without verifying.
+    cache_secs: u64,
+    /// Verified credentials kept at most.
+    cache_entries: usize,
+    /// argon2id verifications run at once (each on a blocking thread); beyond, 407 at once.
+    max_concurrent_verifications: usize,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            free_failures: 5,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+            forget_after_secs: 900,
+            tracked_sources: 4_096,
+            cache_secs: 300,
+            cache_entries: 1_024,
+            max_concurrent_verifications: 2,
+        }
+    }
+}
+
+/// The validated `[auth]` section (docs/proxy-auth.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    pub free_failures: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub forget_after: Duration,
+    pub tracked_sources: usize,
+    pub cache_ttl: Duration,
+    pub cache_entries: usize,
+    pub max_concurrent_verifications: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        auth_settings(RawAuth::default())
+    }
+}
+
+fn auth_settings(raw: RawAuth) -> AuthSettings {
+    AuthSettings {
+        free_failures: raw.free_failures,
+        backoff_initial: Duration::from_millis(raw.backoff_initial_ms),
+        backoff_max: Duration::from_millis(raw.backoff_max_ms),
+        forget_after: Duration::from_secs(raw.forget_after_secs),
+        tracked_sources: raw.tracked_sources,
+        cache_ttl: Duration::from_secs(raw.cache_secs),
+        cache_entries: raw.cache_entries,
+        max_concurrent_verifications: raw.max_concurrent_verifications,
+    }
+}
+
+fn compile_auth(
+    raw: RawAuth,
+    key_error: impl Fn(&str, String) -> SourceError,
+) -> Result<AuthSettings, SourceError> {
+    for (key, v) in [
+        ("auth.free_failures", u64::from(raw.free_failures)),
+        ("auth.backoff_initial_ms", raw.backoff_initial_ms),
+        ("auth.backoff_max_ms", raw.backoff_max_ms),
+        ("auth.forget_after_secs", raw.forget_after_secs),
+        ("auth.tracked_sources", raw.tracked_sources as u64),
+        ("auth.cache_entries", raw.cache_entries as u64),
+        (
+            "auth.max_concurrent_verifications",
+            raw.max_concurrent_verifications as u64,
+        ),
+    ] {
+        if v == 0 {
+            return Err(key_error(key, "must be greater than 0".into()));
+        }
+    }
+    if raw.backoff_initial_ms > raw.backoff_max_ms {
+        return Err(key_error(
+            "auth.backoff_initial_ms",
+            "must not exceed auth.backoff_max_ms".into(),
+        ));
+    }
+    if raw.forget_after_secs.saturating_mul(1000) < raw.backoff_max_ms {
+        return Err(key_error(
+            "auth.forget_after_secs",
+            "must be at least auth.backoff_max_ms: a source would be forgotten during its back-off"
+                .into(),
+        ));
+    }
+    Ok(auth_settings(raw))
+}
+
 // --- [dns]: the filtering DNS forwarder (src/dns/) ---
 
 #[derive(Debug, Deserialize)]
@@ -409,6 +516,7 @@ pub struct Config {
     pub dns_listen: Vec<SocketAddr>,
     pub dns: DnsSettings,
     pub admin: AdminSettings,
+    pub auth: AuthSettings,
 }
 
 impl Config {
@@ -568,6 +676,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         p => LogDestination::File(resolve(PathBuf::from(p))),
     };
     let dns = compile_dns(raw.dns, key_error)?;
+    let auth = compile_auth(raw.auth, key_error)?;
     let a = raw.admin;
     if a.max_connections == 0 {
         return Err(key_error(
@@ -623,6 +732,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         dns_listen: raw.listen.dns,
         dns,
         admin,
+        auth,
     })
 }
 
@@ -670,6 +780,33 @@ mod tests {
         let e = parse("[timeouts]\nconnect_ms = 0\n").unwrap_err();
         assert_eq!(e.key, "timeouts.connect_ms");
         assert_eq!(e.line, 2);
+    }
+
+    #[test]
+    fn auth_section_is_validated() {
+        assert_eq!(parse("").unwrap().auth, AuthSettings::default());
+        let c =
+            parse("[auth]\nfree_failures = 3\nbackoff_max_ms = 400\nbackoff_initial_ms = 100\n")
+                .unwrap();
+        assert_eq!(c.auth.backoff_max, Duration::from_millis(400));
+        assert_eq!(c.auth.free_failures, 3);
+        for (text, key) in [
+            ("[auth]\nfree_failures = 0\n", "auth.free_failures"),
+            (
+                "[auth]\nmax_concurrent_verifications = 0\n",
+                "auth.max_concurrent_verifications",
+            ),
+            (
+                "[auth]\nbackoff_initial_ms = 70000\n",
+                "auth.backoff_initial_ms",
+            ),
+            ("[auth]\nforget_after_secs = 10\n", "auth.forget_after_secs"),
+            ("[auth]\nguesses = 10\n", "guesses"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.key, key, "{text}");
+            assert_eq!(e.line, 2, "{text}");
+        }
     }
 
     #[test]

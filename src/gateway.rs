@@ -36,6 +36,8 @@ pub struct Shared {
     pub caps: Arc<ConnectionCaps>,
     /// Bytes held in hellos and request heads not yet complete, all connections together.
     pub handshake: Arc<crate::proxy::peek::HandshakeBudget>,
+    /// Proxy Basic auth: recent successes, per-source back-off, the verification limit.
+    pub auth: crate::proxy::auth::Authenticator,
     /// Fired on SIGTERM: listeners stop accepting.
     pub stop_accepting: CancellationToken,
     /// Fired when draining is over: live tunnels close.
@@ -201,6 +203,7 @@ pub async fn start(
             unknown: config.max_connections_unknown,
         }),
         handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
+        auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
         config,
         policy: ArcSwap::from_pointee(policy),
         resolver,

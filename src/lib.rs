@@ -6,11 +6,13 @@
 //! gateway::start ─ binds listeners after the policy is loaded (fail closed)
 //!   proxy::explicit::serve      accept; proxy::caps bounds total and per-source slots
 //!   proxy::explicit::handle     one HTTP request:
-//!     policy::Policy::identify      source CIDR or Proxy-Authorization → agent
+//!     proxy::auth::Authenticator    Proxy-Authorization → agent (memo, success cache,
+//!                                   per-source back-off, argon2id on blocking threads)
+//!     policy::Policy::identify      else the source CIDR → agent
 //!     proxy::target::parse_request  CONNECT authority / absolute URI + Host (THREATS A3)
 //!     policy::Policy::evaluate      pure decision: deny rules, allow rules, default deny
 //!     proxy::upstream::connect      resolve (injected Resolve), check_address every
-//!                                   address (THREATS B5), dial the checked address
+//!                                   address (literal or resolved), dial the checked address
 //!     proxy::relay::relay           bytes both ways by splice(2) (sys::splice), counted,
 //!                                   idle timeout, cancellable; no buffer while idle
 //!   telemetry::Telemetry::record    one ConnectionRecord → one JSON log line (bounded queue)

@@ -39,7 +39,11 @@ fn main() {
         Command::UnlockRevive => cli::unlock_revive(config),
         Command::Reload => cli::reload(config),
         Command::ApplyRuleset => cli::apply_ruleset(config),
-        Command::Explain { agent, target } => cli::explain(config, &agent, &target),
+        Command::Explain {
+            agent,
+            target,
+            address,
+        } => cli::explain(config, &agent, &target, &address),
         Command::Selftest(args) => cli::selftest(*args),
     };
     std::process::exit(code);

@@ -43,7 +43,8 @@ struct TunnelEntry {
 }
 
 /// Would `policy` still allow `agent`'s tunnel to `target` at `addrs`: the name rules and
-/// every address check (`allow_cidrs` for special addresses) the decision relied on.
+/// every address check (`allow_cidrs`, or `resolve_cidrs` for a name's addresses) the
+/// decision relied on.
 pub fn still_allowed(
     policy: &Policy,
     agent: &str,
@@ -51,10 +52,16 @@ pub fn still_allowed(
     addrs: &[std::net::IpAddr],
 ) -> bool {
     let agent = policy.agent_by_name(agent);
+    let origin = match target.host {
+        crate::policy::Host::Ip(_) => crate::policy::AddressOrigin::Literal,
+        crate::policy::Host::Name(_) => crate::policy::AddressOrigin::Resolved,
+    };
     policy.evaluate(agent, target).is_allow()
-        && addrs
-            .iter()
-            .all(|ip| policy.check_address(agent, *ip, target.port).is_ok())
+        && addrs.iter().all(|ip| {
+            policy
+                .check_address(agent, *ip, target.port, origin)
+                .is_ok()
+        })
 }
 
 /// Registration of one live tunnel; removed on drop.
@@ -171,6 +178,9 @@ pub async fn reload(shared: &Shared) -> Result<u64, String> {
                 }
             }
             tracing::info!(generation = next, revoked, "policy reloaded");
+            for w in policy.warnings() {
+                tracing::warn!("rules: {w}");
+            }
             store_last(
                 shared,
                 LastReload {

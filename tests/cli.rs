@@ -87,6 +87,52 @@ fn check_names_file_line_and_key_of_each_error() {
     }
 }
 
+/// `password_sha256` still works, with a warning naming file, line and key; a bad
+/// `password_hash` is an error located the same way.
+#[test]
+fn check_warns_on_password_sha256_and_locates_password_hash_errors() {
+    let sha = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+    let dir = rules_with_agent(&format!(
+        "name = \"a\"\n[credentials]\nusername = \"a\"\npassword_sha256 = \"{sha}\"\n"
+    ));
+    let (code, stdout, stderr) = portcullis(&["check"], dir.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.starts_with("warning: ")
+            && stderr.contains(
+                "rules/agents/bad.toml:4: key `credentials.password_sha256`: unsalted SHA-256"
+            ),
+        "{stderr}"
+    );
+    assert!(stdout.ends_with("ok\n"), "{stdout}");
+    for (text, message) in [
+        (
+            "password_hash = \"$argon2i$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$zZHM6vZ7qNfMOr1uJQYZ0uCzYYfSyR2lM2d0HxB9FaM\"",
+            "only argon2id",
+        ),
+        ("password_hash = \"not-a-hash\"", "not a PHC string"),
+        (
+            "password_hash = \"$argon2id$v=19$m=4194304,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$zZHM6vZ7qNfMOr1uJQYZ0uCzYYfSyR2lM2d0HxB9FaM\"",
+            "costs more than one verification may",
+        ),
+        (
+            &format!("password_hash = \"x\"\npassword_sha256 = \"{sha}\""),
+            "not both",
+        ),
+    ] {
+        let dir = rules_with_agent(&format!(
+            "name = \"a\"\n[credentials]\nusername = \"a\"\n{text}\n"
+        ));
+        let (code, stdout, stderr) = portcullis(&["check"], dir.path());
+        assert_eq!(code, 1, "{text}: {stdout}");
+        assert!(
+            stderr.contains("rules/agents/bad.toml:4: key `credentials.password_hash`: "),
+            "{text}: {stderr}"
+        );
+        assert!(stderr.contains(message), "{text}: {stderr}");
+    }
+}
+
 #[test]
 fn check_rejects_overlapping_sources_between_agents() {
     let dir = rules_with_agent("name = \"a\"\nsources = [\"10.66.0.0/24\"]\n");
@@ -178,6 +224,64 @@ fn explain_prints_verdict_and_rule() {
     assert_eq!(code, 1);
     assert!(
         stdout.contains("deny (not_allowed)") && stdout.contains("(default deny)"),
+        "{stdout}"
+    );
+}
+
+/// `explain` says which rule let an address through: `resolve_cidrs` for a name resolving
+/// into the range, `allow_cidrs` for a literal, and refuses the literal `resolve_cidrs` alone
+/// covers (naming the rule that does not apply).
+#[test]
+fn explain_shows_whether_allow_cidrs_or_resolve_cidrs_applied() {
+    let dir = rules_with_agent(
+        "name = \"a\"\nallow = [\"mirror.corp.test\"]\nresolve_cidrs = [\"10.1.2.0/24\"]\nallow_cidrs = [\"10.9.9.9/32:443\"]\n",
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["explain", "--agent", "a"];
+        all.extend_from_slice(args);
+        portcullis(&all, dir.path())
+    };
+    let (code, stdout, _) = run(&[
+        "mirror.corp.test:443",
+        "--address",
+        "10.1.2.3",
+        "--address",
+        "8.8.8.8",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains(
+            "address: 10.1.2.3 allow (resolve_cidrs agents/bad.toml:resolve_cidrs:10.1.2.0/24)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("address: 8.8.8.8 allow (public address)"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["mirror.corp.test:443", "--address", "10.1.3.1"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("address: 10.1.3.1 deny (private_address)"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["10.1.2.3:443"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("verdict: deny (ip_literal)"), "{stdout}");
+    assert!(
+        stdout.contains("address: 10.1.2.3 deny (private_address)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("agents/bad.toml:resolve_cidrs:10.1.2.0/24 covers 10.1.2.3 for names"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["10.9.9.9:443"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains(
+            "address: 10.9.9.9 allow (allow_cidrs agents/bad.toml:allow_cidrs:10.9.9.9/32:443)"
+        ),
         "{stdout}"
     );
 }

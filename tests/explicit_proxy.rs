@@ -608,3 +608,52 @@ async fn dns_rebinding_resolve_once_dial_that_address_threats_b6() {
     );
     running.shutdown(Duration::from_secs(1)).await;
 }
+
+/// `resolve_cidrs`: an allowed name that resolves into the range is reached (plain HTTP and
+/// CONNECT); the same address as an IP literal is refused, and no byte reaches it.
+#[tokio::test]
+async fn names_may_resolve_into_resolve_cidrs_but_literals_are_refused() {
+    let up = http_upstream("mirror").await;
+    let port = up.addr.port();
+    let text = format!(
+        "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"mirror.test:{port}\"]\nresolve_cidrs = [\"127.0.0.0/8\"]\n"
+    );
+    let gw = gateway(
+        &[("coder-1", &text)],
+        &[],
+        localhost_resolver(&["mirror.test"]),
+    )
+    .await;
+    let by_name = curl(&[
+        "-x",
+        &gw.proxy_url(),
+        &format!("http://mirror.test:{port}/"),
+    ])
+    .await;
+    assert_eq!(by_name.stdout, "mirror", "{}", by_name.stderr);
+    assert_eq!(up.seen.connections(), 1);
+    for url in [
+        format!("http://127.0.0.1:{port}/"),
+        format!("https://127.0.0.1:{port}/"),
+    ] {
+        let out = curl(&[
+            "-x",
+            &gw.proxy_url(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_connect}",
+            &url,
+        ])
+        .await;
+        assert!(out.stdout.contains("403"), "{url}: {}", out.stdout);
+    }
+    assert_eq!(up.seen.connections(), 1, "an IP literal reached the range");
+    let lines = gw.log_lines(3).await;
+    assert_eq!(lines[0]["event.action"], "allow", "{lines:?}");
+    assert!(
+        lines[1..].iter().all(|l| l["event.reason"] == "ip_literal"),
+        "{lines:?}"
+    );
+    gw.stop().await;
+}

@@ -69,6 +69,8 @@ files=(
   usr/share/doc/portcullis/docs/memory.md
   usr/share/doc/portcullis/docs/denials.md
   usr/share/doc/portcullis/docs/dns.md
+  usr/share/doc/portcullis/docs/proxy-auth.md
+  usr/share/doc/portcullis/docs/addresses.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright
 )

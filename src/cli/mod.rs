@@ -11,7 +11,7 @@ use crate::config::Config;
 mod remote;
 mod selftest;
 use crate::nft::{self, RulesetSpec};
-use crate::policy::{Decision, Policy, Target};
+use crate::policy::{AddressGrant, AddressOrigin, Decision, Host, Policy, Target};
 use crate::proxy::target::parse_authority;
 use crate::proxy::upstream::DnsResolver;
 pub use remote::{kill, reload, revive, status, unlock_revive};
@@ -72,6 +72,10 @@ pub enum Command {
         agent: String,
         /// `https://host/...`, `http://host:port/...` or `host:port`.
         target: String,
+        /// An address the target's name resolves to (repeatable): checked as at connect
+        /// time, showing whether it passes as public, by `allow_cidrs` or by `resolve_cidrs`.
+        #[arg(long)]
+        address: Vec<std::net::IpAddr>,
     },
     /// Run on an agent: try every escape path (direct IP, other ports, QUIC, IPv6, outside
     /// DNS, DNS exfiltration, DoH, a denied name) and the gateway itself; print a table.
@@ -194,16 +198,21 @@ pub fn check(config_path: Option<&Path>) -> i32 {
                     .map_or("<built-in>".into(), |p| p.display().to_string())
             );
             println!("rules:  {}", config.rules_dir.display());
+            // Accepted, but worth changing: on stderr like errors, without failing.
+            for w in policy.warnings() {
+                eprintln!("warning: {w}");
+            }
             for (_, a) in policy.agents() {
                 let rules: usize = a.allow.iter().map(|s| s.len()).sum();
                 let denies: usize = a.deny.iter().map(|s| s.len()).sum();
                 println!(
-                    "agent {:<20} sources {:<3} allow {:<5} deny {:<4} allow_cidrs {}",
+                    "agent {:<20} sources {:<3} allow {:<5} deny {:<4} allow_cidrs {} resolve_cidrs {}",
                     a.name,
                     a.sources.len(),
                     rules,
                     denies,
-                    a.allow_cidrs.len()
+                    a.allow_cidrs.len(),
+                    a.resolve_cidrs.len()
                 );
             }
             for warning in check_warnings(&config, &policy) {
@@ -263,7 +272,12 @@ pub fn parse_explain_target(s: &str) -> Result<Target, String> {
     parse_authority(authority, default_port).map_err(|r| format!("cannot parse target `{s}`: {r}"))
 }
 
-pub fn explain(config_path: Option<&Path>, agent: &str, target: &str) -> i32 {
+pub fn explain(
+    config_path: Option<&Path>,
+    agent: &str,
+    target: &str,
+    addresses: &[std::net::IpAddr],
+) -> i32 {
     let result = (|| {
         let config = load_config(config_path)?;
         let policy = load_policy(&config)?;
@@ -284,12 +298,43 @@ pub fn explain(config_path: Option<&Path>, agent: &str, target: &str) -> i32 {
         println!("target:  {target}");
         println!("verdict: {verdict}");
         println!("rule:    {}", v.rule.as_deref().unwrap_or("(default deny)"));
-        if v.is_allow() {
+        let mut allowed = v.is_allow();
+        // An IP literal is its own address; a name's are the ones given with --address.
+        let (checked, origin) = match target.host {
+            Host::Ip(ip) => (vec![ip], AddressOrigin::Literal),
+            Host::Name(_) => (addresses.to_vec(), AddressOrigin::Resolved),
+        };
+        let agent_policy = id.and_then(|id| policy.agent(id));
+        for ip in checked {
+            let line = match policy.address_grant(id, ip, target.port, origin) {
+                Ok(AddressGrant::Public) => "allow (public address)".to_owned(),
+                Ok(AddressGrant::AllowCidrs(c)) => format!("allow (allow_cidrs {})", c.rule),
+                Ok(AddressGrant::ResolveCidrs(c)) => format!("allow (resolve_cidrs {})", c.rule),
+                Err(d) => {
+                    allowed = false;
+                    let reason = d
+                        .deny_reason()
+                        .unwrap_or(crate::policy::Reason::PrivateAddress);
+                    format!("deny ({reason})")
+                }
+            };
+            println!("address: {ip} {line}");
+            if origin == AddressOrigin::Literal
+                && let Some(c) = agent_policy.and_then(|a| a.resolve_cidr(ip))
+                && !v.is_allow()
+            {
+                println!(
+                    "note:    {} covers {ip} for names that resolve into it only; an IP literal needs allow_cidrs",
+                    c.rule
+                );
+            }
+        }
+        if v.is_allow() && matches!(target.host, Host::Name(_)) && addresses.is_empty() {
             println!(
-                "note:    resolved addresses are checked at connect time (private ranges need allow_cidrs)"
+                "note:    resolved addresses are checked at connect time (special ranges need allow_cidrs or resolve_cidrs; try --address)"
             );
         }
-        Ok(i32::from(!v.is_allow()))
+        Ok(i32::from(!allowed))
     })();
     result.unwrap_or_else(|e| {
         eprintln!("{e}");
@@ -331,6 +376,9 @@ pub async fn run(config_path: Option<&Path>) -> i32 {
             return 1;
         }
     };
+    for w in policy.warnings() {
+        tracing::warn!("rules: {w}");
+    }
     let resolver = match DnsResolver::new(&config.resolver_upstreams, config.resolver_timeout) {
         Ok(r) => Arc::new(r),
         Err(e) => {

@@ -476,14 +476,13 @@ fn shed(
     Step::Reply(reply.to_vec())
 }
 
-/// Public addresses, and special ones the agent's `allow_cidrs` cover (any port: the name
-/// may serve on the port the CIDR rule names).
+/// Public addresses, and special ones the agent's `allow_cidrs` (any port: the name may
+/// serve on the port the CIDR rule names) or `resolve_cidrs` cover.
 fn may_reach(agent: Option<&AgentPolicy>, ip: IpAddr) -> bool {
-    if !address::is_special(ip) {
-        return true;
+    match agent {
+        Some(a) => a.may_resolve_into(ip),
+        None => !address::is_special(ip),
     }
-    let ip = address::canonical(ip);
-    agent.is_some_and(|a| a.allow_cidrs.iter().any(|c| c.net.contains(&ip)))
 }
 
 fn response(request: &Message, rcode: ResponseCode, answers: Vec<Record>) -> Message {

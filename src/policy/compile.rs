@@ -10,11 +10,15 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::binding::{MacAddr, SourceBinding, valid_interface_name};
+use super::credentials::parse_argon2id;
 use super::pattern::{DomainPattern, DomainSet, Rule};
 use super::rules::{
     RawAgent, RawCredentials, RawLimits, RawList, RawSource, RulesSources, SourceError, SourceFile,
 };
-use super::{AgentId, AgentPolicy, CidrRule, Credentials, Limits, Policy, UNKNOWN_AGENT, address};
+use super::{
+    AgentId, AgentPolicy, CidrRule, Credentials, Limits, PasswordCheck, Policy, UNKNOWN_AGENT,
+    address,
+};
 
 /// All errors found while compiling; never empty.
 #[derive(Debug, Clone)]
@@ -46,6 +50,7 @@ pub fn compile(
     generation: u64,
 ) -> Result<Policy, CompileErrors> {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let mut lists: HashMap<String, CompiledList> = HashMap::new();
     for file in &sources.lists {
         let Some(raw) = parse_or_push::<RawList>(file, &mut errors) else {
@@ -159,6 +164,26 @@ pub fn compile(
                 )),
             }
         }
+        let mut resolve_cidrs = Vec::new();
+        for c in &raw.resolve_cidrs {
+            let text = c.get_ref();
+            match parse_net(text) {
+                Some(net) => resolve_cidrs.push(CidrRule {
+                    net,
+                    port: None,
+                    rule: Arc::from(format!("{label}:resolve_cidrs:{text}")),
+                }),
+                None => errors.push(file.error_at(
+                    c.span().start,
+                    "resolve_cidrs",
+                    if parse_cidr_rule(text).is_some() {
+                        format!("`{text}`: resolve_cidrs take no port (the name's allow rule decides the port)")
+                    } else {
+                        format!("`{text}` is not a CIDR")
+                    },
+                )),
+            }
+        }
         let limits = raw
             .limits
             .as_ref()
@@ -167,7 +192,7 @@ pub fn compile(
         let credentials = raw
             .credentials
             .as_ref()
-            .and_then(|c| compile_credentials(file, c, &mut errors));
+            .and_then(|c| compile_credentials(file, c, &mut errors, &mut warnings));
         if let Some(c) = &credentials
             && policy.by_username.contains_key(&c.username)
         {
@@ -175,7 +200,7 @@ pub fn compile(
                 file.error_at(
                     raw.credentials
                         .as_ref()
-                        .map(|c| c.span().start)
+                        .map(|c| c.get_ref().username.span().start)
                         .unwrap_or(0),
                     "credentials.username",
                     format!("username `{}` is used by another agent", c.username),
@@ -202,6 +227,7 @@ pub fn compile(
             allow,
             deny,
             allow_cidrs,
+            resolve_cidrs,
             deny_ech: raw.deny_ech,
             allow_missing_sni: raw.allow_missing_sni,
             limits,
@@ -209,6 +235,7 @@ pub fn compile(
         });
     }
     if errors.is_empty() {
+        policy.warnings = warnings;
         Ok(policy)
     } else {
         Err(CompileErrors(errors))
@@ -437,28 +464,72 @@ fn compile_credentials(
     file: &SourceFile,
     raw: &Spanned<RawCredentials>,
     errors: &mut Vec<SourceError>,
+    warnings: &mut Vec<SourceError>,
 ) -> Option<Credentials> {
     let c = raw.get_ref();
-    let mut hash = [0u8; 32];
-    if c.username.is_empty() || c.username.contains(':') {
+    let username = c.username.get_ref();
+    if username.is_empty() || username.contains(':') {
         errors.push(file.error_at(
-            raw.span().start,
+            c.username.span().start,
             "credentials.username",
             "must be non-empty and contain no `:`",
         ));
         return None;
     }
-    if hex::decode_to_slice(&c.password_sha256, &mut hash).is_err() {
-        errors.push(file.error_at(
-            raw.span().start,
-            "credentials.password_sha256",
-            "must be 64 hex digits: printf %s \"$PASSWORD\" | sha256sum",
-        ));
-        return None;
-    }
+    let password = match (&c.password_hash, &c.password_sha256) {
+        (Some(h), Some(_)) => {
+            errors.push(file.error_at(
+                h.span().start,
+                "credentials.password_hash",
+                "give password_hash or password_sha256, not both",
+            ));
+            return None;
+        }
+        (None, None) => {
+            errors.push(file.error_at(
+                raw.span().start,
+                "credentials.password_hash",
+                "missing: an argon2id PHC string (docs/proxy-auth.md)",
+            ));
+            return None;
+        }
+        (Some(h), None) => match parse_argon2id(h.get_ref()) {
+            Ok(parsed) => {
+                if let Some(weak) = parsed.weak {
+                    warnings.push(file.error_at(h.span().start, "credentials.password_hash", weak));
+                }
+                parsed.check
+            }
+            Err(e) => {
+                errors.push(file.error_at(
+                    h.span().start,
+                    "credentials.password_hash",
+                    e.to_string(),
+                ));
+                return None;
+            }
+        },
+        (None, Some(sha)) => {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(sha.get_ref(), &mut hash).is_err() {
+                errors.push(file.error_at(
+                    sha.span().start,
+                    "credentials.password_sha256",
+                    "must be 64 hex digits: printf %s \"$PASSWORD\" | sha256sum",
+                ));
+                return None;
+            }
+            warnings.push(file.error_at(
+                sha.span().start,
+                "credentials.password_sha256",
+                "unsalted SHA-256 is cheap to guess offline if the rules leak: replace it with password_hash, an argon2id PHC string (docs/proxy-auth.md)",
+            ));
+            PasswordCheck::Sha256(hash)
+        }
+    };
     Some(Credentials {
-        username: c.username.clone(),
-        password_sha256: hash,
+        username: username.clone(),
+        password,
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod address;
 pub(crate) mod binding;
 mod compile;
+mod credentials;
 pub mod domain;
 pub mod pattern;
 pub mod rules;
@@ -18,20 +19,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::hash::RuleKeyMap;
 
 pub use binding::{MacAddr, MacError, SourceBinding};
 pub use compile::{CompileErrors, compile};
+pub use credentials::{Credentials, PasswordCheck};
 pub use domain::{DomainName, Host, parse_host};
 pub use pattern::{DomainPattern, DomainSet, Rule};
 pub use verdict::{Decision, Reason, Verdict};
 
 /// Index of an agent in the policy that identified it. Only meaningful with that policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AgentId(u32);
+pub struct AgentId(pub(crate) u32);
 
 /// What a connection wants to reach, as the agent named it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +56,8 @@ pub struct Limits {
     pub daily_bytes: Option<u64>,
 }
 
-/// A CIDR an agent may reach by address (or may resolve into, for private ranges).
+/// A CIDR rule: `allow_cidrs` (addresses an agent may reach by IP literal, and names may
+/// resolve into) or `resolve_cidrs` (special ranges names may resolve into; no port).
 #[derive(Debug, Clone)]
 pub struct CidrRule {
     pub net: IpNet,
@@ -75,17 +76,52 @@ pub struct AgentPolicy {
     pub allow: Vec<Arc<DomainSet>>,
     pub deny: Vec<Arc<DomainSet>>,
     pub allow_cidrs: Vec<CidrRule>,
+    pub resolve_cidrs: Vec<CidrRule>,
     pub deny_ech: bool,
     pub allow_missing_sni: bool,
     pub limits: Limits,
     pub credentials: Option<Credentials>,
 }
 
-/// Proxy credentials; only the SHA-256 of the password is kept.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password_sha256: [u8; 32],
+impl AgentPolicy {
+    /// The `resolve_cidrs` rule that covers `ip`, if any.
+    pub fn resolve_cidr(&self, ip: IpAddr) -> Option<&CidrRule> {
+        let ip = address::canonical(ip);
+        self.resolve_cidrs.iter().find(|c| c.net.contains(&ip))
+    }
+
+    /// May a name this agent asks for resolve to `ip` (the DNS forwarder's rebinding
+    /// filter)? Public addresses, and special ones an `allow_cidrs` rule (on any port: the
+    /// name may serve on the port the rule names) or a `resolve_cidrs` rule covers.
+    pub fn may_resolve_into(&self, ip: IpAddr) -> bool {
+        if !address::is_special(ip) {
+            return true;
+        }
+        let canonical = address::canonical(ip);
+        self.allow_cidrs.iter().any(|c| c.net.contains(&canonical))
+            || self.resolve_cidr(ip).is_some()
+    }
+}
+
+/// Where an address about to be dialled came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressOrigin {
+    /// The agent named the address itself (`CONNECT 10.1.2.3:443`, `Host: 10.1.2.3`):
+    /// only `allow_cidrs` admits a special one.
+    Literal,
+    /// The gateway resolved an allowed name to it: `allow_cidrs` or `resolve_cidrs`.
+    Resolved,
+}
+
+/// Why an address may be dialled.
+#[derive(Debug, Clone, Copy)]
+pub enum AddressGrant<'a> {
+    /// Not a special address: no rule needed.
+    Public,
+    /// A special address under this `allow_cidrs` rule.
+    AllowCidrs(&'a CidrRule),
+    /// A special address a name resolved to, under this `resolve_cidrs` rule.
+    ResolveCidrs(&'a CidrRule),
 }
 
 /// Who sent a connection, as far as the policy can tell.
@@ -93,7 +129,7 @@ pub struct Credentials {
 pub enum Identity {
     Agent(AgentId),
     /// The source matched an agent that declares credentials, or credentials are in use
-    /// and none matched: the client must authenticate (407).
+    /// and none were presented: the client must authenticate (407).
     NeedsCredentials,
     Unknown,
 }
@@ -108,6 +144,8 @@ pub struct Policy {
     by_host_source: RuleKeyMap<IpAddr, AgentId>,
     by_net_source: Vec<(IpNet, AgentId)>,
     by_username: RuleKeyMap<String, AgentId>,
+    /// What `check` prints as warnings: accepted, but worth changing.
+    warnings: Vec<rules::SourceError>,
 }
 
 /// Name used in logs and metrics for connections that matched no agent.
@@ -130,7 +168,13 @@ impl Policy {
             by_host_source: RuleKeyMap::default(),
             by_net_source: Vec::new(),
             by_username: RuleKeyMap::default(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Accepted but discouraged settings, each located like an error (`check` prints them).
+    pub fn warnings(&self) -> &[rules::SourceError] {
+        &self.warnings
     }
 
     pub fn generation(&self) -> u64 {
@@ -171,19 +215,11 @@ impl Policy {
             .map(|(_, id)| *id)
     }
 
-    /// Identify an explicit-proxy client: credentials when given, else the source address.
-    /// An agent that declares credentials must present them.
-    pub fn identify(&self, source: IpAddr, basic: Option<(&str, &str)>) -> Identity {
-        if let Some((user, password)) = basic {
-            return match self.by_username.get(user).and_then(|&id| {
-                let creds = self.agent(id)?.credentials.as_ref()?;
-                let digest: [u8; 32] = Sha256::digest(password.as_bytes()).into();
-                bool::from(digest.ct_eq(&creds.password_sha256)).then_some(id)
-            }) {
-                Some(id) => Identity::Agent(id),
-                None => Identity::NeedsCredentials,
-            };
-        }
+    /// Identify a client that presented no credentials, by its source address. An agent
+    /// that declares credentials must present them, and while any agent has credentials, an
+    /// unknown source is asked for them. Credentials are checked by `proxy::auth` (their
+    /// verification may be costly), starting from [`Policy::credentials_for`].
+    pub fn identify(&self, source: IpAddr) -> Identity {
         match self.agent_by_source(source) {
             Some(id) if self.agent(id).is_some_and(|a| a.credentials.is_some()) => {
                 Identity::NeedsCredentials
@@ -192,6 +228,13 @@ impl Policy {
             None if !self.by_username.is_empty() => Identity::NeedsCredentials,
             None => Identity::Unknown,
         }
+    }
+
+    /// The agent a Basic-auth username belongs to, and its credentials. Pure lookup: the
+    /// password is not checked here.
+    pub fn credentials_for(&self, username: &str) -> Option<(AgentId, &Credentials)> {
+        let id = *self.by_username.get(username)?;
+        Some((id, self.agent(id)?.credentials.as_ref()?))
     }
 
     fn default_port(&self, port: u16) -> bool {
@@ -225,21 +268,42 @@ impl Policy {
         }
     }
 
-    /// Check a resolved address before dialling it (DESIGN §2 step 5). Special addresses
-    /// pass only under an `allow_cidrs` rule. Pure.
+    /// Check an address before dialling it (DESIGN §2 step 5). Special addresses pass only
+    /// under an `allow_cidrs` rule, or a `resolve_cidrs` rule when a name resolved to them.
+    /// Pure.
     pub fn check_address(
         &self,
         agent: Option<AgentId>,
         ip: IpAddr,
         port: u16,
+        origin: AddressOrigin,
     ) -> Result<(), Verdict> {
+        self.address_grant(agent, ip, port, origin).map(|_| ())
+    }
+
+    /// [`Policy::check_address`], and which rule let the address through (for `explain`).
+    pub fn address_grant(
+        &self,
+        agent: Option<AgentId>,
+        ip: IpAddr,
+        port: u16,
+        origin: AddressOrigin,
+    ) -> Result<AddressGrant<'_>, Verdict> {
         let Some(a) = agent.and_then(|id| self.agent(id)) else {
             return Err(Verdict::deny(Reason::UnknownAgent));
         };
-        if !address::is_special(ip) || cidr_rule(a, ip, port, |p| self.default_port(p)).is_some() {
-            Ok(())
-        } else {
-            Err(Verdict::deny(Reason::PrivateAddress))
+        if !address::is_special(ip) {
+            return Ok(AddressGrant::Public);
+        }
+        if let Some(rule) = cidr_rule(a, ip, port, |p| self.default_port(p)) {
+            return Ok(AddressGrant::AllowCidrs(rule));
+        }
+        match origin {
+            AddressOrigin::Resolved => a
+                .resolve_cidr(ip)
+                .map(AddressGrant::ResolveCidrs)
+                .ok_or(Verdict::deny(Reason::PrivateAddress)),
+            AddressOrigin::Literal => Err(Verdict::deny(Reason::PrivateAddress)),
         }
     }
 
@@ -267,4 +331,222 @@ fn cidr_rule(
                 None => default_port(port),
             }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::rules::{RulesSources, SourceFile};
+    use super::*;
+
+    fn policy(agent: &str) -> Result<Policy, CompileErrors> {
+        let sources = RulesSources {
+            agents: vec![SourceFile {
+                path: "rules/agents/coder-1.toml".into(),
+                text: agent.to_owned(),
+            }],
+            lists: Vec::new(),
+        };
+        compile(&sources, &[80, 443], 1)
+    }
+
+    const MIRROR: &str = "name = \"coder-1\"\nallow = [\"mirror.corp.test\"]\nresolve_cidrs = [\"10.1.2.0/24\", \"fd00:1::/64\"]\nallow_cidrs = [\"192.168.7.7/32:443\"]\n";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn literal(s: &str, port: u16) -> Target {
+        Target {
+            host: Host::Ip(ip(s)),
+            port,
+        }
+    }
+
+    #[test]
+    fn a_name_may_resolve_into_resolve_cidrs() {
+        let p = policy(MIRROR).unwrap();
+        let id = p.agent_by_name("coder-1");
+        let name = Target {
+            host: parse_host("mirror.corp.test").unwrap(),
+            port: 443,
+        };
+        assert!(p.evaluate(id, &name).is_allow());
+        for addr in ["10.1.2.3", "::ffff:10.1.2.3", "fd00:1::5"] {
+            match p.address_grant(id, ip(addr), 443, AddressOrigin::Resolved) {
+                Ok(AddressGrant::ResolveCidrs(rule)) => assert!(
+                    rule.rule.starts_with("agents/coder-1.toml:resolve_cidrs:"),
+                    "{}",
+                    rule.rule
+                ),
+                other => panic!("{addr}: {other:?}"),
+            }
+            assert!(p.agent(id.unwrap()).unwrap().may_resolve_into(ip(addr)));
+        }
+        // Outside the range, and an embedded form of an address inside it (an IPv6
+        // destination, not 10.1.2.3): still private.
+        for addr in [
+            "10.1.3.1",
+            "127.0.0.1",
+            "::ffff:0:10.1.2.3",
+            "64:ff9b::10.1.2.3",
+        ] {
+            assert_eq!(
+                p.check_address(id, ip(addr), 443, AddressOrigin::Resolved),
+                Err(Verdict::deny(Reason::PrivateAddress)),
+                "{addr}"
+            );
+            assert!(!p.agent(id.unwrap()).unwrap().may_resolve_into(ip(addr)));
+        }
+        assert!(matches!(
+            p.address_grant(id, ip("8.8.8.8"), 443, AddressOrigin::Resolved),
+            Ok(AddressGrant::Public)
+        ));
+    }
+
+    #[test]
+    fn an_ip_literal_in_resolve_cidrs_is_still_denied() {
+        let p = policy(MIRROR).unwrap();
+        let id = p.agent_by_name("coder-1");
+        for addr in ["10.1.2.3", "fd00:1::5", "::ffff:10.1.2.3"] {
+            let v = p.evaluate(id, &literal(addr, 443));
+            assert_eq!(v.deny_reason(), Some(Reason::IpLiteral), "{addr}");
+            assert_eq!(
+                p.check_address(id, ip(addr), 443, AddressOrigin::Literal),
+                Err(Verdict::deny(Reason::PrivateAddress)),
+                "{addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn allow_cidrs_cover_literals_and_names() {
+        let p = policy(MIRROR).unwrap();
+        let id = p.agent_by_name("coder-1");
+        let v = p.evaluate(id, &literal("192.168.7.7", 443));
+        assert!(v.is_allow());
+        assert_eq!(
+            v.rule.as_deref(),
+            Some("agents/coder-1.toml:allow_cidrs:192.168.7.7/32:443")
+        );
+        for origin in [AddressOrigin::Literal, AddressOrigin::Resolved] {
+            assert!(matches!(
+                p.address_grant(id, ip("192.168.7.7"), 443, origin),
+                Ok(AddressGrant::AllowCidrs(_))
+            ));
+            // The allow_cidrs rule names a port; another port is not covered.
+            assert!(p.check_address(id, ip("192.168.7.7"), 80, origin).is_err());
+        }
+        assert!(
+            p.evaluate(id, &literal("192.168.7.7", 80)).deny_reason() == Some(Reason::IpLiteral)
+        );
+    }
+
+    #[test]
+    fn resolve_cidrs_errors_name_file_line_and_key() {
+        for (text, message) in [
+            (
+                "name = \"a\"\n\nresolve_cidrs = [\"10.1.2.0/24:443\"]\n",
+                "take no port",
+            ),
+            (
+                "name = \"a\"\n\nresolve_cidrs = [\"10.1.2.1/24\"]\n",
+                "is not a CIDR",
+            ),
+            (
+                "name = \"a\"\n\nresolve_cidrs = [\"mirror\"]\n",
+                "is not a CIDR",
+            ),
+        ] {
+            let e = policy(text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("rules/agents/coder-1.toml:3: key `resolve_cidrs`: "),
+                "{e}"
+            );
+            assert!(e.contains(message), "{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod credential_tests {
+    use super::rules::{RulesSources, SourceFile};
+    use super::*;
+    use argon2::{Argon2, Params};
+    use password_hash::CustomizedPasswordHasher;
+
+    fn phc(password: &str, m: u32, t: u32) -> String {
+        Argon2::default()
+            .hash_password_with_params(
+                password.as_bytes(),
+                b"0123456789abcdef",
+                Params::new(m, t, 1, None).unwrap(),
+            )
+            .unwrap()
+            .to_string()
+    }
+
+    fn policy(credentials: &str) -> Result<Policy, CompileErrors> {
+        let sources = RulesSources {
+            agents: vec![SourceFile {
+                path: "rules/agents/coder-1.toml".into(),
+                text: format!(
+                    "name = \"coder-1\"\n[credentials]\nusername = \"coder\"\n{credentials}\n"
+                ),
+            }],
+            lists: Vec::new(),
+        };
+        compile(&sources, &[443], 1)
+    }
+
+    #[test]
+    fn password_hash_compiles_and_warns_only_below_the_recommended_cost() {
+        let strong = policy(&format!(
+            "password_hash = \"{}\"",
+            phc("s3cret", 19 * 1024, 2)
+        ))
+        .unwrap();
+        assert!(strong.warnings().is_empty(), "{:?}", strong.warnings());
+        let (id, creds) = strong.credentials_for("coder").unwrap();
+        assert_eq!(strong.agent_by_name("coder-1"), Some(id));
+        assert!(creds.password.is_costly() && creds.password.verify(b"s3cret"));
+        assert!(
+            strong.credentials_for("coder-1").is_none(),
+            "by username, not agent name"
+        );
+
+        let weak = policy(&format!("password_hash = \"{}\"", phc("s3cret", 64, 1))).unwrap();
+        let [w] = weak.warnings() else {
+            panic!("{:?}", weak.warnings())
+        };
+        assert_eq!((w.line, w.key.as_str()), (4, "credentials.password_hash"));
+        assert!(w.message.contains("below the recommended"), "{w}");
+
+        let legacy = policy(&format!(
+            "password_sha256 = \"{}\"",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"s3cret"))
+        ))
+        .unwrap();
+        let [w] = legacy.warnings() else {
+            panic!("{:?}", legacy.warnings())
+        };
+        assert_eq!((w.line, w.key.as_str()), (4, "credentials.password_sha256"));
+        let (_, creds) = legacy.credentials_for("coder").unwrap();
+        assert!(!creds.password.is_costly() && creds.password.verify(b"s3cret"));
+    }
+
+    #[test]
+    fn credentials_need_exactly_one_password_key() {
+        let e = policy("").unwrap_err().to_string();
+        assert!(
+            e.contains("key `credentials.password_hash`: missing"),
+            "{e}"
+        );
+        let e = policy("password_sha256 = \"abc\"").unwrap_err().to_string();
+        assert!(
+            e.starts_with("rules/agents/coder-1.toml:4: key `credentials.password_sha256`: must be 64 hex digits"),
+            "{e}"
+        );
+    }
 }

@@ -104,8 +104,13 @@ pub struct RawAgent {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+    /// Raw IP destinations (`CONNECT 10.1.2.3:443`, `Host: 10.1.2.3`); names may resolve
+    /// into them too.
     #[serde(default)]
     pub allow_cidrs: Vec<Spanned<String>>,
+    /// Special ranges that allowed *names* may resolve into; IP literals in them stay denied.
+    #[serde(default)]
+    pub resolve_cidrs: Vec<Spanned<String>>,
     /// Deny TLS hellos that carry the ECH extension (DESIGN §10).
     #[serde(default)]
     pub deny_ech: bool,
@@ -166,12 +171,14 @@ pub struct RawLimits {
     pub daily_bytes: Option<Spanned<String>>,
 }
 
-/// Proxy-Authorization credentials: the password is never stored, only its SHA-256.
+/// Proxy-Authorization credentials: the password is never stored, only a hash of it:
+/// `password_hash` (argon2id PHC string) or, from earlier rules files, `password_sha256`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredentials {
-    pub username: String,
-    pub password_sha256: String,
+    pub username: Spanned<String>,
+    pub password_hash: Option<Spanned<String>>,
+    pub password_sha256: Option<Spanned<String>>,
 }
 
 /// `rules/lists/<name>.toml`, included by agents by file stem.

@@ -15,8 +15,14 @@ pub enum Reason {
     DeniedRule,
     /// The source matched no agent.
     UnknownAgent,
-    /// Proxy credentials were required and missing or wrong.
+    /// Proxy credentials were required and missing.
     AuthRequired,
+    /// Proxy credentials were presented and wrong (unknown user or wrong password).
+    AuthFailed,
+    /// Proxy credentials were refused without being verified: the source is in its
+    /// back-off after failed attempts, or the gateway is running its maximum of
+    /// verifications at once.
+    AuthThrottled,
     /// A resolved address is loopback/private/link-local/... and no `allow_cidrs` covers it.
     PrivateAddress,
     /// The target is an IP literal not covered by `allow_cidrs`.
@@ -46,11 +52,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 22] = [
         Reason::NotAllowed,
         Reason::DeniedRule,
         Reason::UnknownAgent,
         Reason::AuthRequired,
+        Reason::AuthFailed,
+        Reason::AuthThrottled,
         Reason::PrivateAddress,
         Reason::IpLiteral,
         Reason::SniMismatch,
@@ -75,6 +83,8 @@ impl Reason {
             Reason::DeniedRule => "denied_rule",
             Reason::UnknownAgent => "unknown_agent",
             Reason::AuthRequired => "auth_required",
+            Reason::AuthFailed => "auth_failed",
+            Reason::AuthThrottled => "auth_throttled",
             Reason::PrivateAddress => "private_address",
             Reason::IpLiteral => "ip_literal",
             Reason::SniMismatch => "sni_mismatch",

@@ -51,6 +51,8 @@ pub(crate) fn refuses_hello(reason: Reason) -> bool {
         | Reason::DeniedRule
         | Reason::UnknownAgent
         | Reason::AuthRequired
+        | Reason::AuthFailed
+        | Reason::AuthThrottled
         | Reason::PrivateAddress
         | Reason::IpLiteral
         | Reason::SniMismatch

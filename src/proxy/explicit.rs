@@ -34,7 +34,8 @@ use crate::proxy::upstream;
 use crate::reload::TunnelRegistration;
 use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
 
-use crate::limits::Admission;
+use crate::limits::{Admission, Refusal};
+use crate::proxy::auth::Session;
 use crate::proxy::forward::{ForwardTo, ProxyBody, empty, forward, limited, refusal};
 
 /// Serve the explicit proxy on `listener` until shutdown.
@@ -55,11 +56,14 @@ async fn serve_connection(
     slot: ConnectionSlot,
 ) {
     let slot = Arc::new(slot);
+    // Credentials verified on this connection are not verified again on it.
+    let session = Arc::new(Session::default());
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
         let slot = slot.clone();
-        async move { Ok::<_, Infallible>(handle(shared, peer, req, slot).await) }
+        let session = session.clone();
+        async move { Ok::<_, Infallible>(handle(shared, peer, req, slot, session).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -86,19 +90,27 @@ async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
     slot: Arc<ConnectionSlot>,
+    session: Arc<Session>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let policy = shared.policy.load_full();
-    let basic = proxy_basic_credentials(req.headers());
-    let identity = policy.identify(
-        peer.ip(),
-        basic.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-    );
-    let agent = match identity {
-        Identity::Agent(id) => Some(id),
-        Identity::Unknown => None,
-        Identity::NeedsCredentials => None,
+    // Credentials when given (then they alone identify), else the source address.
+    let identified = match proxy_basic_credentials(req.headers()) {
+        Some((user, password)) => shared
+            .auth
+            .authenticate(&policy, peer.ip(), &user, &password, &session)
+            .await
+            .map(Some),
+        None => match policy.identify(peer.ip()) {
+            Identity::Agent(id) => Ok(Some(id)),
+            Identity::Unknown => Ok(None),
+            Identity::NeedsCredentials => Err(Refusal {
+                reason: Reason::AuthRequired,
+                retry_after: None,
+            }),
+        },
     };
+    let agent = identified.unwrap_or(None);
     let mut rec = ConnectionRecord::begin(
         Mode::Explicit,
         peer,
@@ -112,8 +124,11 @@ async fn handle(
         shared.telemetry.record(rec);
         refusal(reason)
     };
-    if identity == Identity::NeedsCredentials {
-        return deny(rec, Reason::AuthRequired);
+    if let Err(refused) = identified {
+        rec.reason = Some(refused.reason);
+        rec.duration = started.elapsed();
+        shared.telemetry.record(rec);
+        return limited(refused);
     }
     // Taken before the kill check: a kill from here on cancels it, whatever phase the
     // request is in (resolution, the hello wait, the relay).

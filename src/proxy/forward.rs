@@ -226,7 +226,9 @@ fn copy_end_to_end_headers(from: &HeaderMap, to: &mut HeaderMap) {
 
 pub fn status_for(reason: Reason) -> StatusCode {
     match reason {
-        Reason::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        Reason::AuthRequired | Reason::AuthFailed | Reason::AuthThrottled => {
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        }
         Reason::Malformed => StatusCode::BAD_REQUEST,
         Reason::RateLimited | Reason::BudgetExceeded => StatusCode::TOO_MANY_REQUESTS,
         Reason::ResolveFailed | Reason::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -260,13 +262,16 @@ pub fn refusal(reason: Reason) -> Response<ProxyBody> {
     let h = resp.headers_mut();
     h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if reason == Reason::AuthRequired {
+    if status_for(reason) == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         h.insert(
             header::PROXY_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"portcullis\""),
         );
     }
-    if matches!(reason, Reason::Malformed | Reason::AuthRequired) {
+    if matches!(
+        reason,
+        Reason::Malformed | Reason::AuthRequired | Reason::AuthFailed | Reason::AuthThrottled
+    ) {
         // The connection's framing can no longer be trusted / the client must retry.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

@@ -5,6 +5,7 @@
 //! [`crate::telemetry::ConnectionRecord`]. Must not read rules files or block on the log.
 
 pub(crate) mod alert;
+pub mod auth;
 mod caps;
 pub mod explicit;
 pub mod forward;

@@ -1,6 +1,7 @@
 //! Reaching an allowed target: resolve the name ourselves, check every address, dial exactly
 //! an address that was checked (DESIGN §2 step 5, THREATS B5–B6). Never re-resolves and never
-//! dials an address the agent supplied unless `allow_cidrs` covers it.
+//! dials an address the agent supplied unless `allow_cidrs` covers it (`resolve_cidrs`
+//! admit only addresses a name resolved to).
 //!
 //! The resolver is injected ([`Resolve`]) so that tests control what names resolve to.
 
@@ -19,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::policy::{AgentId, Host, Policy, Reason, Target};
+use crate::policy::{AddressOrigin, AgentId, Host, Policy, Reason, Target};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -219,11 +220,11 @@ pub async fn resolve_checked(
     resolver: &dyn Resolve,
     resolve_timeout: Duration,
 ) -> Result<Vec<IpAddr>, ConnectFailure> {
-    let addrs = match &target.host {
-        Host::Ip(ip) => vec![*ip],
+    let (addrs, origin) = match &target.host {
+        Host::Ip(ip) => (vec![*ip], AddressOrigin::Literal),
         Host::Name(name) => {
             match tokio::time::timeout(resolve_timeout, resolver.lookup(name.as_str())).await {
-                Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
+                Ok(Ok(addrs)) if !addrs.is_empty() => (addrs, AddressOrigin::Resolved),
                 _ => {
                     return Err(ConnectFailure {
                         reason: Reason::ResolveFailed,
@@ -234,7 +235,7 @@ pub async fn resolve_checked(
         }
     };
     for ip in &addrs {
-        if let Err(v) = policy.check_address(agent, *ip, target.port) {
+        if let Err(v) = policy.check_address(agent, *ip, target.port, origin) {
             return Err(ConnectFailure {
                 reason: v.deny_reason().unwrap_or(Reason::PrivateAddress),
                 addr: Some(*ip),
