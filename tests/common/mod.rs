@@ -475,14 +475,18 @@ impl TestGateway {
         format!("http://{}", self.proxy)
     }
 
-    /// Wait (bounded) until the log holds at least `n` lines, then return them all.
+    /// Wait (bounded, 5 s) until the log holds at least `n` connection records, then return
+    /// them all.
     pub async fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            // Connection records only: the control plane's lines (kills, refused admin
+            // requests) share the log but are not what these counts are about.
             let lines: Vec<serde_json::Value> = whole_lines(&text)
                 .lines()
-                .map(|l| serde_json::from_str(l).expect("log line is JSON"))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("log line is JSON"))
+                .filter(|l| l["event.category"] != "kill_switch")
                 .collect();
             if lines.len() >= n || tokio::time::Instant::now() >= deadline {
                 return lines;
