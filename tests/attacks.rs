@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use portcullis::config::Config;
@@ -27,13 +27,6 @@ fn with_secrets(c: &mut Config, dir: &Path) {
     std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
     c.webhook_secret_files = vec![dir.join("webhook.secret")];
     c.totp_secret_file = Some(dir.join("totp.secret"));
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 /// A corrupt state file means "everyone killed until a signed revive with a valid TOTP".

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use portcullis::config::Config;
@@ -29,13 +29,6 @@ fn with_secrets(c: &mut Config, dir: &Path) {
     std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
     c.webhook_secret_files = vec![dir.join("webhook.secret")];
     c.totp_secret_file = Some(dir.join("totp.secret"));
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 fn signed(secret: &str, id: &str, ts: i64, body: &str) -> Vec<(String, String)> {

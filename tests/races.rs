@@ -7,7 +7,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use portcullis::proxy::upstream::{BoxFuture, Resolve, ResolveError, StaticResolver};
@@ -25,13 +25,6 @@ impl Resolve for Slow {
             self.0.lookup(name).await
         })
     }
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 /// A signed kill of `coder-1` with the test gateway's key; returns when it answered.

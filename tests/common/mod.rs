@@ -421,13 +421,18 @@ pub fn signed_headers(secret: &str, id: &str, ts: i64, body: &str) -> Vec<(Strin
     ]
 }
 
+/// The clock in unix seconds, as webhook timestamps carry it.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 /// `POST /v1/reload`, signed with [`ADMIN_WHSEC`].
 pub async fn signed_reload(admin: SocketAddr) -> (u16, String) {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = now();
     let id = format!(
         "reload_{}_{}",
         std::process::id(),
