@@ -134,7 +134,16 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Respo
             if let Err(e) = shared.killswitch.authenticate("reload", &signed, now) {
                 return kill_error(&e);
             }
-            reload_response(crate::reload::reload(shared).await)
+            // In a task of its own, like a kill: a vanishing client never stops it half-way.
+            let shared = shared.clone();
+            let task = admin
+                .shared
+                .tracker
+                .spawn(async move { crate::reload::reload(&shared).await });
+            reload_response(
+                task.await
+                    .unwrap_or_else(|_| Err("the reload task failed".to_owned())),
+            )
         }
         (Method::GET, "/v1/status") => {
             json(StatusCode::OK, shared.killswitch.status(unix_now()).await)
