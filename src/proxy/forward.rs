@@ -72,11 +72,13 @@ pub async fn forward(
             h.insert(header::HOST, v);
         }
     }
+    let shaping = finish.admission.shaping.clone();
     let body = Counted {
         inner: body,
         counters: counters.clone(),
         upstream_direction: true,
         finish: None,
+        meter: Meter::new(shaping.clone()),
     };
     let Ok(out) = out.body(body) else {
         return finish.fail(Reason::Malformed);
@@ -114,6 +116,7 @@ pub async fn forward(
         counters,
         upstream_direction: false,
         finish: Some(finish),
+        meter: Meter::new(shaping),
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -143,20 +146,112 @@ impl Drop for RecordOnDrop {
             rec.bytes_from_agent = self.counters.from_agent.load(Ordering::Relaxed);
             rec.bytes_to_agent = self.counters.to_agent.load(Ordering::Relaxed);
             rec.duration = self.started.elapsed();
-            if let Some(budget) = &self.admission.shaping.budget {
-                budget.charge(rec.bytes_from_agent + rec.bytes_to_agent);
+            // The bodies charged the budget as their bytes moved (`Meter`).
+            if rec.reason.is_none()
+                && self
+                    .admission
+                    .shaping
+                    .budget
+                    .as_ref()
+                    .is_some_and(|b| b.tripped())
+            {
+                rec.reason = Some(Reason::BudgetExceeded);
             }
             self.shared.telemetry.record(rec);
         }
     }
 }
 
-/// A body that counts its data bytes into the relay counters.
+/// Largest piece of a body moved at once under a limit: the budget's overshoot bound, and a
+/// bandwidth slice's upper end (the relay's chunk for budgeted tunnels is the same).
+const METER_CHUNK: usize = 64 * 1024;
+
+/// The relay's rules for a plain-HTTP body: its bytes are shaped to the agent's `bandwidth`
+/// and charged to its daily budget as they move, in pieces of at most [`METER_CHUNK`]; a
+/// spent budget ends the body there (the overshoot is at most one piece).
+struct Meter {
+    shaping: crate::limits::Shaping,
+    /// The body's share of the agent's bandwidth while it flows.
+    _share: Option<crate::limits::bandwidth::TunnelHandle>,
+    /// Data read from the inner body and not yet passed on.
+    pending: Option<Bytes>,
+    /// Bytes reserved on credit, to pass on once `wait` has run out.
+    granted: usize,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    spent: bool,
+}
+
+impl Meter {
+    fn new(shaping: crate::limits::Shaping) -> Self {
+        let share = shaping.bandwidth.as_ref().map(|b| b.open());
+        Self {
+            shaping,
+            _share: share,
+            pending: None,
+            granted: 0,
+            wait: None,
+            spent: false,
+        }
+    }
+
+    /// The next piece of `pending` that may move now, or `Pending` while the bandwidth
+    /// reservation is paid off.
+    fn next_piece(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            if let Some(wait) = self.wait.as_mut() {
+                std::task::ready!(wait.as_mut().poll(cx));
+                self.wait = None;
+            }
+            let Some(mut data) = self.pending.take() else {
+                return Poll::Ready(None);
+            };
+            let n = if self.granted > 0 {
+                std::mem::take(&mut self.granted)
+            } else {
+                let limited = self.shaping.bandwidth.is_some() || self.shaping.budget.is_some();
+                let want = if limited {
+                    data.len().min(METER_CHUNK)
+                } else {
+                    data.len()
+                };
+                match &self.shaping.bandwidth {
+                    Some(bw) => {
+                        let grant = bw.reserve(want, Instant::now());
+                        if !grant.wait.is_zero() {
+                            self.granted = grant.bytes.max(1);
+                            self.wait = Some(Box::pin(tokio::time::sleep(grant.wait)));
+                            self.pending = Some(data);
+                            continue;
+                        }
+                        grant.bytes.max(1)
+                    }
+                    None => want,
+                }
+            };
+            let piece = data.split_to(n.min(data.len()));
+            if !data.is_empty() {
+                self.pending = Some(data);
+            }
+            if let Some(budget) = &self.shaping.budget
+                && !budget.charge(piece.len() as u64)
+            {
+                self.spent = true;
+                self.pending = None;
+                return Poll::Ready(None);
+            }
+            return Poll::Ready(Some(piece));
+        }
+    }
+}
+
+/// A body that counts its data bytes into the relay counters and moves them through its
+/// [`Meter`].
 struct Counted {
     inner: Incoming,
     counters: Arc<RelayCounters>,
     upstream_direction: bool,
     finish: Option<RecordOnDrop>,
+    meter: Meter,
 }
 
 impl Body for Counted {
@@ -167,27 +262,45 @@ impl Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let n = data.len() as u64;
-            let c = if self.upstream_direction {
-                &self.counters.from_agent
-            } else {
-                &self.counters.to_agent
-            };
-            c.fetch_add(n, Ordering::Relaxed);
+        loop {
+            if self.meter.spent {
+                // The budget is spent: the body ends here, short, and the record says why.
+                self.finish.take();
+                return Poll::Ready(None);
+            }
+            if self.meter.pending.is_some() {
+                match std::task::ready!(self.meter.next_piece(cx)) {
+                    Some(piece) => {
+                        let n = piece.len() as u64;
+                        let c = if self.upstream_direction {
+                            &self.counters.from_agent
+                        } else {
+                            &self.counters.to_agent
+                        };
+                        c.fetch_add(n, Ordering::Relaxed);
+                        return Poll::Ready(Some(Ok(Frame::data(piece))));
+                    }
+                    None => continue,
+                }
+            }
+            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => self.meter.pending = Some(data),
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                None => {
+                    // Body complete: write the record now rather than when hyper drops it.
+                    self.finish.take();
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            }
         }
-        if let Poll::Ready(None) = &polled {
-            // Body complete: write the record now rather than when hyper drops the body.
-            self.finish.take();
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.meter.pending.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
