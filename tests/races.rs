@@ -208,3 +208,54 @@ async fn a_reload_while_the_hello_is_held_back_revokes_it() {
     );
     gw.stop().await;
 }
+
+/// Limits come after the decision in transparent mode too: hellos for names the agent may not
+/// reach spend none of its connection tokens (before, each denied SNI spent one, and was
+/// logged `rate_limited` once they ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_transparent_hello_spends_no_token() {
+    netns_root_check();
+    let up = silent_upstream_on("127.0.0.2:0".parse().unwrap()).await;
+    let port = up.addr.port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let agent = format!(
+        "name = \"coder-1\"\nsources = [\"127.0.0.1/32\"]\nallow = [\"allowed.test:{port}\"]\nallow_cidrs = [\"127.0.0.2/32:{port}\"]\n[limits]\nnew_connections_per_second = 1\nburst = 1\n"
+    );
+    let resolver = StaticResolver::new().with("allowed.test", &["127.0.0.2".parse().unwrap()]);
+    let gw = gateway_with(&[("coder-1", &agent)], &[], resolver, |c, _| {
+        c.transparent_listen = vec![listen];
+        c.interception = portcullis::sys::Interception::Tproxy;
+        c.transparent_tls_ports = vec![port];
+        c.transparent_http_ports = vec![];
+    })
+    .await;
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(&client_hello("denied.test")).await.unwrap();
+        let mut b = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;
+    }
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    s.write_all(&client_hello("allowed.test")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while up.seen.connections() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        up.seen.connections(),
+        1,
+        "the allowed hello found its token spent"
+    );
+    let lines = gw.log_lines(5).await;
+    let reasons: Vec<_> = lines.iter().map(|l| l["event.reason"].clone()).collect();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["event.reason"] == "not_allowed")
+            .count(),
+        5,
+        "{reasons:?}"
+    );
+    drop(s);
+    gw.stop().await;
+}

@@ -114,7 +114,7 @@ fn handle(
                     // Boxed phases (hello, dial, HTTP): their state is freed before the
                     // relay, so it does not weigh on every idle tunnel. What the hello tells
                     // is kept; the hello itself is not.
-                    let (target, admission, alert) = {
+                    let (target, alert) = {
                         let hello = Box::pin(until_cancelled(
                             (&shared, &who, &cancel),
                             read_client_hello(&mut stream, &mut peeked, &mut held, deadline),
@@ -128,9 +128,8 @@ fn handle(
                         let alert = HelloAlert::for_hello(&hello);
                         rec.ech = hello.ech;
                         rec.server_name = hello.server_name;
-                        match check_hello(&shared, (&policy, agent), hello.ech, original, &mut rec)
-                        {
-                            Ok((target, admission)) => (target, admission, alert),
+                        match check_hello((&policy, agent), hello.ech, original, &mut rec) {
+                            Ok(target) => (target, alert),
                             Err(reason) => {
                                 return Err(refuse_hello(&shared, stream, alert, reason));
                             }
@@ -138,7 +137,7 @@ fn handle(
                     };
                     // The peeked bytes are replayed as the connection opens, then freed:
                     // an idle tunnel keeps no bytes.
-                    let up = match Box::pin(until_cancelled(
+                    let (dialled, admission) = match Box::pin(until_cancelled(
                         (&shared, &who, &cancel),
                         check_and_dial(
                             &shared, &policy, agent, &target, original, &peeked, &mut rec,
@@ -146,10 +145,10 @@ fn handle(
                     ))
                     .await
                     {
-                        Ok(up) => up,
+                        Ok(dialled) => dialled,
                         Err(reason) => return Err(refuse_hello(&shared, stream, alert, reason)),
                     };
-                    let (up, up_addr) = (up.stream, up.addr.ip());
+                    let (up, up_addr) = (dialled.stream, dialled.addr.ip());
                     drop(std::mem::take(&mut peeked));
                     // What the hello held of the shared budget goes back with it.
                     drop(held);
@@ -234,15 +233,13 @@ enum Handover {
 }
 
 /// What the parsed hello must pass before any name is resolved: ECH (if the agent denies
-/// it), an SNI that is a host name, and the agent's limits. The target it names, and the
-/// admission.
+/// it) and an SNI that is a host name. The target it names.
 fn check_hello(
-    shared: &Shared,
     (policy, agent): (&Policy, Option<AgentId>),
     ech: bool,
     original: SocketAddr,
     rec: &mut ConnectionRecord,
-) -> Result<(Target, crate::limits::Admission), Reason> {
+) -> Result<Target, Reason> {
     if ech
         && agent
             .and_then(|id| policy.agent(id))
@@ -257,8 +254,7 @@ fn check_hello(
         host: Host::Name(name),
         port: original.port(),
     };
-    let admission = admit(shared, policy, agent, &rec.agent)?;
-    Ok((target, admission))
+    Ok(target)
 }
 
 /// A refusal after a parsed ClientHello (deny path only): the TLS `access_denied` alert
@@ -290,7 +286,8 @@ fn admit(
     }
 }
 
-/// Evaluate, resolve the name ourselves, check the addresses, dial one of them.
+/// Decide, then take the agent's limits (a denied attempt spends nothing), resolve the name
+/// ourselves, check the addresses, dial one of them. The upstream and the admission.
 async fn check_and_dial(
     shared: &Shared,
     policy: &Policy,
@@ -299,11 +296,12 @@ async fn check_and_dial(
     original: SocketAddr,
     first: &[u8],
     rec: &mut ConnectionRecord,
-) -> Result<upstream::Upstream, Reason> {
+) -> Result<(upstream::Upstream, crate::limits::Admission), Reason> {
     rec.destination_domain = domain_of(target);
     if let Some(reason) = super::decide(shared, policy, agent, target, rec) {
         return Err(reason);
     }
+    let admission = admit(shared, policy, agent, &rec.agent)?;
     let cfg = &shared.config;
     let addrs = upstream::resolve_checked(
         policy,
@@ -341,7 +339,7 @@ async fn check_and_dial(
             f.reason
         })?;
     rec.destination_ip = Some(up.addr.ip());
-    Ok(up)
+    Ok((up, admission))
 }
 
 /// Relay a dialled tunnel, registered for revocation and the kill switch, to its end.
@@ -521,13 +519,9 @@ async fn http_request(
         host.to_str().unwrap_or_default(),
         path
     ));
-    let admission = match admit(&shared, &policy, agent, &rec.agent) {
-        Ok(a) => a,
-        Err(r) => return deny(rec, r),
-    };
     let mut rec_for_dial = rec;
     let who = rec_for_dial.agent.clone();
-    let up = match until_cancelled(
+    let (up, admission) = match until_cancelled(
         (&shared, &who, &cut),
         check_and_dial(
             &shared,
@@ -541,7 +535,7 @@ async fn http_request(
     )
     .await
     {
-        Ok(u) => u,
+        Ok(dialled) => dialled,
         Err(reason) => return deny(rec_for_dial, reason),
     };
     let authority = match (&target.host, target.port) {
