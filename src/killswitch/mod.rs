@@ -120,7 +120,10 @@ pub enum KillError {
     },
     #[error("revive is locked after failed attempts until {until} (unix time)")]
     Locked { until: i64 },
-    #[error("revive is not configured (no TOTP secret)")]
+    #[error(
+        "revive is not configured: set kill_switch.totp_secret_file (or, on the gateway, stop \
+         portcullis and remove the kill state file, killswitch.json in state_dir)"
+    )]
     ReviveNotConfigured,
     #[error("bad request: {0}")]
     BadRequest(String),
