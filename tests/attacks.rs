@@ -9,24 +9,14 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::KILL_SWITCH_WHSEC as WHSEC;
 use common::*;
-use portcullis::config::Config;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
 
 fn agent(name: &str, port: u16) -> String {
     format!(
         "name = \"{name}\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"allowed.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32:{port}\"]\n"
     )
-}
-
-fn with_secrets(c: &mut Config, dir: &Path) {
-    std::fs::write(dir.join("webhook.secret"), format!("{WHSEC}\n")).unwrap();
-    std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
-    c.webhook_secret_files = vec![dir.join("webhook.secret")];
-    c.totp_secret_file = Some(dir.join("totp.secret"));
 }
 
 /// A corrupt state file means "everyone killed until a signed revive with a valid TOTP".
@@ -43,7 +33,14 @@ async fn a_corrupt_state_stays_killed_after_a_failed_revive_and_a_restart() {
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(dir.path().join("state/killswitch.json"), "{ not json").unwrap();
 
-    let (running, _) = start_in(dir.path(), &agents, &[], resolver(), with_secrets).await;
+    let (running, _) = start_in(
+        dir.path(),
+        &agents,
+        &[],
+        resolver(),
+        with_kill_switch_secrets,
+    )
+    .await;
     let err = open_tunnel(running.explicit_addr.unwrap(), "allowed.test", port)
         .await
         .unwrap_err();
@@ -67,7 +64,14 @@ async fn a_corrupt_state_stays_killed_after_a_failed_revive_and_a_restart() {
     running.shutdown(Duration::from_secs(1)).await;
 
     // ...but after a restart nothing is killed any more.
-    let (running, _) = start_in(dir.path(), &agents, &[], resolver(), with_secrets).await;
+    let (running, _) = start_in(
+        dir.path(),
+        &agents,
+        &[],
+        resolver(),
+        with_kill_switch_secrets,
+    )
+    .await;
     let opened = open_tunnel(running.explicit_addr.unwrap(), "allowed.test", port).await;
     running.shutdown(Duration::from_secs(1)).await;
     assert!(
@@ -190,7 +194,7 @@ async fn kills_are_never_lost_behind_a_wedged_nft() {
         &[],
         localhost_resolver(&["allowed.test"]),
         |c, d| {
-            with_secrets(c, d);
+            with_kill_switch_secrets(c, d);
             c.nft_agent_networks = vec!["127.0.0.0/8".parse().unwrap()];
         },
     )
@@ -269,7 +273,7 @@ async fn a_plain_http_request_killed_during_its_dial_never_reaches_the_upstream(
         &agents,
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let mut leaked = 0;

@@ -4,31 +4,20 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use portcullis::config::Config;
+use common::{KILL_SWITCH_TOTP as TOTP, KILL_SWITCH_WHSEC as WHSEC};
 use portcullis::killswitch::totp::{TotpSecret, code_at};
 use portcullis::killswitch::webhook::{Secret, sign};
 use tokio::io::AsyncReadExt;
 
-/// The Standard Webhooks reference secret, and a TOTP secret (base32).
-const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OTHER_WHSEC: &str = "whsec_bm90LXRoZS1yaWdodC1zZWNyZXQtYXQtYWxs";
-const TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
 
 fn agent(port: u16) -> String {
     format!(
         "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"allowed.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32:{port}\"]\n"
     )
-}
-
-fn with_secrets(c: &mut Config, dir: &Path) {
-    std::fs::write(dir.join("webhook.secret"), format!("{WHSEC}\n")).unwrap();
-    std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
-    c.webhook_secret_files = vec![dir.join("webhook.secret")];
-    c.totp_secret_file = Some(dir.join("totp.secret"));
 }
 
 fn signed(secret: &str, id: &str, ts: i64, body: &str) -> Vec<(String, String)> {
@@ -70,7 +59,7 @@ async fn badly_signed_expired_replayed_or_malformed_requests_change_nothing() {
         &[("coder-1", &agent(port))],
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let body = r#"{"scope":"all","reason":"test"}"#;
@@ -159,7 +148,7 @@ async fn revive_needs_signature_and_current_totp() {
         &[("coder-1", &agent(port))],
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let body = r#"{"scope":"all","reason":"test"}"#;
@@ -228,7 +217,7 @@ async fn kill_closes_500_live_tunnels_within_100ms() {
         &[("coder-1", &agent(port))],
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let mut tunnels = Vec::new();
@@ -301,7 +290,7 @@ async fn killed_stays_killed_across_restart_and_a_corrupt_state_kills() {
         &agents,
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let admin = running.admin_addr.unwrap();
@@ -322,7 +311,7 @@ async fn killed_stays_killed_across_restart_and_a_corrupt_state_kills() {
         &agents,
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let err = open_tunnel(running.explicit_addr.unwrap(), "allowed.test", port)
@@ -344,7 +333,7 @@ async fn killed_stays_killed_across_restart_and_a_corrupt_state_kills() {
         &agents,
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let err = open_tunnel(running.explicit_addr.unwrap(), "allowed.test", port)
@@ -375,7 +364,7 @@ async fn the_shipped_sender_script_signs_correctly() {
         &[("coder-1", &agent(port))],
         &[],
         localhost_resolver(&["allowed.test"]),
-        with_secrets,
+        with_kill_switch_secrets,
     )
     .await;
     let script =

@@ -421,6 +421,20 @@ pub fn signed_headers(secret: &str, id: &str, ts: i64, body: &str) -> Vec<(Strin
     ]
 }
 
+/// The Standard Webhooks reference secret, and a TOTP secret (base32): the kill-switch tests'
+/// keys, installed by [`with_kill_switch_secrets`].
+pub const KILL_SWITCH_WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const KILL_SWITCH_TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+
+/// A config tweak: [`KILL_SWITCH_WHSEC`] as the webhook key (`webhook.secret`) and
+/// [`KILL_SWITCH_TOTP`] as the revive secret, written into the gateway's directory.
+pub fn with_kill_switch_secrets(c: &mut Config, dir: &Path) {
+    std::fs::write(dir.join("webhook.secret"), format!("{KILL_SWITCH_WHSEC}\n")).unwrap();
+    std::fs::write(dir.join("totp.secret"), format!("{KILL_SWITCH_TOTP}\n")).unwrap();
+    c.webhook_secret_files = vec![dir.join("webhook.secret")];
+    c.totp_secret_file = Some(dir.join("totp.secret"));
+}
+
 /// The clock in unix seconds, as webhook timestamps carry it.
 pub fn now() -> i64 {
     std::time::SystemTime::now()
