@@ -18,6 +18,23 @@ pub use log::{LogWriter, LogWriterError};
 pub use metrics::{Metrics, TunnelGauge};
 pub use record::{ConnectionRecord, Mode};
 
+/// A log line of its own (not a connection record): `@timestamp` now, then `fields`, null
+/// ones left out, as one JSON object (keys in sorted order).
+fn stamped_line<'a>(fields: impl IntoIterator<Item = (&'a str, serde_json::Value)>) -> String {
+    let mut stamp = [0u8; 64];
+    let mut object = serde_json::Map::new();
+    object.insert(
+        "@timestamp".into(),
+        record::rfc3339(std::time::SystemTime::now(), &mut stamp).into(),
+    );
+    for (k, v) in fields {
+        if !v.is_null() {
+            object.insert(k.to_owned(), v);
+        }
+    }
+    serde_json::Value::Object(object).to_string()
+}
+
 /// One agent's share of the log queue is its size divided by this.
 const LOG_SHARE_DIVISOR: usize = 8;
 /// The smallest share, for tiny queues.
@@ -123,31 +140,29 @@ impl Telemetry {
                 .held,
         );
         for (reason, n) in held {
-            let mut stamp = [0u8; 64];
-            let line = serde_json::json!({
-                "@timestamp": record::rfc3339(std::time::SystemTime::now(), &mut stamp),
-                "event.category": "kill_switch",
-                "event.kind": "summary",
-                "event.action": "deny",
-                "event.reason": reason,
-                "portcullis.summarized": n,
-            })
-            .to_string();
+            let line = stamped_line([
+                ("event.category", "kill_switch".into()),
+                ("event.kind", "summary".into()),
+                ("event.action", "deny".into()),
+                ("event.reason", reason.into()),
+                ("portcullis.summarized", n.into()),
+            ]);
             self.send_line(tx, line);
         }
         for agent in self.metrics.agents() {
             for ((mode, reason), n) in agent.take_held() {
-                let mut stamp = [0u8; 64];
-                let line = serde_json::json!({
-                    "@timestamp": record::rfc3339(std::time::SystemTime::now(), &mut stamp),
-                    "event.kind": "summary",
-                    "event.action": if reason.is_some() { "deny" } else { "allow" },
-                    "event.reason": reason.map(crate::policy::Reason::as_str),
-                    "agent.name": agent.name(),
-                    "portcullis.mode": mode.as_str(),
-                    "portcullis.summarized": n,
-                })
-                .to_string();
+                let action = if reason.is_some() { "deny" } else { "allow" };
+                let line = stamped_line([
+                    ("event.kind", "summary".into()),
+                    ("event.action", action.into()),
+                    (
+                        "event.reason",
+                        reason.map(crate::policy::Reason::as_str).into(),
+                    ),
+                    ("agent.name", agent.name().into()),
+                    ("portcullis.mode", mode.as_str().into()),
+                    ("portcullis.summarized", n.into()),
+                ]);
                 self.send_line(tx, line);
             }
         }
@@ -158,19 +173,10 @@ impl Telemetry {
     /// sorted order. Never blocks; a full queue drops and counts it like a record.
     pub fn event(&self, category: &str, fields: &[(&str, serde_json::Value)]) {
         let Some(tx) = &self.log else { return };
-        let mut stamp = [0u8; 64];
-        let mut object = serde_json::Map::new();
-        object.insert(
-            "@timestamp".into(),
-            record::rfc3339(std::time::SystemTime::now(), &mut stamp).into(),
+        let line = stamped_line(
+            std::iter::once(("event.category", category.into()))
+                .chain(fields.iter().map(|(k, v)| (*k, v.clone()))),
         );
-        object.insert("event.category".into(), category.into());
-        for (k, v) in fields {
-            if !v.is_null() {
-                object.insert((*k).to_owned(), v.clone());
-            }
-        }
-        let line = serde_json::Value::Object(object).to_string();
         self.send_line(tx, line);
     }
 
