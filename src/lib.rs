@@ -36,5 +36,6 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod selftest;
+pub mod shutdown;
 pub mod sys;
 pub mod telemetry;

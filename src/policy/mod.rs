@@ -281,6 +281,21 @@ impl Policy {
         self.address_grant(agent, ip, port, origin).map(|_| ())
     }
 
+    /// Would this policy still allow `agent`'s connection to `target` at `addrs`: the name
+    /// rules and every address check (`allow_cidrs`, or `resolve_cidrs` for a name's
+    /// addresses) the decision relied on. What a reload re-checks live tunnels by.
+    pub fn still_allows(&self, agent: &str, target: &Target, addrs: &[IpAddr]) -> bool {
+        let agent = self.agent_by_name(agent);
+        let origin = match target.host {
+            Host::Ip(_) => AddressOrigin::Literal,
+            Host::Name(_) => AddressOrigin::Resolved,
+        };
+        self.evaluate(agent, target).is_allow()
+            && addrs
+                .iter()
+                .all(|ip| self.check_address(agent, *ip, target.port, origin).is_ok())
+    }
+
     /// [`Policy::check_address`], and which rule let the address through (for `explain`).
     pub fn address_grant(
         &self,
