@@ -174,7 +174,8 @@ async fn handle(
         let reason = cancelled_reason(&shared, &rec.agent, false);
         return deny(rec, reason);
     }
-    // Limits after the decision (DESIGN §2 step 6): a denied request spends no tokens.
+    // Limits after the decision (docs/architecture.md, "The invariants"): a denied request spends
+    // no tokens.
     let admission = match agent.and_then(|id| policy.agent(id)) {
         Some(a) => match shared.limiter.admit(&rec.agent, &a.limits, Instant::now()) {
             Ok(admission) => admission,
@@ -280,10 +281,10 @@ pub(crate) fn relay_outcome(
     }
 }
 
-/// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
-/// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
-/// what clients send there; a hello naming some host is refused. A refusal comes with the
-/// alert that may answer it.
+/// Check the ClientHello inside the tunnel against the CONNECT host (docs/threat-model.md, "SNI ≠
+/// CONNECT host"). A CONNECT to an address (allowed by `allow_cidrs`) has no name to compare: a
+/// hello without SNI is what clients send there; a hello naming some host is refused. A refusal
+/// comes with the alert that may answer it.
 fn check_hello(
     checks: &TunnelChecks,
     hello: ClientHello,

@@ -3,13 +3,13 @@
 //! Phases: original destination (redirect or tproxy) → identify by source → peek the TLS
 //! ClientHello (SNI) or HTTP request head (Host) under a deadline and a cap → evaluate →
 //! resolve the *name* ourselves and dial that address, never the agent's original
-//! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
-//! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
-//! A well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
-//! close (`alert`). Port 80 connections are served request by request (hyper), the first
-//! one included: a refused request gets its HTTP refusal (`403` and `X-Portcullis-Reason`
-//! for a policy denial) and the connection is closed; so is a later request naming another
-//! host. Nothing of a refused request reaches an upstream.
+//! destination (docs/threat-model.md, "Original destination"; a mismatch is logged) → replay the
+//! peeked bytes unchanged → relay. Anything malformed, missing or ambiguous closes the connection
+//! (docs/threat-model.md, "Protocol confusion"). A well-formed ClientHello refused by policy gets a
+//! TLS `access_denied` alert before the close (`alert`). Port 80 connections are served request by
+//! request (hyper), the first one included: a refused request gets its HTTP refusal (`403` and
+//! `X-Portcullis-Reason` for a policy denial) and the connection is closed; so is a later request
+//! naming another host. Nothing of a refused request reaches an upstream.
 
 use std::convert::Infallible;
 use std::io;
@@ -320,7 +320,8 @@ async fn check_and_dial(
         .iter()
         .any(|a| crate::policy::address::canonical(*a) == original_ip)
     {
-        // THREATS A1: the agent aimed elsewhere than the name resolves to; we dial the name.
+        // docs/threat-model.md, "Original destination": the agent aimed elsewhere than the name
+        // resolves to; we dial the name.
         rec.destination_mismatch = true;
     }
     // The connection may have waited (the hello, the resolution) on a policy a reload has
