@@ -1,6 +1,7 @@
 //! Transparent mode with TPROXY instead of NAT redirect (root; CI runs it): the listener
 //! binds with IP_TRANSPARENT, the original destination is the accepted socket's local
-//! address, and agents reach allowed names over IPv4 and IPv6. THREATS A1 holds here too.
+//! address, and agents reach allowed names over IPv4 and IPv6. docs/threat-model.md's
+//! "Original destination" holds here too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,7 +1,8 @@
 //! Transparent mode end to end, in network namespaces (root; CI runs it as root): an agent
 //! whose only route is a gateway running the portcullis binary behind the ruleset it
 //! renders, and an "internet" of servers that record every connection and byte.
-//! THREATS A1, A2, C8–C12, D15–D17, E18, each proven from the servers' side.
+//! The classes of docs/threat-model.md this mode answers (original destination, SNI, protocol
+//! confusion, other paths out, silent clients), each proven from the servers' side.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
