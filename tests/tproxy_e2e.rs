@@ -73,7 +73,7 @@ async fn tproxy_gateway_end_to_end_ipv4_and_ipv6() {
         .await;
     assert_eq!(line["portcullis.mode"], "transparent");
 
-    // A1 under TPROXY: the agent aims at the attacker; we dial our own resolution.
+    // Original destination, under TPROXY: the agent aims at the attacker; we dial our own resolution.
     let o = curl(format!(
         "--cacert {ca} --resolve allowed.test:443:{ATTACKER} https://allowed.test/"
     ))
