@@ -1,7 +1,7 @@
-//! Policy reload (DESIGN §3): build a whole new `Policy`, validate, swap atomically, then
-//! re-check every live tunnel against the new generation and close those it no longer allows
-//! (`policy_revoked`). On any error the running policy stays; the error is logged, counted
-//! and shown by `/healthz`.
+//! Policy reload (docs/configuration.md, "Reload"): build a whole new `Policy`, validate, swap
+//! atomically, then re-check every live tunnel against the new generation and close those it no
+//! longer allows (`policy_revoked`). On any error the running policy stays; the error is logged,
+//! counted and shown by `/healthz`.
 //!
 //! Triggers: the rules directory is watched (debounced; rename-into-place and symlink swaps
 //! are directory events too), SIGHUP, and `POST /v1/reload`. Reloads run one at a time.

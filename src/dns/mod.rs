@@ -1,6 +1,6 @@
-//! The filtering DNS forwarder: the agent VLAN's only resolver (DESIGN §1 "dns", THREATS
-//! D13–D14). It answers only names the asking agent may reach; everything else is refused
-//! without a single byte going upstream, which is what closes DNS tunnelling.
+//! The filtering DNS forwarder: the agent VLAN's only resolver (docs/dns.md; docs/threat-model.md,
+//! "DNS tunnelling" and rebinding). It answers only names the asking agent may reach; everything
+//! else is refused without a single byte going upstream, which is what closes DNS tunnelling.
 //!
 //! The path of one query:
 //!

@@ -241,7 +241,7 @@ impl Policy {
         self.default_ports.contains(&port)
     }
 
-    /// Decide whether `agent` may reach `target` by name (DESIGN §2 step 4). Pure.
+    /// Decide whether `agent` may reach `target` by name (docs/architecture.md, "decide"). Pure.
     pub fn evaluate(&self, agent: Option<AgentId>, target: &Target) -> Verdict {
         let Some(a) = agent.and_then(|id| self.agent(id)) else {
             return Verdict::deny(Reason::UnknownAgent);
@@ -268,9 +268,9 @@ impl Policy {
         }
     }
 
-    /// Check an address before dialling it (DESIGN §2 step 5). Special addresses pass only
-    /// under an `allow_cidrs` rule, or a `resolve_cidrs` rule when a name resolved to them.
-    /// Pure.
+    /// Check an address before dialling it (docs/architecture.md, "check addresses"). Special
+    /// addresses pass only under an `allow_cidrs` rule, or a `resolve_cidrs` rule when a name
+    /// resolved to them. Pure.
     pub fn check_address(
         &self,
         agent: Option<AgentId>,

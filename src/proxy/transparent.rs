@@ -1,15 +1,18 @@
 //! The transparent listener: connections nftables diverted from the agents' TCP 80/443.
 //!
-//! Phases: original destination (redirect or tproxy) → identify by source → peek the TLS
-//! ClientHello (SNI) or HTTP request head (Host) under a deadline and a cap → evaluate →
-//! resolve the *name* ourselves and dial that address, never the agent's original
-//! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
-//! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
-//! A well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
+//! Only target detection lives here: the original destination (redirect or tproxy), the
+//! agent by source, then the TLS ClientHello's SNI (port 443) or each request's `Host`
+//! (port 80), peeked under a deadline and a cap. The rest is the lifecycle
+//! (`proxy::session`): we resolve the *name* ourselves and dial that address, never the
+//! agent's original destination (docs/threat-model.md, "Original destination"; a mismatch
+//! is logged), replay the peeked bytes unchanged, relay. Anything malformed, missing or
+//! ambiguous closes the connection (docs/threat-model.md, "Protocol confusion"). A
+//! well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
 //! close (`alert`). Port 80 connections are served request by request (hyper), the first
 //! one included: a refused request gets its HTTP refusal (`403` and `X-Portcullis-Reason`
 //! for a policy denial) and the connection is closed; so is a later request naming another
-//! host. Nothing of a refused request reaches an upstream.
+//! host. Nothing of a refused request reaches an upstream. The same per-request serving
+//! carries plain HTTP inside an explicit `CONNECT` tunnel.
 
 use std::convert::Infallible;
 use std::io;
