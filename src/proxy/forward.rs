@@ -360,19 +360,70 @@ pub fn limited(refused: Refusal) -> Response<ProxyBody> {
     resp
 }
 
-/// The refusal: a status, a one-line body and the reason header.
+/// What an agent (or the person behind it) can do about a refusal, in one line.
+fn what_to_do(reason: Reason) -> &'static str {
+    match reason {
+        Reason::NotAllowed => {
+            "no rule of this agent allows this destination; on the gateway, `portcullis explain --agent NAME HOST[:PORT]` shows why, and the agent's rules file is where to allow it"
+        }
+        Reason::DeniedRule => {
+            "a deny rule of this agent matches this destination; `portcullis explain --agent NAME HOST[:PORT]` on the gateway names it"
+        }
+        Reason::UnknownAgent => {
+            "this source address belongs to no agent: add it to an agent's `sources`, or send proxy credentials"
+        }
+        Reason::AuthRequired => "this agent must send proxy credentials (Proxy-Authorization)",
+        Reason::AuthFailed => "the proxy credentials are wrong",
+        Reason::AuthThrottled => "too many wrong credentials from this source: wait, then retry",
+        Reason::PrivateAddress => {
+            "the name resolves to a private or special address; an `allow_cidrs` (or `resolve_cidrs`) rule must cover it"
+        }
+        Reason::IpLiteral => {
+            "IP addresses are allowed only under an `allow_cidrs` rule: use the name"
+        }
+        Reason::SniMismatch | Reason::NoSni | Reason::EchDenied | Reason::Malformed => {
+            "the request was malformed or ambiguous; the gateway's log has the details"
+        }
+        Reason::RateLimited => {
+            "the agent's connection rate or concurrency limit: retry after the Retry-After delay"
+        }
+        Reason::BudgetExceeded => {
+            "the agent's daily byte budget is spent: it resets at the configured hour"
+        }
+        Reason::KillSwitch => {
+            "the gateway's kill switch is engaged: a person with the second factor must revive it"
+        }
+        Reason::PolicyRevoked => "a rules reload no longer allows this connection",
+        Reason::ResolveFailed => "the gateway could not resolve the name",
+        Reason::UpstreamFailed | Reason::Timeout => "the destination did not answer the gateway",
+        Reason::Overloaded | Reason::ShuttingDown => "the gateway is busy or restarting: retry",
+        _ => "see the gateway's log",
+    }
+}
+
+/// The refusal: a status whose reason phrase names the reason (`403 Forbidden
+/// (not_allowed)`, which clients that print only the status line show), a body that says
+/// what to do, and the reason header.
 pub fn refusal(reason: Reason) -> Response<ProxyBody> {
-    let body = format!("portcullis: denied ({reason})\n");
+    let body = format!("portcullis: denied ({reason})\n{}\n", what_to_do(reason));
     let mut resp = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})
             .boxed(),
     );
-    *resp.status_mut() = status_for(reason);
+    let status = status_for(reason);
+    *resp.status_mut() = status;
+    let phrase = format!(
+        "{} ({reason})",
+        status.canonical_reason().unwrap_or("Refused")
+    );
+    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(phrase) {
+        resp.extensions_mut().insert(phrase);
+    }
     let h = resp.headers_mut();
     h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if status_for(reason) == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         h.insert(
             header::PROXY_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"portcullis\""),
