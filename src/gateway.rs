@@ -106,15 +106,15 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     // Fail closed: the kill state is read before any listener opens.
     let cut = CancellationToken::new();
-    let keys =
-        killswitch::read_keys(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
-    let totp = killswitch::read_totp(config.totp_secret_file.as_deref())
+    let keys = killswitch::read_keys(&config.kill_switch.webhook_secret_files)
+        .map_err(StartError::KillSwitch)?;
+    let totp = killswitch::read_totp(config.kill_switch.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
     let metrics_token = match &config.admin.metrics_token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
     };
-    let log = LogWriter::start(&config.log_destination, config.log_queue)?;
+    let log = LogWriter::start(&config.log.destination, config.log.queue)?;
     let telemetry = Telemetry::new(&log);
     let nft = config.manages_nftables().then(crate::nft::Nft::default);
     let kill = KillSwitch::load(
@@ -126,31 +126,31 @@ pub async fn start(
         telemetry.clone(),
         crate::admin::unix_now(),
     );
-    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budget_reset_hour_utc)
+    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budgets.reset_hour_utc)
         .map_err(StartError::Limits)?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { what, addr, source })
     };
-    let explicit = match config.explicit_listen {
+    let explicit = match config.listen.explicit {
         Some(a) => Some(bind("explicit", a).await?),
         None => None,
     };
     let mut transparent = Vec::new();
-    for addr in &config.transparent_listen {
-        let l = crate::proxy::transparent::bind(*addr, config.interception).map_err(|source| {
-            StartError::Bind {
+    for addr in &config.listen.transparent {
+        let l = crate::proxy::transparent::bind(*addr, config.transparent.interception).map_err(
+            |source| StartError::Bind {
                 what: "transparent",
                 addr: *addr,
                 source,
-            }
-        })?;
+            },
+        )?;
         transparent.push(l);
     }
     // DNS forwarder (src/dns/): UDP + TCP on each `listen.dns` address.
     let mut dns = Vec::new();
-    for addr in &config.dns_listen {
+    for addr in &config.listen.dns {
         let l = crate::dns::DnsListener::bind(*addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -165,7 +165,7 @@ pub async fn start(
     } else {
         Some(Arc::new(crate::dns::Forwarder::new(&config)?))
     };
-    let admin = match config.admin_listen {
+    let admin = match config.listen.admin {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
     };
@@ -197,12 +197,12 @@ pub async fn start(
             revoked: 0,
         }),
         caps: ConnectionCaps::new(crate::proxy::CapLimits {
-            total: config.max_connections,
-            per_source: config.max_connections_per_source,
-            per_agent: config.max_connections_per_agent,
-            unknown: config.max_connections_unknown,
+            total: config.caps.max_connections,
+            per_source: config.caps.max_connections_per_source,
+            per_agent: config.caps.max_connections_per_agent,
+            unknown: config.caps.max_connections_unknown,
         }),
-        handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
+        handshake: crate::proxy::peek::HandshakeBudget::new(config.caps.max_handshake_bytes),
         auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
         config,
         policy: ArcSwap::from_pointee(policy),
@@ -220,7 +220,7 @@ pub async fn start(
         let policy = shared.policy.load_full();
         let nft = shared
             .killswitch
-            .resync_nft(&policy, &shared.config.nft_agent_networks)
+            .resync_nft(&policy, &shared.config.nftables.agent_networks)
             .await;
         if nft != "ok" {
             tracing::error!(%nft, "kill sets not synchronised with the kill state");

@@ -171,7 +171,7 @@ pub async fn reload(shared: &Shared) -> Result<u64, String> {
                 // An agent's sources or bindings may have changed: the kill sets follow.
                 let nft = shared
                     .killswitch
-                    .resync_nft(&policy, &shared.config.nft_agent_networks)
+                    .resync_nft(&policy, &shared.config.nftables.agent_networks)
                     .await;
                 if nft != "ok" {
                     tracing::error!(%nft, "kill sets not synchronised after the reload");

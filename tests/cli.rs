@@ -87,6 +87,52 @@ fn check_names_file_line_and_key_of_each_error() {
     }
 }
 
+/// A config file with several mistakes: `check` names each at its own line and key, the
+/// unknown key and the bad enum value included, and fails.
+#[test]
+fn check_reports_every_config_error_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules/agents")).unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        "# idle_secs and connect_ms are timeouts\n\
+         [listen]\n\
+         explicit = \"127.0.0.1:3128\"\n\
+         [timeouts]\n\
+         idle_secs = 30\n\
+         connect_ms = 0\n\
+         [transparent]\n\
+         interception = \"nat\"\n\
+         [caps]\n\
+         max_conections = 10\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = portcullis(&["--config", "portcullis.toml", "check"], dir.path());
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    for (line, (at, key)) in lines.iter().zip([
+        (6, "timeouts.connect_ms"),
+        (8, "transparent.interception"),
+        (10, "caps.max_conections"),
+    ]) {
+        assert!(
+            line.starts_with(&format!("portcullis.toml:{at}: key `{key}`: ")),
+            "{stderr}"
+        );
+    }
+    assert!(lines[1].contains("`redirect`"), "{stderr}");
+    assert!(lines[2].contains("unknown field"), "{stderr}");
+    // A missing file is not placed at a line.
+    let (code, _, stderr) = portcullis(&["--config", "nope.toml", "check"], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("nope.toml: cannot read the config file: "),
+        "{stderr}"
+    );
+}
+
 /// `password_sha256` still works, with a warning naming file, line and key; a bad
 /// `password_hash` is an error located the same way.
 #[test]

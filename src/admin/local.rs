@@ -139,7 +139,7 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
         source: None,
     };
     let policy = shared.policy.load_full();
-    let nets = &shared.config.nft_agent_networks;
+    let nets = &shared.config.nftables.agent_networks;
     let scope_of = |agent: Option<String>| {
         KillSwitch::parse_scope(
             &killswitch::Request {

@@ -302,7 +302,7 @@ async fn kill_or_revive(
     let shared2 = admin.shared.clone();
     let task = shared.tracker.spawn(async move {
         let ks = &shared2.killswitch;
-        let nets = &shared2.config.nft_agent_networks;
+        let nets = &shared2.config.nftables.agent_networks;
         let by = signed_body.accepted(&sender, peer);
         if revive {
             let code = request.totp.unwrap_or_default();

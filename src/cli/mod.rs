@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 mod remote;
 mod selftest;
-use crate::nft::{self, RulesetSpec};
-use crate::policy::{AddressGrant, AddressOrigin, Decision, Host, Policy, Target};
+use crate::nft::{self, NftError, RulesetSpec};
+use crate::policy::{
+    AddressGrant, AddressOrigin, CompileErrors, Decision, Host, Policy, Reason, Target,
+};
 use crate::proxy::target::parse_authority;
 use crate::proxy::upstream::DnsResolver;
 pub use remote::{kill, reload, revive, status, unlock_revive};
@@ -82,49 +84,68 @@ pub enum Command {
     Selftest(Box<SelftestArgs>),
 }
 
-pub fn load_config(path: Option<&Path>) -> Result<Config, String> {
+/// Why a command that reads the config and the rules could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Rules(#[from] CompileErrors),
+    #[error("the ruleset needs a transparent listener (listen.transparent)")]
+    NoTransparentListener,
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    #[error("cannot parse target `{target}`: {reason}")]
+    Target { target: String, reason: Reason },
+    #[error("no agent `{agent}` in {}", rules_dir.display())]
+    UnknownAgent { agent: String, rules_dir: PathBuf },
+}
+
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
-        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        Some(p) => Config::load(p),
         None => Ok(Config::builtin()),
     }
 }
 
-fn load_policy(config: &Config) -> Result<Policy, String> {
-    Policy::load(&config.rules_dir, &config.default_ports, 1).map_err(|e| e.to_string())
+fn load_policy(config: &Config) -> Result<Policy, CompileErrors> {
+    Policy::load(&config.rules_dir, &config.default_ports, 1)
 }
 
 /// The ruleset spec for this config and policy: agent networks default to every agent's
 /// sources; the listeners give the ports; every agent's bound sources are enforced.
-pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, String> {
+pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, CliError> {
     let transparent = config
-        .transparent_listen
+        .listen
+        .transparent
         .first()
-        .ok_or("the ruleset needs a transparent listener (listen.transparent)")?;
-    let mut networks = config.nft_agent_networks.clone();
+        .ok_or(CliError::NoTransparentListener)?;
+    let mut networks = config.nftables.agent_networks.clone();
     if networks.is_empty() {
         networks = policy
             .agents()
             .flat_map(|(_, a)| a.sources.iter().copied())
             .collect();
     }
-    let mut intercepted: Vec<u16> = config.transparent_tls_ports.clone();
-    intercepted.extend(&config.transparent_http_ports);
+    let mut intercepted: Vec<u16> = config.transparent.tls_ports.clone();
+    intercepted.extend(&config.transparent.http_ports);
     Ok(RulesetSpec {
-        agent_interfaces: config.nft_agent_interfaces.clone(),
+        agent_interfaces: config.nftables.agent_interfaces.clone(),
         agent_sources: networks,
-        interception: match config.interception {
+        interception: match config.transparent.interception {
             crate::sys::Interception::Redirect => nft::Interception::Redirect,
             crate::sys::Interception::Tproxy => nft::Interception::Tproxy,
         },
         transparent_port: transparent.port(),
         intercepted_ports: intercepted,
         explicit_port: config
-            .explicit_listen
+            .listen
+            .explicit
             .filter(|a| !a.ip().is_loopback())
             .map(|a| a.port()),
-        dns_port: config.dns_listen.first().map(|a| a.port()),
-        ipv6: config.nft_ipv6,
-        tproxy_mark: config.nft_tproxy_mark,
+        dns_port: config.listen.dns.first().map(|a| a.port()),
+        ipv6: config.nftables.ipv6,
+        tproxy_mark: config.nftables.tproxy_mark,
         killed: Vec::new(),
         bindings: policy
             .agents()
@@ -135,19 +156,19 @@ pub fn ruleset_spec(config: &Config, policy: &Policy) -> Result<RulesetSpec, Str
 
 /// The ruleset, followed in the same batch by the kill sets the saved state implies (an
 /// unreadable state kills everyone), so applying never reopens a killed agent.
-fn render_ruleset(config_path: Option<&Path>) -> Result<String, String> {
+fn render_ruleset(config_path: Option<&Path>) -> Result<String, CliError> {
     use crate::killswitch::{STATE_FILE, killed_macs, killed_nets, state};
     let config = load_config(config_path)?;
     let policy = load_policy(&config)?;
     let spec = ruleset_spec(&config, &policy)?;
-    let mut text = nft::render(&spec).map_err(|e| e.to_string())?;
+    let mut text = nft::render(&spec)?;
     let (st, corrupt) = match state::load(&config.state_dir.join(STATE_FILE)) {
         state::Loaded::Fresh => (state::KillState::default(), false),
         state::Loaded::State(s) => (s, false),
         state::Loaded::Corrupt(_) => (state::KillState::default(), true),
     };
     text += &nft::killed_batch(
-        &killed_nets(&st, corrupt, &policy, &config.nft_agent_networks),
+        &killed_nets(&st, corrupt, &policy, &config.nftables.agent_networks),
         &killed_macs(&st, corrupt, &policy),
     );
     Ok(text)
@@ -167,8 +188,7 @@ pub fn print_ruleset(config_path: Option<&Path>) -> i32 {
 }
 
 pub fn apply_ruleset(config_path: Option<&Path>) -> i32 {
-    match render_ruleset(config_path).and_then(|text| nft::apply(&text).map_err(|e| e.to_string()))
-    {
+    match render_ruleset(config_path).and_then(|text| Ok(nft::apply(&text)?)) {
         Ok(()) => {
             println!("applied table inet {}", nft::TABLE);
             0
@@ -218,10 +238,10 @@ pub fn check(config_path: Option<&Path>) -> i32 {
             for warning in check_warnings(&config, &policy) {
                 eprintln!("warning: {warning}");
             }
-            if !config.transparent_listen.is_empty() {
+            if !config.listen.transparent.is_empty() {
                 let checked = ruleset_spec(&config, &policy)
-                    .and_then(|spec| nft::render(&spec).map_err(|e| e.to_string()))
-                    .and_then(|text| nft::check(&text).map_err(|e| e.to_string()));
+                    .and_then(|spec| Ok(nft::render(&spec)?))
+                    .and_then(|text| Ok(nft::check(&text)?));
                 match checked {
                     Ok(()) => println!("ruleset: ok (nft -c)"),
                     Err(e) => {
@@ -245,11 +265,11 @@ pub fn check(config_path: Option<&Path>) -> i32 {
 fn check_warnings(config: &Config, policy: &Policy) -> Vec<String> {
     let mut warnings = crate::policy::binding::shared_segment_warnings(
         policy,
-        &config.nft_agent_interfaces,
-        &config.nft_agent_networks,
+        &config.nftables.agent_interfaces,
+        &config.nftables.agent_networks,
     );
     let bound = policy.agents().any(|(_, a)| !a.bindings.is_empty());
-    if bound && config.transparent_listen.is_empty() {
+    if bound && config.listen.transparent.is_empty() {
         warnings.push(
             "sources bound to an interface or MAC are enforced only by the nftables ruleset, \
              and this config renders none (listen.transparent is empty)"
@@ -260,7 +280,7 @@ fn check_warnings(config: &Config, policy: &Policy) -> Vec<String> {
 }
 
 /// Parse an `explain` target: a URL (scheme decides the default port) or `host:port`.
-pub fn parse_explain_target(s: &str) -> Result<Target, String> {
+pub fn parse_explain_target(s: &str) -> Result<Target, CliError> {
     let (default_port, rest) = if let Some(r) = s.strip_prefix("https://") {
         (Some(443), r)
     } else if let Some(r) = s.strip_prefix("http://") {
@@ -269,7 +289,10 @@ pub fn parse_explain_target(s: &str) -> Result<Target, String> {
         (None, s)
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-    parse_authority(authority, default_port).map_err(|r| format!("cannot parse target `{s}`: {r}"))
+    parse_authority(authority, default_port).map_err(|reason| CliError::Target {
+        target: s.to_owned(),
+        reason,
+    })
 }
 
 pub fn explain(
@@ -278,16 +301,16 @@ pub fn explain(
     target: &str,
     addresses: &[std::net::IpAddr],
 ) -> i32 {
-    let result = (|| {
+    let result = (|| -> Result<i32, CliError> {
         let config = load_config(config_path)?;
         let policy = load_policy(&config)?;
         let target = parse_explain_target(target)?;
         let id = policy.agent_by_name(agent);
         if id.is_none() && agent != crate::policy::UNKNOWN_AGENT {
-            return Err(format!(
-                "no agent `{agent}` in {}",
-                config.rules_dir.display()
-            ));
+            return Err(CliError::UnknownAgent {
+                agent: agent.to_owned(),
+                rules_dir: config.rules_dir.clone(),
+            });
         }
         let v = policy.evaluate(id, &target);
         let verdict = match v.decision {
@@ -379,14 +402,14 @@ pub async fn run(config_path: Option<&Path>) -> i32 {
     for w in policy.warnings() {
         tracing::warn!("rules: {w}");
     }
-    let resolver = match DnsResolver::new(&config.resolver_upstreams, config.resolver_timeout) {
+    let resolver = match DnsResolver::new(&config.resolver.upstreams, config.resolver.timeout) {
         Ok(r) => Arc::new(r),
         Err(e) => {
             eprintln!("resolver: {e}");
             return 1;
         }
     };
-    let drain = config.drain_timeout;
+    let drain = config.timeouts.drain;
     let running = match crate::gateway::start(config, policy, resolver).await {
         Ok(r) => r,
         Err(e) => {

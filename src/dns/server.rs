@@ -179,7 +179,7 @@ async fn serve_tcp_connection(
     _slot: ConnectionSlot,
 ) {
     let idle = shared.config.dns.tcp_idle;
-    let within_query = shared.config.handshake_timeout;
+    let within_query = shared.config.timeouts.handshake;
     let mut buf = vec![0u8; MAX_TCP_QUERY];
     loop {
         let mut len = [0u8; 2];

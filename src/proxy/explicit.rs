@@ -67,8 +67,8 @@ async fn serve_connection(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
-        .max_buf_size(shared.config.max_request_head_bytes.max(8192))
+        .header_read_timeout(shared.config.timeouts.handshake)
+        .max_buf_size(shared.config.caps.max_request_head_bytes.max(8192))
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -159,7 +159,7 @@ async fn handle(
         agent,
         &target,
         shared.resolver.as_ref(),
-        cfg.resolver_timeout,
+        cfg.resolver.timeout,
     )
     .await
     {
@@ -212,7 +212,7 @@ async fn handle(
             let dialled = tokio::select! {
                 biased;
                 () = cancel.cancelled() => None,
-                r = upstream::dial(&addrs, target.port, cfg.connect_timeout, &[]) => Some(r),
+                r = upstream::dial(&addrs, target.port, cfg.timeouts.connect, &[]) => Some(r),
             };
             let upstream = match dialled {
                 Some(Ok(u)) => u,
@@ -362,7 +362,7 @@ async fn tunnel(
         let upgraded = hyper::upgrade::on(req)
             .await
             .map_err(|_| Reason::Malformed)?;
-        let idle = shared.config.idle_timeout;
+        let idle = shared.config.timeouts.idle;
         let shaping = &checks.admission.shaping;
         // The bare socket (zero-copy relay) when hyper hands it back, with whatever hyper
         // had already read past the CONNECT head; any other stream takes the copy path.
@@ -429,7 +429,7 @@ async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
     counters: &RelayCounters,
     rec: &mut ConnectionRecord,
 ) -> Result<TcpStream, Reason> {
-    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + shared.config.timeouts.handshake;
     let mut held = shared.handshake.account();
     let hello = read_client_hello(agent_io, &mut peeked, &mut held, deadline).await;
     counters
@@ -442,7 +442,7 @@ async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
     let up = upstream::dial(
         &checks.addrs,
         checks.target.port,
-        shared.config.connect_timeout,
+        shared.config.timeouts.connect,
         &peeked,
     )
     .await

@@ -102,7 +102,7 @@ pub async fn forward(
         }
     });
     let response =
-        match tokio::time::timeout(shared.config.idle_timeout, sender.send_request(out)).await {
+        match tokio::time::timeout(shared.config.timeouts.idle, sender.send_request(out)).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return finish.fail(Reason::UpstreamFailed),
             Err(_) => return finish.fail(Reason::Timeout),

@@ -88,8 +88,9 @@ fn handle(
         let cancel = shared.killswitch.tunnel_token(&rec.agent);
         let who = rec.agent.clone();
         let outcome = async {
-            let original = sys::original_destination(&stream, shared.config.interception)
-                .map_err(|_| Reason::Malformed)?;
+            let original =
+                sys::original_destination(&stream, shared.config.transparent.interception)
+                    .map_err(|_| Reason::Malformed)?;
             rec.original_destination = Some(original);
             rec.destination_port = Some(original.port());
             if agent.is_none() {
@@ -99,14 +100,14 @@ fn handle(
                 return Err(Reason::KillSwitch);
             }
             let cfg = &shared.config;
-            let expect = if cfg.transparent_tls_ports.contains(&original.port()) {
+            let expect = if cfg.transparent.tls_ports.contains(&original.port()) {
                 Expect::Tls
-            } else if cfg.transparent_http_ports.contains(&original.port()) {
+            } else if cfg.transparent.http_ports.contains(&original.port()) {
                 Expect::Http
             } else {
                 return Err(Reason::Malformed);
             };
-            let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+            let deadline = tokio::time::Instant::now() + cfg.timeouts.handshake;
             let mut peeked = Vec::new();
             let mut held = shared.handshake.account();
             match expect {
@@ -172,7 +173,7 @@ fn handle(
                             &mut held,
                             deadline,
                             original.port(),
-                            cfg.max_request_head_bytes,
+                            cfg.caps.max_request_head_bytes,
                         ),
                     ))
                     .await;
@@ -308,7 +309,7 @@ async fn check_and_dial(
         agent,
         target,
         shared.resolver.as_ref(),
-        cfg.resolver_timeout,
+        cfg.resolver.timeout,
     )
     .await
     .map_err(|f| {
@@ -332,7 +333,7 @@ async fn check_and_dial(
         return Err(Reason::PolicyRevoked);
     }
     drop(live);
-    let up = upstream::dial(&addrs, target.port, cfg.connect_timeout, first)
+    let up = upstream::dial(&addrs, target.port, cfg.timeouts.connect, first)
         .await
         .map_err(|f| {
             rec.destination_ip = f.addr;
@@ -366,7 +367,7 @@ fn tunnel<'a>(
         if !crate::reload::still_allowed(&shared.policy.load(), agent, target, &[addr]) {
             return Err(Reason::PolicyRevoked);
         }
-        let idle = shared.config.idle_timeout;
+        let idle = shared.config.timeouts.idle;
         let end = relay(agent_io, up, idle, cancel, counters, shaping).await;
         crate::proxy::explicit::relay_outcome(shared, agent, end, &registration)
             .map(|()| Handover::Done)
@@ -435,8 +436,8 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, con
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
-        .max_buf_size(shared.config.max_request_head_bytes.max(8192))
+        .header_read_timeout(shared.config.timeouts.handshake)
+        .max_buf_size(shared.config.caps.max_request_head_bytes.max(8192))
         .serve_connection(TokioIo::new(io), service);
     tokio::select! {
         _ = served => {}
