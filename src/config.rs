@@ -1,7 +1,7 @@
 //! `portcullis.toml`: the process configuration (reference: deploy/portcullis.toml).
 //!
-//! Owns the raw serde structs (unknown keys are errors, every key has a default, so the
-//! built-in default config is the empty file) and their compilation into [`Config`], one
+//! Owns the raw serde structs (unknown keys are errors, every key has a default) and their
+//! compilation into [`Config`], one
 //! section struct per table of the file. Every value the file sets keeps its position
 //! ([`At`]), so each error is reported at the line that caused it, and every error of a
 //! file is reported, not only the first. Relative paths are resolved against the config
@@ -102,25 +102,68 @@ impl Default for RawConfig {
     }
 }
 
+/// The explicit proxy of the built-in default config (a config file has none unless it
+/// names one).
+const BUILTIN_EXPLICIT: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3128);
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawListen {
-    explicit: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
+    /// Off unless the file names an address: a gateway opens no port it was not asked for.
+    explicit: Listener,
+    admin: Listener,
     /// Where nftables sends the agents' TCP 80/443 (none by default).
     transparent: Vec<SocketAddr>,
     /// DNS forwarder, UDP and TCP on each address (none by default).
     dns: Vec<SocketAddr>,
+    /// The accept queue of every TCP listener.
+    backlog: At<u32>,
 }
 
 impl Default for RawListen {
     fn default() -> Self {
         Self {
-            explicit: Some(SocketAddr::from(([127, 0, 0, 1], 3128))),
-            admin: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            explicit: Listener(None),
+            admin: Listener(Some(SocketAddr::from(([127, 0, 0, 1], 9090)))),
             transparent: Vec::new(),
             dns: Vec::new(),
+            backlog: At::default_value(4096),
         }
+    }
+}
+
+/// A listener address, or off: `""` or `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Listener(Option<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listener {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Listener;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address \"ip:port\", or \"\" or false for off")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Listener, E> {
+                if v {
+                    Err(E::custom(
+                        "`true` names no address: give \"ip:port\" (or false for off)",
+                    ))
+                } else {
+                    Ok(Listener(None))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Listener, E> {
+                if v.is_empty() {
+                    return Ok(Listener(None));
+                }
+                v.parse()
+                    .map(|a| Listener(Some(a)))
+                    .map_err(|_| E::custom(format!("`{v}` is not an address \"ip:port\"")))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -199,6 +242,8 @@ struct RawKillSwitch {
 struct RawLog {
     /// `"stdout"` or a file path (appended to).
     destination: At<String>,
+    /// The service's own log (tracing, on stderr): lines for people or JSON objects.
+    format: LogFormat,
     /// Lines buffered between the data path and the writer; beyond it lines are dropped
     /// and counted, never waited for.
     queue: At<usize>,
@@ -208,6 +253,7 @@ impl Default for RawLog {
     fn default() -> Self {
         Self {
             destination: At::default_value("stdout".into()),
+            format: LogFormat::Text,
             queue: At::default_value(65_536),
         }
     }
@@ -400,6 +446,8 @@ impl Default for RawDns {
 /// `[listen]`: the sockets the gateway serves.
 #[derive(Debug, Clone)]
 pub struct ListenSettings {
+    /// The accept queue of every TCP listener.
+    pub backlog: u32,
     /// The explicit proxy; `None` when off.
     pub explicit: Option<SocketAddr>,
     /// The admin API; `None` when off.
@@ -447,10 +495,23 @@ pub enum LogDestination {
     File(PathBuf),
 }
 
-/// `[log]`: the connection log.
+/// `log.format`: how the service's own log (startup, warnings, errors; not the
+/// connection log) is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event for people; coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: the connection log, and the format of the service's own log.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     pub destination: LogDestination,
+    pub format: LogFormat,
     pub queue: usize,
 }
 
@@ -629,9 +690,10 @@ impl Config {
             path: PathBuf::from("<built-in>"),
             text: String::new(),
         };
+        let mut raw = RawConfig::default();
+        raw.listen.explicit = Listener(Some(BUILTIN_EXPLICIT));
         let mut problems = Problems::new(&file, &DeTable::default());
-        compile(RawConfig::default(), &mut problems, Path::new("."))
-            .expect("built-in default config is valid")
+        compile(raw, &mut problems, Path::new(".")).expect("built-in default config is valid")
     }
 
     /// Read and validate a config file.
@@ -852,6 +914,13 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>, base: &Path) -> Option<Config> 
     p.positive("caps.max_connections_unknown", &c.max_connections_unknown);
     p.positive("caps.max_request_head_bytes", &c.max_request_head_bytes);
     p.positive("log.queue", &raw.log.queue);
+    if *raw.listen.backlog == 0 || i32::try_from(*raw.listen.backlog).is_err() {
+        p.at(
+            "listen.backlog",
+            &raw.listen.backlog,
+            "must be between 1 and 2147483647",
+        );
+    }
     let t = &raw.transparent;
     if t.tls_ports.contains(&0) || t.tls_ports.iter().any(|port| t.http_ports.contains(port)) {
         p.at(
@@ -920,8 +989,9 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>, base: &Path) -> Option<Config> 
         state_dir: resolve(raw.state_dir.value),
         default_ports: raw.default_ports.value,
         listen: ListenSettings {
-            explicit: raw.listen.explicit,
-            admin: raw.listen.admin,
+            backlog: *raw.listen.backlog,
+            explicit: raw.listen.explicit.0,
+            admin: raw.listen.admin.0,
             transparent: raw.listen.transparent,
             dns: raw.listen.dns,
         },
@@ -953,6 +1023,7 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>, base: &Path) -> Option<Config> 
         },
         log: LogSettings {
             destination,
+            format: raw.log.format,
             queue: *raw.log.queue,
         },
         resolver: ResolverSettings {
@@ -1172,6 +1243,46 @@ max_connections = \"many\"
             text.starts_with("/nonexistent/portcullis.toml: cannot read"),
             "{text}"
         );
+    }
+
+    /// A file without `listen.explicit` (or with `""`/`false`) opens no explicit proxy;
+    /// the built-in default (no file at all) keeps it on.
+    #[test]
+    fn the_explicit_proxy_is_on_only_when_asked_for() {
+        assert_eq!(Config::builtin().listen.explicit, Some(BUILTIN_EXPLICIT));
+        for text in [
+            "",
+            "[listen]\ntransparent = [\"10.66.0.1:15001\"]\n",
+            "[listen]\nexplicit = \"\"\n",
+            "[listen]\nexplicit = false\n",
+        ] {
+            let c = parse(text).unwrap();
+            assert_eq!(c.listen.explicit, None, "{text:?}");
+            assert!(c.listen.admin.is_some(), "{text:?}");
+        }
+        let c = parse("[listen]\nexplicit = \"10.66.0.1:3128\"\nadmin = false\n").unwrap();
+        assert_eq!(c.listen.explicit, Some("10.66.0.1:3128".parse().unwrap()));
+        assert_eq!(c.listen.admin, None);
+        for (text, key) in [
+            ("[listen]\nexplicit = true\n", "listen.explicit"),
+            ("[listen]\nexplicit = \"localhost\"\n", "listen.explicit"),
+            ("[listen]\nbacklog = 0\n", "listen.backlog"),
+        ] {
+            let e = one_error(text);
+            assert_eq!((e.line, e.key.as_str()), (2, key), "{text}");
+        }
+    }
+
+    #[test]
+    fn log_format_and_backlog() {
+        let c = parse("").unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.listen.backlog, 4096);
+        let c = parse("[log]\nformat = \"json\"\n[listen]\nbacklog = 512\n").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.listen.backlog, 512);
+        let e = one_error("[log]\nformat = \"yaml\"\n");
+        assert_eq!((e.line, e.key.as_str()), (2, "log.format"));
     }
 
     #[test]

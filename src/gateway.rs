@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -128,30 +127,35 @@ pub async fn start(
     );
     let limiter = crate::limits::Limiter::load(&config.state_dir, config.budgets.reset_hour_utc)
         .map_err(StartError::Limits)?;
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
+    // One accept queue length for every TCP listener; `config` checked that it fits.
+    let backlog = i32::try_from(config.listen.backlog).unwrap_or(i32::MAX);
+    let bind = |what, addr| {
+        crate::sys::listen_tcp(addr, backlog).map_err(|source| StartError::Bind {
+            what,
+            addr,
+            source,
+        })
     };
     let explicit = match config.listen.explicit {
-        Some(a) => Some(bind("explicit", a).await?),
+        Some(a) => Some(bind("explicit", a)?),
         None => None,
     };
     let mut transparent = Vec::new();
+    let tproxy = config.transparent.interception == crate::sys::Interception::Tproxy;
     for addr in &config.listen.transparent {
-        let l = crate::proxy::transparent::bind(*addr, config.transparent.interception).map_err(
-            |source| StartError::Bind {
+        let l = crate::sys::bind_listener(*addr, tproxy, backlog).map_err(|source| {
+            StartError::Bind {
                 what: "transparent",
                 addr: *addr,
                 source,
-            },
-        )?;
+            }
+        })?;
         transparent.push(l);
     }
     // DNS forwarder (src/dns/): UDP + TCP on each `listen.dns` address.
     let mut dns = Vec::new();
     for addr in &config.listen.dns {
-        let l = crate::dns::DnsListener::bind(*addr)
+        let l = crate::dns::DnsListener::bind(*addr, backlog)
             .await
             .map_err(|source| StartError::Bind {
                 what: "dns",
@@ -166,7 +170,7 @@ pub async fn start(
         Some(Arc::new(crate::dns::Forwarder::new(&config)?))
     };
     let admin = match config.listen.admin {
-        Some(a) => Some(bind("admin", a).await?),
+        Some(a) => Some(bind("admin", a)?),
         None => None,
     };
     let control = match config.control_socket() {
