@@ -726,8 +726,7 @@ impl Config {
             return Err(ConfigError::Invalid(errors));
         }
         let mut table = root.into_inner();
-        let sections = table.clone();
-        let mut problems = Problems::new(file, &sections);
+        let mut problems = Problems::new(file, &table);
         let raw = deserialize_pruning(&mut table, &mut problems);
         let base = file
             .path

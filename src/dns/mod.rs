@@ -43,11 +43,20 @@ pub enum DnsError {
     Upstream(String),
 }
 
+/// Why a name in `dns.allowed_types` is not a type that can be allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordTypeError {
+    #[error("not a DNS record type")]
+    Unknown,
+    #[error("a meta or unknown type cannot be allowed")]
+    NotData,
+}
+
 /// The numeric code of a query type named in `dns.allowed_types` (`"AAAA"` → 28).
 /// Meta types (ANY, AXFR, IXFR, OPT, …) cannot be allowed: they are not data.
-pub fn record_type_code(name: &str) -> Result<u16, String> {
-    let t = RecordType::from_str(&name.to_ascii_uppercase())
-        .map_err(|_| "not a DNS record type".to_owned())?;
+pub fn record_type_code(name: &str) -> Result<u16, RecordTypeError> {
+    let t =
+        RecordType::from_str(&name.to_ascii_uppercase()).map_err(|_| RecordTypeError::Unknown)?;
     match t {
         RecordType::ANY
         | RecordType::AXFR
@@ -57,7 +66,7 @@ pub fn record_type_code(name: &str) -> Result<u16, String> {
         | RecordType::SIG
         | RecordType::NULL
         | RecordType::ZERO
-        | RecordType::Unknown(_) => Err("a meta or unknown type cannot be allowed".into()),
+        | RecordType::Unknown(_) => Err(RecordTypeError::NotData),
         t => Ok(u16::from(t)),
     }
 }
@@ -71,8 +80,8 @@ mod tests {
     fn record_types_by_name() {
         assert_eq!(record_type_code("aaaa").unwrap(), 28);
         assert_eq!(record_type_code("HTTPS").unwrap(), 65);
-        assert!(record_type_code("ANY").is_err());
-        assert!(record_type_code("AXFR").is_err());
-        assert!(record_type_code("bogus").is_err());
+        assert_eq!(record_type_code("ANY"), Err(RecordTypeError::NotData));
+        assert_eq!(record_type_code("AXFR"), Err(RecordTypeError::NotData));
+        assert_eq!(record_type_code("bogus"), Err(RecordTypeError::Unknown));
     }
 }
