@@ -207,9 +207,9 @@ fn main() {
         let mut config = Config::builtin();
         config.rules_dir = rules.clone();
         config.state_dir = dir.path().join("state");
-        config.explicit_listen = Some(([127, 0, 0, 1], 0).into());
-        config.admin_listen = None;
-        config.log_destination = LogDestination::File(dir.path().join("log"));
+        config.listen.explicit = Some(([127, 0, 0, 1], 0).into());
+        config.listen.admin = None;
+        config.log.destination = LogDestination::File(dir.path().join("log"));
         let policy =
             Policy::load(&rules, &config.default_ports, 1).unwrap_or_else(|e| panic!("{e}"));
         let resolver = StaticResolver::new().with("allowed.test", &[[127, 0, 0, 1].into()]);

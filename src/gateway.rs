@@ -11,7 +11,6 @@ use std::time::Duration;
 use std::future::Future;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 
 use crate::admin::{AdminContext, LastReload, ReloadError};
 use crate::config::Config;
@@ -135,15 +134,15 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     // Fail closed: the kill state is read before any listener opens.
     let shutdown = Shutdown::new();
-    let keys =
-        killswitch::read_keys(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
-    let totp = killswitch::read_totp(config.totp_secret_file.as_deref())
+    let keys = killswitch::read_keys(&config.kill_switch.webhook_secret_files)
+        .map_err(StartError::KillSwitch)?;
+    let totp = killswitch::read_totp(config.kill_switch.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
     let metrics_token = match &config.admin.metrics_token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
     };
-    let log = LogWriter::start(&config.log_destination, config.log_queue)?;
+    let log = LogWriter::start(&config.log.destination, config.log.queue)?;
     let telemetry = Telemetry::new(&log);
     let nft = config.manages_nftables().then(crate::nft::Nft::default);
     let kill = KillSwitch::load(
@@ -155,20 +154,25 @@ pub async fn start(
         telemetry.clone(),
         crate::admin::unix_now(),
     );
-    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budget_reset_hour_utc)
+    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budgets.reset_hour_utc)
         .map_err(StartError::Limits)?;
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
+    // One accept queue length for every TCP listener; `config` checked that it fits.
+    let backlog = i32::try_from(config.listen.backlog).unwrap_or(i32::MAX);
+    let bind = |what, addr| {
+        crate::sys::listen_tcp(addr, backlog).map_err(|source| StartError::Bind {
+            what,
+            addr,
+            source,
+        })
     };
-    let explicit = match config.explicit_listen {
-        Some(a) => Some(bind("explicit", a).await?),
+    let explicit = match config.listen.explicit {
+        Some(a) => Some(bind("explicit", a)?),
         None => None,
     };
     let mut transparent = Vec::new();
-    for addr in &config.transparent_listen {
-        let l = crate::proxy::transparent::bind(*addr, config.interception).map_err(|source| {
+    let tproxy = config.transparent.interception == crate::sys::Interception::Tproxy;
+    for addr in &config.listen.transparent {
+        let l = crate::sys::bind_listener(*addr, tproxy, backlog).map_err(|source| {
             StartError::Bind {
                 what: "transparent",
                 addr: *addr,
@@ -179,8 +183,8 @@ pub async fn start(
     }
     // DNS forwarder (src/dns/): UDP + TCP on each `listen.dns` address.
     let mut dns = Vec::new();
-    for addr in &config.dns_listen {
-        let l = crate::dns::DnsListener::bind(*addr)
+    for addr in &config.listen.dns {
+        let l = crate::dns::DnsListener::bind(*addr, backlog)
             .await
             .map_err(|source| StartError::Bind {
                 what: "dns",
@@ -194,8 +198,8 @@ pub async fn start(
     } else {
         Some(Arc::new(crate::dns::Forwarder::new(&config)?))
     };
-    let admin = match config.admin_listen {
-        Some(a) => Some(bind("admin", a).await?),
+    let admin = match config.listen.admin {
+        Some(a) => Some(bind("admin", a)?),
         None => None,
     };
     let control = match config.control_socket() {
@@ -215,10 +219,10 @@ pub async fn start(
         }
     }
     let caps = ConnectionCaps::new(crate::proxy::CapLimits {
-        total: config.max_connections,
-        per_source: config.max_connections_per_source,
-        per_agent: config.max_connections_per_agent,
-        unknown: config.max_connections_unknown,
+        total: config.caps.max_connections,
+        per_source: config.caps.max_connections_per_source,
+        per_agent: config.caps.max_connections_per_agent,
+        unknown: config.caps.max_connections_unknown,
     });
     let generation = policy.generation();
     let proxy = Arc::new(ProxyContext {
@@ -229,17 +233,17 @@ pub async fn start(
         resolver,
         tunnels: Arc::default(),
         caps,
-        handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
+        handshake: crate::proxy::peek::HandshakeBudget::new(config.caps.max_handshake_bytes),
         auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
         settings: ProxySettings {
-            interception: config.interception,
-            transparent_tls_ports: config.transparent_tls_ports.clone(),
-            transparent_http_ports: config.transparent_http_ports.clone(),
-            resolver_timeout: config.resolver_timeout,
-            handshake_timeout: config.handshake_timeout,
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
-            max_request_head_bytes: config.max_request_head_bytes,
+            interception: config.transparent.interception,
+            transparent_tls_ports: config.transparent.tls_ports.clone(),
+            transparent_http_ports: config.transparent.http_ports.clone(),
+            resolver_timeout: config.resolver.timeout,
+            handshake_timeout: config.timeouts.handshake,
+            connect_timeout: config.timeouts.connect,
+            idle_timeout: config.timeouts.idle,
+            max_request_head_bytes: config.caps.max_request_head_bytes,
         },
         shutdown: shutdown.clone(),
     });
@@ -263,7 +267,7 @@ pub async fn start(
         let policy = proxy.policy.load_full();
         let nft = proxy
             .killswitch
-            .resync_nft(&policy, &config.nft_agent_networks)
+            .resync_nft(&policy, &config.nftables.agent_networks)
             .await;
         if nft != "ok" {
             tracing::error!(%nft, "kill sets not synchronised with the kill state");
@@ -289,7 +293,7 @@ pub async fn start(
             telemetry: proxy.telemetry.clone(),
             caps: proxy.caps.clone(),
             shutdown: shutdown.clone(),
-            handshake_timeout: config.handshake_timeout,
+            handshake_timeout: config.timeouts.handshake,
             tcp_idle: config.dns.tcp_idle,
         });
         for l in dns {
@@ -310,7 +314,7 @@ pub async fn start(
             caps: proxy.caps.clone(),
             tunnels: proxy.tunnels.clone(),
             settings: config.admin.clone(),
-            nft_agent_networks: config.nft_agent_networks.clone(),
+            nft_agent_networks: config.nftables.agent_networks.clone(),
             shutdown: shutdown.clone(),
             control: Arc::new(Reloader(app.clone())),
         });

@@ -12,15 +12,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
     let cli = Cli::parse();
-    // Diagnostics go to stderr; stdout is the connection log's by default.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let config = cli.config.as_deref();
+    // Diagnostics go to stderr; stdout is the connection log's by default.
+    cli::init_tracing(config, matches!(cli.command, None | Some(Command::Run)));
     let code = match cli.command.unwrap_or(Command::Run) {
         Command::Run => match cli::runtime(
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get),

@@ -36,7 +36,7 @@ pub async fn reload(app: &App) -> Result<u64, ReloadError> {
                 // An agent's sources or bindings may have changed: the kill sets follow.
                 let nft = shared
                     .killswitch
-                    .resync_nft(&policy, &config.nft_agent_networks)
+                    .resync_nft(&policy, &config.nftables.agent_networks)
                     .await;
                 if nft != "ok" {
                     tracing::error!(%nft, "kill sets not synchronised after the reload");

@@ -195,7 +195,7 @@ async fn kills_are_never_lost_behind_a_wedged_nft() {
         localhost_resolver(&["allowed.test"]),
         |c, d| {
             with_kill_switch_secrets(c, d);
-            c.nft_agent_networks = vec!["127.0.0.0/8".parse().unwrap()];
+            c.nftables.agent_networks = vec!["127.0.0.0/8".parse().unwrap()];
         },
     )
     .await;

@@ -87,6 +87,52 @@ fn check_names_file_line_and_key_of_each_error() {
     }
 }
 
+/// A config file with several mistakes: `check` names each at its own line and key, the
+/// unknown key and the bad enum value included, and fails.
+#[test]
+fn check_reports_every_config_error_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules/agents")).unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        "# idle_secs and connect_ms are timeouts\n\
+         [listen]\n\
+         explicit = \"127.0.0.1:3128\"\n\
+         [timeouts]\n\
+         idle_secs = 30\n\
+         connect_ms = 0\n\
+         [transparent]\n\
+         interception = \"nat\"\n\
+         [caps]\n\
+         max_conections = 10\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = portcullis(&["--config", "portcullis.toml", "check"], dir.path());
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    for (line, (at, key)) in lines.iter().zip([
+        (6, "timeouts.connect_ms"),
+        (8, "transparent.interception"),
+        (10, "caps.max_conections"),
+    ]) {
+        assert!(
+            line.starts_with(&format!("portcullis.toml:{at}: key `{key}`: ")),
+            "{stderr}"
+        );
+    }
+    assert!(lines[1].contains("`redirect`"), "{stderr}");
+    assert!(lines[2].contains("unknown field"), "{stderr}");
+    // A missing file is not placed at a line.
+    let (code, _, stderr) = portcullis(&["--config", "nope.toml", "check"], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("nope.toml: cannot read the config file: "),
+        "{stderr}"
+    );
+}
+
 /// `password_sha256` still works, with a warning naming file, line and key; a bad
 /// `password_hash` is an error located the same way.
 #[test]
@@ -372,4 +418,179 @@ fn sigterm_stops_accepting_drains_and_exits() {
     assert!(status.success(), "{status:?}");
     let log = std::fs::read_to_string(dir.path().join("conn.log")).unwrap();
     assert!(log.contains("\"event.reason\":\"shutting_down\""), "{log}");
+}
+
+/// Run `portcullis run` in `dir` until it logs its policy line; its stderr lines, and the
+/// listening TCP sockets it holds as `ss` shows them (local address, accept-queue limit).
+fn run_until_started(dir: &Path) -> (Vec<String>, Vec<(String, u32)>) {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["--config", "portcullis.toml", "run"])
+        .current_dir(dir)
+        .env_remove("NO_COLOR")
+        .env_remove("PORTCULLIS_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("policy loaded")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no policy line within 10 s: {lines:#?}");
+            }
+        }
+    }
+    let pid = child.id();
+    let ss = Command::new("ss").args(["-ltnpH"]).output().unwrap();
+    let sockets = String::from_utf8_lossy(&ss.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[3].to_owned(), f[2].parse().unwrap())
+        })
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (lines, sockets)
+}
+
+/// Startup: one line per listener and one for the policy, one for a kill restored from the
+/// state file; no explicit proxy when the config names none; every TCP listener with the
+/// configured backlog; no colour codes when stderr is not a terminal.
+#[test]
+fn run_logs_each_listener_the_policy_and_a_restored_kill() {
+    let dir = rules_with_agent("name = \"a\"\nsources = [\"10.66.0.11\"]\nallow = [\"x.test\"]\n");
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/killswitch.json"),
+        r#"{"all":null,"agents":{"a":{"reason":"test kill","at_unix":1700000000,"by":"cli"}},"guard":{}}"#,
+    )
+    .unwrap();
+    let config = "state_dir = \"state\"\n\
+                  [listen]\n\
+                  admin = \"127.0.0.1:0\"\n\
+                  transparent = [\"127.0.0.1:0\"]\n\
+                  dns = [\"127.0.0.1:0\"]\n\
+                  backlog = 777\n\
+                  [log]\n\
+                  destination = \"conn.log\"\n";
+    std::fs::write(dir.path().join("portcullis.toml"), config).unwrap();
+    let (lines, sockets) = run_until_started(dir.path());
+    let text = lines.join("\n");
+    assert!(!text.contains('\u{1b}'), "colour codes in a pipe: {text}");
+    for expected in [
+        "explicit proxy off",
+        "transparent proxy listening",
+        "dns forwarder listening",
+        "admin api listening",
+        "control socket listening",
+        "kill switch restored from the state file",
+    ] {
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(expected)).count(),
+            1,
+            "{expected}: {text}"
+        );
+    }
+    let policy = lines.iter().find(|l| l.contains("policy loaded")).unwrap();
+    for field in ["agents=1", "allow_rules=1", "deny_rules=0", "generation=1"] {
+        assert!(policy.contains(field), "{policy}");
+    }
+    // Transparent, DNS over TCP, admin: no explicit proxy was asked for, none is open.
+    assert_eq!(sockets.len(), 3, "{sockets:?}");
+    for (addr, backlog) in &sockets {
+        assert_eq!(*backlog, 777, "{addr}");
+        assert!(text.contains(addr.as_str()), "{addr} not logged: {text}");
+    }
+}
+
+/// `log.format = "json"`: every line of the service's own log is a JSON object.
+#[test]
+fn run_writes_its_own_log_as_json_when_asked() {
+    let dir = rules_with_agent("name = \"a\"\nsources = [\"10.66.0.11\"]\nallow = [\"x.test\"]\n");
+    std::fs::write(
+        dir.path().join("portcullis.toml"),
+        "[listen]\nexplicit = \"127.0.0.1:0\"\nadmin = false\n[admin]\ncontrol_socket = \"\"\n\
+         [log]\nformat = \"json\"\ndestination = \"conn.log\"\n",
+    )
+    .unwrap();
+    let (lines, sockets) = run_until_started(dir.path());
+    assert_eq!(sockets.len(), 1, "only the explicit proxy: {sockets:?}");
+    assert_eq!(sockets[0].1, 4096, "the default backlog");
+    let mut messages = Vec::new();
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        messages.push(v["fields"]["message"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        messages.iter().any(|m| m == "explicit proxy listening"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "policy loaded"),
+        "{messages:?}"
+    );
+}
+
+/// `explain` with a bare name assumes port 443; `check` warns about an empty rules
+/// directory and about loopback sources behind a transparent listener, and a missing rules
+/// directory is not placed at a line.
+#[test]
+fn explain_defaults_to_443_and_check_warns_about_useless_setups() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, stdout, stderr) =
+        portcullis(&["explain", "--agent", "example-agent", "pypi.org"], root);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("target:  pypi.org:443"), "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules/agents")).unwrap();
+    let (code, stdout, stderr) = portcullis(&["check"], dir.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("warning: no agent in"), "{stderr}");
+
+    let dir = rules_with_agent("name = \"a\"\nsources = [\"127.0.0.1\", \"10.66.0.11\"]\n");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, "[listen]\ntransparent = [\"10.66.0.1:15001\"]\n").unwrap();
+    // Without nft in PATH the ruleset check fails; the warnings come before it.
+    let (_, _, stderr) = portcullis(&["--config", "portcullis.toml", "check"], dir.path());
+    assert!(
+        stderr.contains("warning: agent `a`: source 127.0.0.1/32 is loopback"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("10.66.0.11/32 is loopback"), "{stderr}");
+    std::fs::write(&config, "").unwrap();
+    let (_, _, stderr) = portcullis(&["--config", "portcullis.toml", "check"], dir.path());
+    assert!(
+        !stderr.contains("is loopback"),
+        "no transparent listener: {stderr}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = portcullis(&["check"], empty.path());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("./rules: rules directory not found"),
+        "{stderr}"
+    );
 }

@@ -30,8 +30,9 @@ fn with_keys(c: &mut Config, dir: &Path) {
     std::fs::write(dir.join("alerting.secret"), format!("{ATTACKER_WHSEC}\n")).unwrap();
     std::fs::write(dir.join("phone.secret"), format!("{PERSON_WHSEC}\n")).unwrap();
     std::fs::write(dir.join("totp.secret"), format!("{TOTP}\n")).unwrap();
-    c.webhook_secret_files = vec![dir.join("alerting.secret"), dir.join("phone.secret")];
-    c.totp_secret_file = Some(dir.join("totp.secret"));
+    c.kill_switch.webhook_secret_files =
+        vec![dir.join("alerting.secret"), dir.join("phone.secret")];
+    c.kill_switch.totp_secret_file = Some(dir.join("totp.secret"));
 }
 
 fn code(at: i64) -> String {
@@ -421,7 +422,7 @@ async fn a_flood_that_fills_the_replay_memory_never_locks_a_kill_out() {
         |c, d| {
             with_keys(c, d);
             // The flood is not what this test measures: a file log keeps up.
-            c.log_queue = 1 << 20;
+            c.log.queue = 1 << 20;
         },
     )
     .await;

@@ -237,9 +237,9 @@ async fn start_with(agent: &str, tweak: impl FnOnce(&mut Config, &Path)) -> Dns 
         &[],
         localhost_resolver(&[]),
         |c, dir| {
-            c.dns_listen = vec!["127.0.0.1:0".parse().unwrap()];
-            c.resolver_upstreams = vec![upstream_addr];
-            c.resolver_timeout = Duration::from_millis(600);
+            c.listen.dns = vec!["127.0.0.1:0".parse().unwrap()];
+            c.resolver.upstreams = vec![upstream_addr];
+            c.resolver.timeout = Duration::from_millis(600);
             c.dns.queries_per_second = 100_000;
             tweak(c, dir);
         },
@@ -628,7 +628,7 @@ const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 async fn kill_switch_engaged_refuses_the_agent() {
     let d = start(|c, dir| {
         std::fs::write(dir.join("webhook.secret"), format!("{WHSEC}\n")).unwrap();
-        c.webhook_secret_files = vec![dir.join("webhook.secret")];
+        c.kill_switch.webhook_secret_files = vec![dir.join("webhook.secret")];
     })
     .await;
     let r = ask(d.addr, "www.allowed.test.", RecordType::A).await;

@@ -101,9 +101,9 @@ async fn answers_inside_resolve_cidrs_are_kept_and_other_special_ones_removed() 
         ),
     ];
     let gw = gateway_with(&agents, &[], localhost_resolver(&[]), |c, _| {
-        c.dns_listen = vec!["127.0.0.1:0".parse().unwrap()];
-        c.resolver_upstreams = vec![upstream];
-        c.resolver_timeout = Duration::from_millis(600);
+        c.listen.dns = vec!["127.0.0.1:0".parse().unwrap()];
+        c.resolver.upstreams = vec![upstream];
+        c.resolver.timeout = Duration::from_millis(600);
     })
     .await;
     let dns = gw.running.as_ref().unwrap().dns_addrs[0];

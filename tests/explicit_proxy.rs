@@ -591,9 +591,9 @@ async fn dns_rebinding_resolve_once_dial_that_address_threats_b6() {
     )
     .unwrap();
     config.rules_dir = rules.clone();
-    config.explicit_listen = Some("127.0.0.1:0".parse().unwrap());
-    config.admin_listen = None;
-    config.log_destination = portcullis::config::LogDestination::File(dir.path().join("log"));
+    config.listen.explicit = Some("127.0.0.1:0".parse().unwrap());
+    config.listen.admin = None;
+    config.log.destination = portcullis::config::LogDestination::File(dir.path().join("log"));
     config.state_dir = dir.path().join("state");
     let policy = portcullis::policy::Policy::load(&rules, &config.default_ports, 1).unwrap();
     let running = portcullis::gateway::start(config, policy, resolver.clone())
@@ -681,7 +681,7 @@ async fn plain_http_inside_a_connect_tunnel_is_served_request_by_request() {
         )],
         &[],
         localhost_resolver(&["allowed.test", "evil.test"]),
-        |c, _| c.transparent_http_ports = vec![port],
+        |c, _| c.transparent.http_ports = vec![port],
     )
     .await;
     let url = format!("http://allowed.test:{port}/inside?x=1");

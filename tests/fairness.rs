@@ -85,12 +85,12 @@ async fn one_agent_at_its_share_and_unknown_floods_leave_room_for_another() {
         &[],
         localhost_resolver(&["allowed.test"]),
         |c, _| {
-            c.max_connections = 64;
-            c.max_connections_per_source = 32;
-            c.max_connections_per_agent = 24;
-            c.max_connections_unknown = 8;
+            c.caps.max_connections = 64;
+            c.caps.max_connections_per_source = 32;
+            c.caps.max_connections_per_agent = 24;
+            c.caps.max_connections_unknown = 8;
             // Silent connections stay for the whole round.
-            c.handshake_timeout = Duration::from_secs(30);
+            c.timeouts.handshake = Duration::from_secs(30);
         },
     )
     .await;
@@ -225,11 +225,11 @@ async fn one_agents_dns_flood_neither_hides_anothers_denials_nor_slows_its_dns()
         &[],
         localhost_resolver(&[]),
         |c, _| {
-            c.dns_listen = vec!["127.0.0.1:0".parse().unwrap()];
-            c.resolver_upstreams = vec![upstream];
-            c.log_destination = portcullis::config::LogDestination::File(fifo.clone());
+            c.listen.dns = vec!["127.0.0.1:0".parse().unwrap()];
+            c.resolver.upstreams = vec![upstream];
+            c.log.destination = portcullis::config::LogDestination::File(fifo.clone());
             // A small queue, so that without the per-agent share the flood fills it.
-            c.log_queue = 2_048;
+            c.log.queue = 2_048;
         },
     )
     .await;

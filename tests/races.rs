@@ -114,11 +114,11 @@ async fn transparent_gateway(upstream_port: u16) -> (TestGateway, SocketAddr) {
     );
     let resolver = StaticResolver::new().with("allowed.test", &["127.0.0.2".parse().unwrap()]);
     let gw = gateway_with(&[("coder-1", &agent)], &[], resolver, |c, _| {
-        c.transparent_listen = vec![listen];
-        c.interception = portcullis::sys::Interception::Tproxy;
-        c.transparent_tls_ports = vec![upstream_port];
-        c.transparent_http_ports = vec![];
-        c.handshake_timeout = Duration::from_secs(10);
+        c.listen.transparent = vec![listen];
+        c.transparent.interception = portcullis::sys::Interception::Tproxy;
+        c.transparent.tls_ports = vec![upstream_port];
+        c.transparent.http_ports = vec![];
+        c.timeouts.handshake = Duration::from_secs(10);
     })
     .await;
     (gw, listen)
@@ -223,10 +223,10 @@ async fn a_denied_transparent_hello_spends_no_token() {
     );
     let resolver = StaticResolver::new().with("allowed.test", &["127.0.0.2".parse().unwrap()]);
     let gw = gateway_with(&[("coder-1", &agent)], &[], resolver, |c, _| {
-        c.transparent_listen = vec![listen];
-        c.interception = portcullis::sys::Interception::Tproxy;
-        c.transparent_tls_ports = vec![port];
-        c.transparent_http_ports = vec![];
+        c.listen.transparent = vec![listen];
+        c.transparent.interception = portcullis::sys::Interception::Tproxy;
+        c.transparent.tls_ports = vec![port];
+        c.transparent.http_ports = vec![];
     })
     .await;
     for _ in 0..5 {

@@ -38,7 +38,7 @@ async fn a_panicking_connection_task_ends_only_that_connection() {
     // Four connection slots in all: if a panicking task leaked its slot, the fifth panic
     // would already be refused as `overloaded`, and the tunnels below could not open.
     let gw = gateway_with(&[("coder-1", &agent)], &[], resolver, |c, _| {
-        c.max_connections = 4;
+        c.caps.max_connections = 4;
     })
     .await;
 

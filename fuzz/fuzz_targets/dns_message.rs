@@ -60,14 +60,14 @@ fn env() -> &'static Env {
             std::env::temp_dir().join(format!("portcullis-fuzz-dns-{}", std::process::id()));
         let mut config = Config::builtin();
         config.state_dir = state.clone();
-        config.explicit_listen = None;
-        config.admin_listen = None;
-        config.dns_listen = vec!["127.0.0.1:0".parse().expect("addr")];
+        config.listen.explicit = None;
+        config.listen.admin = None;
+        config.listen.dns = vec!["127.0.0.1:0".parse().expect("addr")];
         // Discard the log: the fuzzer writes millions of refusals.
-        config.log_destination = LogDestination::File(PathBuf::from("/dev/null"));
+        config.log.destination = LogDestination::File(PathBuf::from("/dev/null"));
         // TEST-NET-1 (RFC 5737): never answers; the target never waits on it anyway.
-        config.resolver_upstreams = vec!["192.0.2.1:53".parse().expect("addr")];
-        config.resolver_timeout = Duration::from_millis(100);
+        config.resolver.upstreams = vec!["192.0.2.1:53".parse().expect("addr")];
+        config.resolver.timeout = Duration::from_millis(100);
         // No rate limit: every input must reach the checks behind it.
         config.dns.queries_per_second = u32::MAX / 4;
         let sources = RulesSources {

@@ -4,16 +4,55 @@
 //! replay memory) can keep a kill out. Without it, kill, revive, status and reload go to the
 //! admin API, signed like Standard Webhooks with the local secret file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::load_config;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+
+/// Why a command could not reach the gateway or got no answer from it.
+#[derive(Debug, thiserror::Error)]
+enum RemoteError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no admin listener configured (listen.admin)")]
+    NoAdminListener,
+    #[error("{addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr}: no HTTP response")]
+    NoHttpResponse { addr: std::net::SocketAddr },
+    #[error("{0}")]
+    Secrets(String),
+    #[error("no kill_switch.webhook_secret_files configured")]
+    NoSecret,
+    #[error("the system clock is before 1970")]
+    Clock,
+    #[error("{}: {source}", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: the gateway closed without an answer (is this user root or the service user?)",
+        path.display()
+    )]
+    NoAnswer { path: PathBuf },
+    #[error("{}: no status in the answer", path.display())]
+    NoStatus { path: PathBuf },
+    #[error(
+        "the control socket is not reachable: unlock-revive runs on the gateway, as root or \
+         the service user"
+    )]
+    NoControlSocket,
+}
 
 /// The admin address to talk to (a wildcard bind is reached on loopback).
-fn admin_addr(config: &Config) -> Result<std::net::SocketAddr, String> {
-    let mut a = config
-        .admin_listen
-        .ok_or("no admin listener configured (listen.admin)")?;
+fn admin_addr(config: &Config) -> Result<std::net::SocketAddr, RemoteError> {
+    let mut a = config.listen.admin.ok_or(RemoteError::NoAdminListener)?;
     if a.ip().is_unspecified() {
         a.set_ip(if a.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -31,14 +70,13 @@ fn admin_call(
     path: &str,
     headers: &[(String, String)],
     body: &[u8],
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), RemoteError> {
     use std::io::{Read, Write};
     let addr = admin_addr(config)?;
+    let io = |source| RemoteError::Admin { addr, source };
     let timeout = std::time::Duration::from_secs(10);
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
@@ -49,17 +87,15 @@ fn admin_call(
     req += "\r\n";
     s.write_all(req.as_bytes())
         .and_then(|()| s.write_all(body))
-        .map_err(|e| e.to_string())?;
+        .map_err(io)?;
     let mut resp = Vec::new();
-    s.take(1 << 20)
-        .read_to_end(&mut resp)
-        .map_err(|e| e.to_string())?;
+    s.take(1 << 20).read_to_end(&mut resp).map_err(io)?;
     let text = String::from_utf8_lossy(&resp);
     let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or("no HTTP response")?;
+        .ok_or(RemoteError::NoHttpResponse { addr })?;
     let body = text
         .split_once("\r\n\r\n")
         .map_or("", |(_, b)| b)
@@ -68,16 +104,15 @@ fn admin_call(
 }
 
 /// Sign `body` as a Standard Webhooks request with the first configured secret.
-fn signed_headers(config: &Config, body: &[u8]) -> Result<Vec<(String, String)>, String> {
-    let secrets = crate::killswitch::read_secrets(&config.webhook_secret_files)?;
-    let secret = secrets
-        .first()
-        .ok_or("no kill_switch.webhook_secret_files configured")?;
+fn signed_headers(config: &Config, body: &[u8]) -> Result<Vec<(String, String)>, RemoteError> {
+    let secrets = crate::killswitch::read_secrets(&config.kill_switch.webhook_secret_files)
+        .map_err(RemoteError::Secrets)?;
+    let secret = secrets.first().ok_or(RemoteError::NoSecret)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| RemoteError::Clock)?;
     let id = format!("cli_{}_{}", now.as_nanos(), std::process::id());
-    let ts = i64::try_from(now.as_secs()).map_err(|e| e.to_string())?;
+    let ts = i64::try_from(now.as_secs()).map_err(|_| RemoteError::Clock)?;
     let sig = crate::killswitch::webhook::sign(secret, &id, ts, body);
     Ok(vec![
         ("webhook-id".into(), id),
@@ -86,7 +121,7 @@ fn signed_headers(config: &Config, body: &[u8]) -> Result<Vec<(String, String)>,
     ])
 }
 
-fn print_call(result: Result<(u16, String), String>) -> i32 {
+fn print_call(result: Result<(u16, String), RemoteError>) -> i32 {
     match result {
         Ok((status, body)) => {
             print!("{body}");
@@ -104,7 +139,7 @@ fn print_call(result: Result<(u16, String), String>) -> i32 {
 fn control_call(
     config: &Config,
     request: &serde_json::Value,
-) -> Result<Option<(u16, String)>, String> {
+) -> Result<Option<(u16, String)>, RemoteError> {
     use std::io::{ErrorKind, Read, Write};
     let Some(path) = config.control_socket() else {
         return Ok(None);
@@ -119,30 +154,27 @@ fn control_call(
         {
             return Ok(None);
         }
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(source) => return Err(RemoteError::Socket { path, source }),
+    };
+    let io = |source| RemoteError::Socket {
+        path: path.clone(),
+        source,
     };
     let timeout = Some(std::time::Duration::from_secs(15));
     s.set_read_timeout(timeout)
         .and_then(|()| s.set_write_timeout(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(io)?;
     let mut line = request.to_string();
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    s.write_all(line.as_bytes()).map_err(io)?;
     let mut resp = String::new();
-    s.take(1 << 20)
-        .read_to_string(&mut resp)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(resp.trim()).map_err(|_| {
-        format!(
-            "{}: the gateway closed without an answer (is this user root or the service user?)",
-            path.display()
-        )
-    })?;
+    s.take(1 << 20).read_to_string(&mut resp).map_err(io)?;
+    let v: serde_json::Value = serde_json::from_str(resp.trim())
+        .map_err(|_| RemoteError::NoAnswer { path: path.clone() })?;
     let status = v["status"]
         .as_u64()
         .and_then(|s| u16::try_from(s).ok())
-        .ok_or("control socket: no status in the answer")?;
+        .ok_or_else(|| RemoteError::NoStatus { path: path.clone() })?;
     Ok(Some((status, format!("{}\n", v["body"]))))
 }
 
@@ -153,19 +185,21 @@ fn local_or_admin(
     path: &str,
     http_body: Option<serde_json::Value>,
 ) -> i32 {
-    let call = load_config(config_path).and_then(|config| {
-        if let Some(answer) = control_call(&config, &request)? {
-            return Ok(answer);
-        }
-        match http_body {
-            Some(body) => {
-                let body = body.to_string();
-                let headers = signed_headers(&config, body.as_bytes())?;
-                admin_call(&config, "POST", path, &headers, body.as_bytes())
+    let call = load_config(config_path)
+        .map_err(RemoteError::from)
+        .and_then(|config| {
+            if let Some(answer) = control_call(&config, &request)? {
+                return Ok(answer);
             }
-            None => admin_call(&config, "GET", path, &[], b""),
-        }
-    });
+            match http_body {
+                Some(body) => {
+                    let body = body.to_string();
+                    let headers = signed_headers(&config, body.as_bytes())?;
+                    admin_call(&config, "POST", path, &headers, body.as_bytes())
+                }
+                None => admin_call(&config, "GET", path, &[], b""),
+            }
+        });
     print_call(call)
 }
 
@@ -216,10 +250,11 @@ pub fn reload(config_path: Option<&Path>) -> i32 {
 
 /// Clear every revive lock-out: on the gateway only, through the control socket.
 pub fn unlock_revive(config_path: Option<&Path>) -> i32 {
-    let call = load_config(config_path).and_then(|config| {
-        control_call(&config, &serde_json::json!({ "op": "unlock-revive" }))?.ok_or_else(|| {
-            "the control socket is not reachable: unlock-revive runs on the gateway, as root or the service user".to_owned()
-        })
-    });
+    let call = load_config(config_path)
+        .map_err(RemoteError::from)
+        .and_then(|config| {
+            control_call(&config, &serde_json::json!({ "op": "unlock-revive" }))?
+                .ok_or(RemoteError::NoControlSocket)
+        });
     print_call(call)
 }

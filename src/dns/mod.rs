@@ -29,10 +29,6 @@ mod query;
 mod server;
 mod upstream;
 
-use std::str::FromStr;
-
-use hickory_proto::rr::RecordType;
-
 pub use query::{Forwarder, Step, Transport};
 
 /// What the DNS listeners use: the live policy, the kill switch, the log, the connection
@@ -70,38 +66,4 @@ pub use server::{DnsListener, spawn};
 pub enum DnsError {
     #[error("cannot build the upstream resolver: {0}")]
     Upstream(String),
-}
-
-/// The numeric code of a query type named in `dns.allowed_types` (`"AAAA"` → 28).
-/// Meta types (ANY, AXFR, IXFR, OPT, …) cannot be allowed: they are not data.
-pub fn record_type_code(name: &str) -> Result<u16, String> {
-    let t = RecordType::from_str(&name.to_ascii_uppercase())
-        .map_err(|_| "not a DNS record type".to_owned())?;
-    match t {
-        RecordType::ANY
-        | RecordType::AXFR
-        | RecordType::IXFR
-        | RecordType::OPT
-        | RecordType::TSIG
-        | RecordType::SIG
-        | RecordType::NULL
-        | RecordType::ZERO
-        | RecordType::Unknown(_) => Err("a meta or unknown type cannot be allowed".into()),
-        t => Ok(u16::from(t)),
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn record_types_by_name() {
-        assert_eq!(record_type_code("aaaa").unwrap(), 28);
-        assert_eq!(record_type_code("HTTPS").unwrap(), 65);
-        assert!(record_type_code("ANY").is_err());
-        assert!(record_type_code("AXFR").is_err());
-        assert!(record_type_code("bogus").is_err());
-    }
 }

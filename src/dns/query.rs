@@ -121,7 +121,7 @@ impl Forwarder {
     pub fn new(config: &Config) -> Result<Self, DnsError> {
         let d = &config.dns;
         Ok(Self {
-            upstream: Upstream::new(&config.resolver_upstreams, config.resolver_timeout)?,
+            upstream: Upstream::new(&config.resolver.upstreams, config.resolver.timeout)?,
             cache: ResponseCache::new(d.cache_entries, d.cache_bytes, d.max_ttl),
             limiter: RateLimiter::new(d.queries_per_second),
             flood: RateLimiter::with_burst(d.queries_per_second.saturating_mul(FLOOD_FACTOR), 2),

@@ -45,7 +45,7 @@ pub struct DnsListener {
 
 impl DnsListener {
     /// Bind UDP first, then TCP on the port UDP got (so port 0 yields one port for both).
-    pub async fn bind(addr: SocketAddr) -> io::Result<Self> {
+    pub async fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Self> {
         let mut last = None;
         // With port 0 the TCP port may already be taken; a few fresh UDP ports fix that.
         for _ in 0..8 {
@@ -53,7 +53,7 @@ impl DnsListener {
             udp.set_read_timeout(Some(UDP_STOP_POLL))?;
             udp.set_write_timeout(Some(UDP_SEND_DEADLINE))?;
             let bound = udp.local_addr()?;
-            match TcpListener::bind(bound).await {
+            match crate::sys::listen_tcp(bound, backlog) {
                 Ok(tcp) => return Ok(Self { udp, tcp }),
                 Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
                     last = Some(e);

@@ -322,6 +322,29 @@ impl Policy {
         }
     }
 
+    /// The `rule.name` of a connection that reached `ip`: the rule that decided on the
+    /// target, followed (` + `) by the `allow_cidrs` or `resolve_cidrs` rule that let a
+    /// special address through, when one had to (a public address needs none, and for an
+    /// IP literal the deciding rule is that `allow_cidrs` rule already). Pure.
+    pub fn rule_name_for_address(
+        &self,
+        agent: Option<AgentId>,
+        decided_by: Option<&Arc<str>>,
+        ip: IpAddr,
+        port: u16,
+        origin: AddressOrigin,
+    ) -> Option<Arc<str>> {
+        let cidr = match self.address_grant(agent, ip, port, origin) {
+            Ok(AddressGrant::AllowCidrs(c) | AddressGrant::ResolveCidrs(c)) => &c.rule,
+            Ok(AddressGrant::Public) | Err(_) => return decided_by.cloned(),
+        };
+        match decided_by {
+            Some(rule) if rule == cidr => Some(rule.clone()),
+            Some(rule) => Some(Arc::from(format!("{rule} + {cidr}"))),
+            None => Some(cidr.clone()),
+        }
+    }
+
     /// May the agent's DNS queries for `name` be answered (any port)?
     pub fn allows_name(&self, agent: Option<AgentId>, name: &DomainName) -> bool {
         let Some(a) = agent.and_then(|id| self.agent(id)) else {
@@ -432,6 +455,47 @@ mod tests {
                 "{addr}"
             );
         }
+    }
+
+    /// A name allowed by a domain rule that resolved into a special range: the record
+    /// names both the domain rule and the CIDR rule that admitted the address.
+    #[test]
+    fn the_rule_name_includes_the_cidr_rule_that_admitted_the_address() {
+        let p = policy(MIRROR).unwrap();
+        let id = p.agent_by_name("coder-1");
+        let target = Target {
+            host: parse_host("mirror.corp.test").unwrap(),
+            port: 443,
+        };
+        let v = p.evaluate(id, &target);
+        let domain = "agents/coder-1.toml:allow:mirror.corp.test";
+        assert_eq!(v.rule.as_deref(), Some(domain));
+        let named = |addr: &str| {
+            p.rule_name_for_address(id, v.rule.as_ref(), ip(addr), 443, AddressOrigin::Resolved)
+        };
+        assert_eq!(
+            named("192.168.7.7").as_deref(),
+            Some(format!("{domain} + agents/coder-1.toml:allow_cidrs:192.168.7.7/32:443").as_str())
+        );
+        assert_eq!(
+            named("10.1.2.3").as_deref(),
+            Some(format!("{domain} + agents/coder-1.toml:resolve_cidrs:10.1.2.0/24").as_str())
+        );
+        assert_eq!(
+            named("8.8.8.8").as_deref(),
+            Some(domain),
+            "public: no CIDR rule"
+        );
+        // An IP literal: the deciding rule is the allow_cidrs rule, named once.
+        let v = p.evaluate(id, &literal("192.168.7.7", 443));
+        let literal_rule = p.rule_name_for_address(
+            id,
+            v.rule.as_ref(),
+            ip("192.168.7.7"),
+            443,
+            AddressOrigin::Literal,
+        );
+        assert_eq!(literal_rule, v.rule);
     }
 
     #[test]

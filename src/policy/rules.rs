@@ -14,6 +14,8 @@ use toml::Spanned;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceError {
     pub file: PathBuf,
+    /// 1-based; 0 when the error is about the file (or directory) as a whole, e.g. it
+    /// cannot be read: then no line is printed.
     pub line: usize,
     pub key: String,
     pub message: String,
@@ -21,7 +23,11 @@ pub struct SourceError {
 
 impl fmt::Display for SourceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: ", self.file.display(), self.line)?;
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        f.write_str(": ")?;
         if !self.key.is_empty() {
             write!(f, "key `{}`: ", self.key)?;
         }

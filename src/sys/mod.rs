@@ -46,6 +46,17 @@ pub fn original_destination(
     }
 }
 
+/// Bind a plain TCP listener (explicit proxy, admin API, DNS over TCP) with `backlog`
+/// (`listen.backlog`, the same for every listener).
+pub fn listen_tcp(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Bind a listening socket; with `transparent`, set `IP_TRANSPARENT` so TPROXY can deliver
 /// connections addressed to foreign addresses (needs CAP_NET_ADMIN).
 pub fn bind_listener(addr: SocketAddr, transparent: bool, backlog: i32) -> io::Result<TcpListener> {

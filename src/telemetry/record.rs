@@ -113,7 +113,19 @@ impl ConnectionRecord {
         let mut stamp = [0u8; 64];
         let port = |p: Option<u16>| p.map(u64::from);
         let mut o = Object::begin(out);
-        o.str(key!("@timestamp"), rfc3339(self.start, &mut stamp));
+        // `@timestamp` is when the connection began (event.start); the line is written when it
+        // ends (event.end), so lines are in end order, not timestamp order.
+        let start = rfc3339(self.start, &mut stamp);
+        o.str(key!("@timestamp"), start);
+        o.str(key!("event.start"), start);
+        let mut end_stamp = [0u8; 64];
+        o.str(
+            key!("event.end"),
+            rfc3339(
+                self.start.checked_add(self.duration).unwrap_or(self.start),
+                &mut end_stamp,
+            ),
+        );
         o.str(key!("event.action"), self.action());
         o.opt_str(key!("event.reason"), self.reason.map(Reason::as_str));
         let duration_ns = u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX);
@@ -340,10 +352,29 @@ mod tests {
         assert_eq!(v["portcullis.policy_generation"], 7);
         let stamp = v["@timestamp"].as_str().unwrap();
         assert!(stamp.ends_with('Z'));
-        let whole = time::OffsetDateTime::from(r.start)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap();
-        assert_eq!(stamp, whole, "the whole stamp, to the nanosecond");
+        let rfc3339 = |t: SystemTime| {
+            time::OffsetDateTime::from(t)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        assert_eq!(
+            stamp,
+            rfc3339(r.start),
+            "the whole stamp, to the nanosecond"
+        );
+        assert_eq!(v["event.start"], stamp, "@timestamp is the start");
+        assert_eq!(
+            v["event.end"],
+            rfc3339(r.start),
+            "no duration: ends as it starts"
+        );
+        r.duration = Duration::from_millis(1_500);
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["@timestamp"], stamp);
+        assert_eq!(
+            v["event.end"],
+            rfc3339(r.start + Duration::from_millis(1_500))
+        );
         assert!(v.get("url.original").is_none());
     }
 
@@ -379,6 +410,8 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let expected = serde_json::json!({
             "@timestamp": v["@timestamp"],
+            "event.start": v["@timestamp"],
+            "event.end": v["event.end"],
             "event.action": "deny",
             "event.reason": Reason::KillSwitch.as_str(),
             "event.duration": 1_234_567,
@@ -420,6 +453,8 @@ mod tests {
                 "destination.bytes",
                 "event.action",
                 "event.duration",
+                "event.end",
+                "event.start",
                 "network.transport",
                 "portcullis.mode",
                 "portcullis.policy_generation",

@@ -337,13 +337,13 @@ pub async fn start_in(
     let mut config = Config::builtin();
     config.rules_dir = rules.clone();
     config.state_dir = dir.join("state");
-    config.explicit_listen = Some("127.0.0.1:0".parse().unwrap());
-    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-    config.log_destination = LogDestination::File(log_path.clone());
-    config.handshake_timeout = Duration::from_secs(2);
+    config.listen.explicit = Some("127.0.0.1:0".parse().unwrap());
+    config.listen.admin = Some("127.0.0.1:0".parse().unwrap());
+    config.log.destination = LogDestination::File(log_path.clone());
+    config.timeouts.handshake = Duration::from_secs(2);
     // Every test gateway has an admin key, so signed admin calls (reload) work.
     std::fs::write(dir.join("admin.secret"), format!("{ADMIN_WHSEC}\n")).unwrap();
-    config.webhook_secret_files = vec![dir.join("admin.secret")];
+    config.kill_switch.webhook_secret_files = vec![dir.join("admin.secret")];
     tweak(&mut config, dir);
     let policy = Policy::load(&rules, &config.default_ports, 1).unwrap();
     let running = gateway::start(config, policy, Arc::new(resolver))
@@ -431,8 +431,8 @@ pub const KILL_SWITCH_TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
 pub fn with_kill_switch_secrets(c: &mut Config, dir: &Path) {
     std::fs::write(dir.join("webhook.secret"), format!("{KILL_SWITCH_WHSEC}\n")).unwrap();
     std::fs::write(dir.join("totp.secret"), format!("{KILL_SWITCH_TOTP}\n")).unwrap();
-    c.webhook_secret_files = vec![dir.join("webhook.secret")];
-    c.totp_secret_file = Some(dir.join("totp.secret"));
+    c.kill_switch.webhook_secret_files = vec![dir.join("webhook.secret")];
+    c.kill_switch.totp_secret_file = Some(dir.join("totp.secret"));
 }
 
 /// The clock in unix seconds, as webhook timestamps carry it.
