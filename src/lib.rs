@@ -35,7 +35,6 @@ pub mod limits;
 pub mod nft;
 pub mod policy;
 pub mod proxy;
-pub mod reload;
 pub mod selftest;
 pub mod shutdown;
 pub mod sys;

@@ -1,8 +1,12 @@
-//! The running process: shared state, listeners, and the shutdown sequence.
+//! The application: start-up, the listeners' contexts, reloads (`reload`) and the shutdown
+//! sequence.
 //!
 //! Owns start-up order (policy loaded before any listener opens: until then nothing passes),
-//! the atomic policy handle, and the cancellation tree: `stop_accepting` ends accept loops;
-//! `cut` ends live tunnels once the drain grace period is over.
+//! the live policy handle, and hands each listener a narrow context of its own
+//! (`ProxyContext`, `DnsContext`, `AdminContext`); the stop sequence is `Shutdown`: stop
+//! accepting, drain, then cut live tunnels.
+
+mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,7 +65,7 @@ impl crate::admin::Control for Reloader {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, ReloadError>> + Send + 'static>> {
         let app = self.0.clone();
-        Box::pin(async move { crate::reload::reload(&app).await })
+        Box::pin(async move { reload::reload(&app).await })
     }
 
     fn last_reload(&self) -> LastReload {
@@ -274,7 +278,7 @@ pub async fn start(
         }
     }
     // The rules watch is registered before any listener serves (see reload::watch).
-    let watcher = crate::reload::watch(app.clone(), Duration::from_millis(200));
+    let watcher = reload::watch(app.clone(), Duration::from_millis(200));
     shutdown.spawn(watcher);
     let explicit_addr = explicit.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -303,7 +307,7 @@ pub async fn start(
     if let Some(l) = explicit {
         shutdown.spawn(crate::proxy::explicit::serve(proxy.clone(), l));
     }
-    shutdown.spawn(crate::reload::on_sighup(app.clone()));
+    shutdown.spawn(reload::on_sighup(app.clone()));
     shutdown.spawn(persist_budgets(proxy.clone()));
     shutdown.spawn(log_summaries(proxy.clone()));
     if admin.is_some() || control.is_some() {

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::App;
 use crate::admin::{LastReload, ReloadError};
-use crate::gateway::App;
 use crate::policy::Policy;
 
 /// Reload the rules now. Returns the new generation, or the errors (old policy kept).
