@@ -1,41 +1,44 @@
 //! portcullis: the egress gateway of an AI-agent network.
 //!
-//! The path of one explicit-proxy connection through the modules (the whole map, both modes,
-//! and the invariants: docs/architecture.md; the threats named here: docs/threat-model.md):
+//! The path of one connection through the modules (the whole map, both modes, and the
+//! invariants: docs/architecture.md; the threats: docs/threat-model.md):
 //!
 //! ```text
-//! gateway::start ─ binds listeners after the policy is loaded (fail closed)
-//!   proxy::explicit::serve      accept; proxy::caps bounds total and per-source slots
-//!   proxy::explicit::handle     one HTTP request:
-//!     proxy::auth::Authenticator    Proxy-Authorization → agent (memo, success cache,
-//!                                   per-source back-off, argon2id on blocking threads)
-//!     policy::Policy::identify      else the source CIDR → agent
-//!     proxy::target::parse_request  CONNECT authority / absolute URI + Host (Host desync)
-//!     policy::Policy::evaluate      pure decision: deny rules, allow rules, default deny
-//!     proxy::upstream::connect      resolve (injected Resolve), check_address every
-//!                                   address (literal or resolved), dial the checked address
-//!     proxy::relay::relay           bytes both ways by splice(2) (sys::splice), counted,
-//!                                   idle timeout, cancellable; no buffer while idle
-//!   telemetry::Telemetry::record    one ConnectionRecord → one JSON log line (bounded queue)
+//! gateway::start ─ binds listeners after the policy is loaded (fail closed), hands each
+//!                  listener its own narrow context (proxy::ProxyContext, dns::DnsContext,
+//!                  admin::AdminContext)
+//!   proxy::explicit / proxy::transparent   find the target: the CONNECT authority, the
+//!                                   absolute URI, the ClientHello's SNI, each request's Host
+//!   proxy::session                  the lifecycle, once for every front end:
+//!     Attempt::begin                kill-switch token first, then the record
+//!     authorize                     kill check → policy::Policy::evaluate (pure) → limits
+//!                                   → resolve (injected Resolve) → check every address →
+//!                                   register (proxy::tunnels) → generation check
+//!     Authorized::dial              live re-check, dial the checked address, replay
+//!     relay_tunnel / forward        bytes through the agent's meter (limits::Shaping)
+//!     Drop for Attempt              one ConnectionRecord → one JSON line (telemetry)
 //! ```
 //!
 //! `config` is the process configuration, `policy::rules` the raw rules files and
 //! `policy::compile` turns them into a `Policy` that cannot be invalid. `admin` serves the
 //! management API. `cli` holds the commands. `selftest` runs on an agent and probes the
 //! gateway from the outside: every escape path it must close.
+//!
+//! The public modules are what the binary, the integration tests, the benchmarks and the
+//! fuzz targets reach; the rest is `pub(crate)`.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod gateway;
-pub mod hash;
+pub(crate) mod hash;
 pub mod killswitch;
-pub mod limits;
-pub mod nft;
+pub(crate) mod limits;
+pub(crate) mod nft;
 pub mod policy;
 pub mod proxy;
 pub mod selftest;
-pub mod shutdown;
+pub(crate) mod shutdown;
 pub mod sys;
 pub mod telemetry;
