@@ -29,6 +29,7 @@ pub mod config;
 pub mod dns;
 pub mod gateway;
 pub mod hash;
+pub mod inspect;
 pub mod killswitch;
 pub mod limits;
 pub mod nft;
