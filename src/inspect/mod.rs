@@ -5,3 +5,4 @@
 //! docs/inspect.md is the operator's guide.
 
 pub mod ca;
+pub mod path;

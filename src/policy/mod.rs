@@ -10,6 +10,7 @@ pub(crate) mod binding;
 mod compile;
 mod credentials;
 pub mod domain;
+pub mod http;
 pub mod pattern;
 pub mod rules;
 mod verdict;
@@ -81,6 +82,10 @@ pub struct AgentPolicy {
     pub allow_missing_sni: bool,
     pub limits: Limits,
     pub credentials: Option<Credentials>,
+    /// Names whose TLS is terminated (`inspect`); every one is also allowed.
+    pub inspect: DomainSet,
+    /// `[[http]]` rules for the inspected names.
+    pub http: http::HttpRules,
 }
 
 impl AgentPolicy {
@@ -265,6 +270,20 @@ impl Policy {
                 }
                 Verdict::deny(Reason::NotAllowed)
             }
+        }
+    }
+
+    /// The `inspect` rule covering an allowed `target`, if its TLS is to be terminated.
+    /// Ask only after [`Policy::evaluate`] allowed it: this does not re-check the allow
+    /// rules. Addresses are never inspected (a leaf cannot be minted for one).
+    pub fn inspects(&self, agent: Option<AgentId>, target: &Target) -> Option<&Rule> {
+        let a = agent.and_then(|id| self.agent(id))?;
+        if a.inspect.is_empty() {
+            return None;
+        }
+        match &target.host {
+            Host::Name(name) => a.inspect.find(name, target.port, |p| self.default_port(p)),
+            Host::Ip(_) => None,
         }
     }
 
