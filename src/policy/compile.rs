@@ -254,6 +254,11 @@ pub fn compile(
             limits,
             credentials,
             inspect,
+            inspect_patterns: raw
+                .inspect
+                .iter()
+                .filter_map(|p| DomainPattern::parse(p.get_ref()).ok())
+                .collect(),
             http,
         });
     }

@@ -84,6 +84,8 @@ pub struct AgentPolicy {
     pub credentials: Option<Credentials>,
     /// Names whose TLS is terminated (`inspect`); every one is also allowed.
     pub inspect: DomainSet,
+    /// The same patterns as written (`ca init` and `check` compare them with the CA).
+    pub inspect_patterns: Vec<DomainPattern>,
     /// `[[http]]` rules for the inspected names.
     pub http: http::HttpRules,
 }
