@@ -32,6 +32,7 @@ struct RawConfig {
     dns: RawDns,
     admin: RawAdmin,
     auth: RawAuth,
+    inspect: RawInspect,
 }
 
 impl Default for RawConfig {
@@ -52,8 +53,39 @@ impl Default for RawConfig {
             dns: RawDns::default(),
             admin: RawAdmin::default(),
             auth: RawAuth::default(),
+            inspect: RawInspect::default(),
         }
     }
+}
+
+/// `[inspect]`: how inspected connections reach their upstreams (docs/inspect.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawInspect {
+    /// The PEM bundle upstream certificates are verified against (the OS store).
+    upstream_roots: PathBuf,
+    /// Per-host CA files (internal services): for that host, this CA alone is trusted.
+    upstream_ca_files: std::collections::BTreeMap<String, PathBuf>,
+    /// Log the query string of inspected requests (off: it may carry secrets).
+    log_query: bool,
+}
+
+impl Default for RawInspect {
+    fn default() -> Self {
+        Self {
+            upstream_roots: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            upstream_ca_files: std::collections::BTreeMap::new(),
+            log_query: false,
+        }
+    }
+}
+
+/// `[inspect]`, compiled: paths resolved, host names lower-case.
+#[derive(Debug, Clone)]
+pub struct InspectSettings {
+    pub upstream_roots: PathBuf,
+    pub upstream_ca_files: Vec<(String, PathBuf)>,
+    pub log_query: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -517,6 +549,7 @@ pub struct Config {
     pub dns: DnsSettings,
     pub admin: AdminSettings,
     pub auth: AuthSettings,
+    pub inspect: InspectSettings,
 }
 
 impl Config {
@@ -733,6 +766,16 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         dns,
         admin,
         auth,
+        inspect: InspectSettings {
+            upstream_roots: resolve(raw.inspect.upstream_roots),
+            upstream_ca_files: raw
+                .inspect
+                .upstream_ca_files
+                .into_iter()
+                .map(|(h, p)| (h.to_ascii_lowercase(), resolve(p)))
+                .collect(),
+            log_query: raw.inspect.log_query,
+        },
     })
 }
 

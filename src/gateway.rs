@@ -43,6 +43,9 @@ pub struct Shared {
     /// Fired when draining is over: live tunnels close.
     pub cut: CancellationToken,
     pub tracker: TaskTracker,
+    /// Inspect mode (src/inspect/): the CA's leaves and the upstream trust; `None` without
+    /// a CA, when inspected destinations are refused.
+    pub inspector: Option<Arc<crate::inspect::engine::Inspector>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,10 @@ pub enum StartError {
     KillSwitch(String),
     #[error("limits: {0}")]
     Limits(String),
+    #[error("inspect: {0}")]
+    Inspect(#[from] crate::inspect::engine::InspectError),
+    #[error("agents inspect TLS ({0}) but there is no inspect CA: run `portcullis ca init`")]
+    NoInspectCa(String),
     #[error("dns forwarder: {0}")]
     Dns(#[from] crate::dns::DnsError),
     #[error("cannot bind the control socket {path}: {source}")]
@@ -128,6 +135,15 @@ pub async fn start(
     );
     let limiter = crate::limits::Limiter::load(&config.state_dir, config.budget_reset_hour_utc)
         .map_err(StartError::Limits)?;
+    // The CA is read (and its key's mode checked) whenever it exists; agents that inspect
+    // need it.
+    let inspector =
+        crate::inspect::engine::Inspector::load(&config.state_dir, &config.inspect)?.map(Arc::new);
+    if inspector.is_none()
+        && let Some((_, a)) = policy.agents().find(|(_, a)| !a.inspect.is_empty())
+    {
+        return Err(StartError::NoInspectCa(a.name.to_string()));
+    }
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -211,6 +227,7 @@ pub async fn start(
         stop_accepting: CancellationToken::new(),
         cut,
         tracker: TaskTracker::new(),
+        inspector,
     });
     for scope in shared.killswitch.engaged_scopes() {
         shared.telemetry.metrics.set_kill_switch(&scope, true);

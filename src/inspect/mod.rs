@@ -5,4 +5,6 @@
 //! docs/inspect.md is the operator's guide.
 
 pub mod ca;
+pub(crate) mod connect;
+pub mod engine;
 pub mod path;

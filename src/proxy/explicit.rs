@@ -188,6 +188,34 @@ async fn handle(
         None => Admission::default(),
     };
 
+    // Inspect mode (issue #30), a marked call site until the lifecycle is one session
+    // function: a CONNECT to an inspected name is terminated by src/inspect/, never
+    // tunnelled (without a CA it fails closed there).
+    let inspected = match (&request, &target.host) {
+        (target::Request::Connect(_), Host::Name(name))
+            if policy.inspects(agent, &target).is_some() =>
+        {
+            Some(name.clone())
+        }
+        _ => None,
+    };
+    if let Some(name) = inspected {
+        let peer = rec.source;
+        let handover = crate::inspect::connect::Handover {
+            req,
+            name,
+            target,
+            addrs,
+            cancel,
+            rec,
+            started,
+            slot,
+            admission,
+        };
+        let fut = crate::inspect::connect::serve_connect(shared.clone(), handover);
+        super::spawn_supervised(&shared, Mode::Explicit, peer, Box::pin(fut));
+        return empty(StatusCode::OK);
+    }
     match request {
         target::Request::Connect(_) => {
             let checks = TunnelChecks {
