@@ -586,3 +586,61 @@ async fn a_hello_for_another_name_is_refused() {
     assert!(rest.first() != Some(&22), "{rest:?}");
     assert!(s.seen.all().is_empty());
 }
+
+/// The gateway does not start with a CA key others may read, nor when an agent inspects
+/// and there is no CA.
+#[tokio::test]
+async fn start_refuses_a_readable_ca_key_and_a_missing_ca() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(rules.join("agents")).unwrap();
+    std::fs::write(
+        rules.join("agents/coder.toml"),
+        "name = \"coder\"\nallow = [\"api.github.test\"]\ninspect = [\"api.github.test\"]\n",
+    )
+    .unwrap();
+    let config = || {
+        let mut c = portcullis::config::Config::builtin();
+        c.rules_dir = rules.clone();
+        c.state_dir = dir.path().join("state");
+        c.explicit_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin_listen = None;
+        c.admin.control_socket = None;
+        c.log_destination = portcullis::config::LogDestination::File(dir.path().join("log"));
+        c
+    };
+    let start = |c: portcullis::config::Config| async move {
+        let policy = portcullis::policy::Policy::load(&c.rules_dir, &[80, 443], 1).unwrap();
+        portcullis::gateway::start(c, policy, Arc::new(StaticResolver::new())).await
+    };
+    let err = start(config()).await.err().expect("started without a CA");
+    assert!(err.to_string().contains("portcullis ca init"), "{err}");
+    let ca_dir = dir.path().join("state/ca");
+    ca::init(
+        &ca_dir,
+        [DomainName::parse("api.github.test").unwrap()],
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        ca_dir.join(ca::CA_KEY_FILE),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let err = start(config())
+        .await
+        .err()
+        .expect("started with a readable key");
+    assert!(
+        err.to_string().contains("readable by group or others"),
+        "{err}"
+    );
+    std::fs::set_permissions(
+        ca_dir.join(ca::CA_KEY_FILE),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let running = start(config()).await.expect("a private key starts");
+    running.shutdown(Duration::from_millis(10)).await;
+}
