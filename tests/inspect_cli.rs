@@ -83,7 +83,7 @@ fn ca_init_constrains_the_ca_to_the_inspected_names() {
     assert!(!stderr.contains("inspect"), "{stderr}");
     std::fs::write(
         dir.path().join("rules/agents/coder.toml"),
-        AGENT.replace("\"pypi.org\"]\n", "\"pypi.org\"]\n").replace(
+        AGENT.replace(
             "inspect = [\"api.github.com\",",
             "inspect = [\"pypi.org\", \"api.github.com\",",
         ),

@@ -644,3 +644,86 @@ async fn start_refuses_a_readable_ca_key_and_a_missing_ca() {
     let running = start(config()).await.expect("a private key starts");
     running.shutdown(Duration::from_millis(10)).await;
 }
+
+/// Send one HTTP/1.1 request on an open inspected connection; the status, or `None` when
+/// the connection is gone.
+async fn request_on(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> Option<u16> {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: api.github.test:{port}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Head, then a Content-Length body.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return text.get(9..12).and_then(|s| s.parse().ok());
+            }
+        }
+    }
+}
+
+/// The kill switch cuts a live inspected connection, and a reload's [[http]] rules apply to
+/// the next request on an open one.
+#[tokio::test]
+async fn reloads_apply_to_open_connections_and_a_kill_cuts_them() {
+    let s = setup().await;
+    let mut tls = agent_tls(&s).await;
+    assert_eq!(
+        request_on(&mut tls, s.port, "GET", "/user").await,
+        Some(200)
+    );
+    // Take /user out of the allow rule.
+    let file = s.gw.dir.path().join("rules/agents/coder.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("\"/user\", ", "")).unwrap();
+    let (code, body) = signed_reload(s.gw.admin).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        request_on(&mut tls, s.port, "GET", "/user").await,
+        Some(403)
+    );
+    assert_eq!(
+        request_on(&mut tls, s.port, "GET", "/repos/acme/x").await,
+        Some(200)
+    );
+
+    let body = r#"{"scope":"agent","agent":"coder","reason":"test"}"#;
+    let headers = signed_headers(ADMIN_WHSEC, "kill-inspect", now(), body);
+    let (code, resp) =
+        admin_request(s.gw.admin, "POST", "/v1/kill", &headers, body.as_bytes()).await;
+    assert_eq!(code, 200, "{resp}");
+    let cut = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf))
+        .await
+        .expect("the inspected connection outlived the kill");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    eprintln!(
+        "inspected connection closed {:?} after the kill",
+        cut.elapsed()
+    );
+    let seen = s.seen.all();
+    assert_eq!(
+        seen.iter().filter(|l| l.contains("/user")).count(),
+        1,
+        "{seen:?}"
+    );
+}

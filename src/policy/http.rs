@@ -45,7 +45,7 @@ impl PathPattern {
             return Err(PathPatternError::NotNormal(normal.as_str().to_owned()));
         }
         let mut segments: Vec<Box<str>> = text[1..].split('/').map(Box::from).collect();
-        let tail = segments.last().is_some_and(|s| &**s == "*") && segments.len() > 0;
+        let tail = segments.last().is_some_and(|s| &**s == "*");
         if tail {
             segments.pop();
         }
