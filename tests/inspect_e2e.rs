@@ -121,6 +121,8 @@ async fn upstream(server: Arc<rustls::ServerConfig>) -> (SocketAddr, Received) {
         while let Ok((sock, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             let s = s.clone();
+            // As real servers do: small writes go out at once.
+            sock.set_nodelay(true).unwrap();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(sock).await else {
                     return;
@@ -471,6 +473,7 @@ async fn path_confusion_corpus() {
 
 async fn agent_tls(s: &Setup) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut tcp = tokio::net::TcpStream::connect(s.gw.proxy).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
     let connect = format!(
         "CONNECT api.github.test:{0} HTTP/1.1\r\nHost: api.github.test:{0}\r\n\r\n",
         s.port
@@ -726,4 +729,42 @@ async fn reloads_apply_to_open_connections_and_a_kill_cuts_them() {
         1,
         "{seen:?}"
     );
+}
+
+/// Figures for the report, printed (debug build: indicative only): new inspected TLS
+/// connections (CONNECT, leaf from the cache, handshake, one request) and keep-alive
+/// requests on one connection. Bounds are loose sanity checks, not targets.
+#[tokio::test]
+async fn timings_of_new_connections_and_keep_alive_requests() {
+    let s = setup().await;
+    let mut new_conn = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        let mut tls = agent_tls(&s).await;
+        assert_eq!(
+            request_on(&mut tls, s.port, "GET", "/user").await,
+            Some(200)
+        );
+        new_conn.push(t.elapsed());
+    }
+    let mut tls = agent_tls(&s).await;
+    let mut keep_alive = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        assert_eq!(
+            request_on(&mut tls, s.port, "GET", "/user").await,
+            Some(200)
+        );
+        keep_alive.push(t.elapsed());
+    }
+    let pct = |v: &mut Vec<Duration>, p: usize| {
+        v.sort();
+        v[(v.len() * p / 100).min(v.len() - 1)]
+    };
+    let (n50, n99) = (pct(&mut new_conn, 50), pct(&mut new_conn, 99));
+    let (k50, k99) = (pct(&mut keep_alive, 50), pct(&mut keep_alive, 99));
+    eprintln!(
+        "inspected: new connection + request p50 {n50:?} p99 {n99:?}; keep-alive request p50 {k50:?} p99 {k99:?}"
+    );
+    assert!(n50 < Duration::from_millis(500) && k50 < Duration::from_millis(100));
 }

@@ -692,6 +692,8 @@ impl Ctx {
         )
         .await
         .map_err(|f| UpstreamError::Connect(f.reason.as_str()))?;
+        // Requests and handshake messages are small writes back to back: no Nagle delay.
+        let _ = up.stream.set_nodelay(true);
         let config = self
             .inspector
             .client_config(self.session.name.as_str(), offer_h2);
