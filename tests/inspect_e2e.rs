@@ -768,3 +768,97 @@ async fn timings_of_new_connections_and_keep_alive_requests() {
     );
     assert!(n50 < Duration::from_millis(500) && k50 < Duration::from_millis(100));
 }
+
+/// Python (stdlib `urllib`, CONNECT through `https_proxy`) trusting the CA through
+/// `SSL_CERT_FILE`, as docs/inspect.md tells agents to.
+#[tokio::test]
+async fn python_trusts_the_ca_through_ssl_cert_file() {
+    let s = setup().await;
+    let script = "import sys, urllib.request\n\
+        req = urllib.request.Request(sys.argv[1], method=sys.argv[2])\n\
+        try:\n    r = urllib.request.urlopen(req, timeout=10); print(r.status, r.read().decode())\n\
+        except urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())\n";
+    let run = |method: &'static str, path: &'static str| {
+        let mut cmd = tokio::process::Command::new("python3");
+        cmd.args(["-c", script, &url(s.port, path), method])
+            .env("https_proxy", format!("http://{}", s.gw.proxy))
+            .env("SSL_CERT_FILE", &s.inspect_ca)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY");
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+                .await
+                .unwrap()
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }
+    };
+    let got = run("GET", "/repos/acme/x").await;
+    assert!(
+        got.starts_with("200 upstream saw HTTP/1.1 GET /repos/acme/x"),
+        "{got}"
+    );
+    let got = run("DELETE", "/repos/acme/x").await;
+    assert!(got.starts_with("403 portcullis: refused"), "{got}");
+    assert_eq!(s.seen.all(), ["HTTP/1.1 GET /repos/acme/x"]);
+}
+
+/// git through the proxy with `http.sslCAInfo`: its TLS handshake succeeds and its smart-HTTP
+/// discovery request arrives in normal form (the test upstream is no git server, so the
+/// command itself then fails); a repository outside the rule never reaches the upstream.
+#[tokio::test]
+async fn git_trusts_the_ca_through_http_sslcainfo() {
+    let s = setup().await;
+    for repo in ["/repos/acme/tool.git", "/repos/other/tool.git"] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new("git")
+                .args(["-c", &format!("http.proxy=http://{}", s.gw.proxy)])
+                .args(["-c", &format!("http.sslCAInfo={}", s.inspect_ca.display())])
+                .args(["ls-remote", &url(s.port, repo)])
+                .current_dir(s.gw.dir.path())
+                .env("GIT_TERMINAL_PROMPT", "0")
+                // The environment's own CA setting would win over http.sslCAInfo.
+                .env_remove("GIT_SSL_CAINFO")
+                .env_remove("GIT_SSL_CAPATH")
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("SSL") && !stderr.contains("certificate"),
+            "{stderr}"
+        );
+    }
+    let seen = s.seen.all();
+    assert!(
+        seen.iter()
+            .any(|l| l.ends_with(" GET /repos/acme/tool.git/info/refs?service=git-upload-pack")),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains("/repos/other")), "{seen:?}");
+}
+
+/// A request on an inspected connection for another host gets 421 and goes nowhere.
+#[tokio::test]
+async fn a_request_for_another_host_is_misdirected() {
+    let s = setup().await;
+    let mut tls = agent_tls(&s).await;
+    let req = "GET /repos/acme/x HTTP/1.1\r\nHost: bad.test\r\n\r\n";
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 421"), "{head}");
+    assert!(s.seen.all().is_empty() && s.bad_seen.all().is_empty());
+}
