@@ -726,6 +726,55 @@ impl Ctx {
     }
 }
 
+/// A stream whose first bytes were already read: a transparent listener peeks the hello
+/// to decide, then hands [`serve`] the socket wrapped in this, and the TLS acceptor reads
+/// the hello again. Writes go straight through.
+pub struct Replay<S> {
+    prefix: Bytes,
+    io: S,
+}
+
+impl<S> Replay<S> {
+    pub fn new(prefix: impl Into<Bytes>, io: S) -> Self {
+        Self {
+            prefix: prefix.into(),
+            io,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 type OnEnd = Box<dyn FnOnce(u64) + Send + Sync>;
 
 /// A body passed through frame by frame (no buffering), its data bytes counted; `on_end`
@@ -784,6 +833,21 @@ impl Body for Counted {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn replay_gives_back_the_peeked_bytes_first() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut far, near) = tokio::io::duplex(64);
+        let mut r = Replay::new(Bytes::from_static(b"hello "), near);
+        far.write_all(b"world").await.unwrap();
+        drop(far);
+        let mut small = [0u8; 4];
+        r.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"hell");
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"o world");
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
