@@ -161,6 +161,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(Duration::from_secs(300)).await
+}
+
+async fn setup_with(idle: Duration) -> Setup {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = pki(
         pki_dir.path(),
@@ -196,6 +200,7 @@ async fn setup() -> Setup {
         // The upstream's own CA for api.github.test; bad.test is checked against the OS
         // store, which does not know the test CA.
         c.inspect.upstream_ca_files = vec![("api.github.test".into(), ca_for_host)];
+        c.idle_timeout = idle;
     })
     .await;
     let inspect_ca = gw.dir.path().join("state/ca/ca.pem");
@@ -861,4 +866,46 @@ async fn a_request_for_another_host_is_misdirected() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 421"), "{head}");
     assert!(s.seen.all().is_empty() && s.bad_seen.all().is_empty());
+}
+
+/// An inspected connection that moves no byte for `idle_secs` is closed, like a tunnel; one
+/// that never completes its handshake is closed after the handshake timeout.
+#[tokio::test]
+async fn idle_and_silent_connections_are_closed() {
+    let s = setup_with(Duration::from_secs(1)).await;
+    let mut tls = agent_tls(&s).await;
+    assert_eq!(
+        request_on(&mut tls, s.port, "GET", "/user").await,
+        Some(200)
+    );
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("idle inspected connection still open after 5 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // CONNECT, then silence: the handshake timeout (2 s in test gateways) ends it.
+    let mut tcp = tokio::net::TcpStream::connect(s.gw.proxy).await.unwrap();
+    let connect = format!(
+        "CONNECT api.github.test:{0} HTTP/1.1\r\nHost: api.github.test:{0}\r\n\r\n",
+        s.port
+    );
+    tcp.write_all(connect.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(6), tcp.read_to_end(&mut rest))
+        .await
+        .expect("silent inspected connection still open after 6 s")
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
 }

@@ -68,6 +68,8 @@ pub(crate) async fn serve_connect(shared: Arc<Shared>, h: Handover) {
             port: target.port,
             addrs,
             connect_timeout: shared.config.connect_timeout,
+            handshake_timeout: shared.config.handshake_timeout,
+            idle_timeout: shared.config.idle_timeout,
             cancel: cancel.clone(),
             telemetry: shared.telemetry.clone(),
         };

@@ -173,6 +173,10 @@ pub struct Session {
     /// Resolved and checked by the caller.
     pub addrs: Vec<IpAddr>,
     pub connect_timeout: Duration,
+    /// The agent's TLS handshake must be done within this.
+    pub handshake_timeout: Duration,
+    /// No byte either way for this long ends the connection, as for a tunnel.
+    pub idle_timeout: Duration,
     pub cancel: CancellationToken,
     pub telemetry: Telemetry,
 }
@@ -212,9 +216,17 @@ async fn serve_inner<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
-        .await
-        .map_err(InspectError::Handshake)?;
+    let idle_timeout = session.idle_timeout;
+    let handshake_deadline = tokio::time::Instant::now() + session.handshake_timeout;
+    let timed_out = || InspectError::Handshake(std::io::ErrorKind::TimedOut.into());
+    let (io, last_active) = Activity::new(io);
+    let start = tokio::time::timeout_at(
+        handshake_deadline,
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io),
+    )
+    .await
+    .map_err(|_| timed_out())?
+    .map_err(InspectError::Handshake)?;
     // The leaf is for the decided name only: a hello naming anything else is refused.
     let sni = start.client_hello().server_name().map(str::to_owned);
     if sni
@@ -228,9 +240,9 @@ where
     let config = inspector
         .leaves
         .server_config(&session.name, time::OffsetDateTime::now_utc())?;
-    let tls = start
-        .into_stream(config)
+    let tls = tokio::time::timeout_at(handshake_deadline, start.into_stream(config))
         .await
+        .map_err(|_| timed_out())?
         .map_err(InspectError::Handshake)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let ctx = Arc::new(Ctx {
@@ -245,18 +257,108 @@ where
         let ctx = ctx.clone();
         async move { Ok::<_, std::convert::Infallible>(ctx.handle(req).await) }
     });
-    if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await?;
-    } else {
-        hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await?;
+    let served = async {
+        if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    tokio::select! {
+        r = served => r?,
+        // Idling out is a normal end, as for a tunnel.
+        () = last_active.idle_for(idle_timeout) => {}
     }
     Ok(())
+}
+
+/// When a stream last moved a byte, either way.
+struct LastActive {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch`.
+    at: AtomicU64,
+}
+
+impl LastActive {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.at.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.epoch + Duration::from_millis(self.at.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// The agent's stream, noting each byte moved in [`LastActive`].
+struct Activity<S> {
+    io: S,
+    last: Arc<LastActive>,
+}
+
+impl<S> Activity<S> {
+    fn new(io: S) -> (Self, Arc<LastActive>) {
+        let last = Arc::new(LastActive {
+            epoch: tokio::time::Instant::now(),
+            at: AtomicU64::new(0),
+        });
+        (
+            Self {
+                io,
+                last: last.clone(),
+            },
+            last,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 enum Sender {
