@@ -542,6 +542,30 @@ async fn websocket_upgrade_passes_and_echoes() {
             .unwrap();
         assert_eq!(got, msg);
     }
+    // The connection's record, written when the relay ends, counts the relayed bytes.
+    drop(tls);
+    let mut record = None;
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&s.gw.log_path).unwrap_or_default();
+        record = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["destination.domain"] == "api.github.test"
+                    && v["tcp"].is_null()
+                    && v.get("portcullis.mode").is_some()
+            });
+        if record.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = record.expect("no connection record");
+    assert!(
+        record["destination.bytes"].as_u64().unwrap() >= 15,
+        "{record}"
+    );
+    assert!(record["source.bytes"].as_u64().unwrap() >= 15, "{record}");
 }
 
 #[tokio::test]

@@ -250,8 +250,10 @@ where
         session,
         counters,
         upstreams: Mutex::default(),
+        upgrades: Mutex::default(),
         h2,
     });
+    let relays = ctx.clone();
     let io = TokioIo::new(tls);
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -261,13 +263,28 @@ where
         if h2 {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(io, service)
-                .await
+                .await?;
         } else {
             hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(io, service)
                 .with_upgrades()
-                .await
+                .await?;
+        }
+        // An upgraded connection (WebSocket) lives on in its relay: the connection ends
+        // with it, so its record counts its bytes.
+        loop {
+            let next = relays
+                .upgrades
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            match next {
+                Some(relay) => {
+                    let _ = relay.await;
+                }
+                None => return Ok::<(), hyper::Error>(()),
+            }
         }
     };
     tokio::select! {
@@ -387,6 +404,8 @@ struct Ctx {
     counters: Arc<Counters>,
     /// Upstream connections of this agent connection.
     upstreams: Mutex<Vec<Sender>>,
+    /// Relays of upgraded (WebSocket) requests, awaited before the connection ends.
+    upgrades: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The agent speaks HTTP/2.
     h2: bool,
 }
@@ -680,22 +699,25 @@ impl Ctx {
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let ctx = self.clone();
-            tokio::spawn(async move {
+            let relay = tokio::spawn(async move {
                 if let (Ok(a), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
-                    let mut a = TokioIo::new(a);
+                    // Counted as the bytes move: an abrupt end still leaves its count.
+                    let mut a = Counting {
+                        io: TokioIo::new(a),
+                        counters: ctx.counters.clone(),
+                    };
                     let mut u = TokioIo::new(u);
                     let cancel = ctx.session.cancel.clone();
                     tokio::select! {
-                        r = tokio::io::copy_bidirectional(&mut a, &mut u) => {
-                            if let Ok((up, down)) = r {
-                                ctx.counters.bytes_from_agent.fetch_add(up, Ordering::Relaxed);
-                                ctx.counters.bytes_to_agent.fetch_add(down, Ordering::Relaxed);
-                            }
-                        }
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut u) => {}
                         () = cancel.cancelled() => {}
                     }
                 }
             });
+            self.upgrades
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(relay);
             self.log(&l, 101, 0, 0);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, true);
@@ -868,6 +890,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The agent's side of an upgraded connection: bytes read are the agent's, bytes written
+/// go to it.
+struct Counting<S> {
+    io: S,
+    counters: Arc<Counters>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counters
+            .bytes_from_agent
+            .fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.counters
+                .bytes_to_agent
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
