@@ -17,7 +17,8 @@
 //!   `..;` as `..`);
 //! - empty segments (`//`): some servers merge them, some do not;
 //! - a `..` that would climb above the root;
-//! - a path not starting with `/`, a malformed `%`, or more than [`MAX_PATH_LEN`] bytes.
+//! - a path not starting with `/`, a malformed `%`, or more than [`MAX_PATH_LEN`] bytes
+//!   (before or after normalising).
 //!
 //! The query string is not part of the path: the caller splits it off first.
 
@@ -250,6 +251,11 @@ pub fn normalize(path: &str) -> Result<NormalPath, PathError> {
     if trailing_slash || segs.is_empty() {
         out.push('/');
     }
+    // Encoding raw characters can triple them: the normal form is bounded too (and so
+    // normalises to itself).
+    if out.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
     Ok(NormalPath(out))
 }
 
@@ -331,6 +337,11 @@ mod tests {
         }
         assert_eq!(
             normalize(&format!("/{}", "a".repeat(MAX_PATH_LEN))),
+            Err(PathError::TooLong)
+        );
+        // Short enough raw, too long once its characters are encoded (found by the fuzzer).
+        assert_eq!(
+            normalize(&format!("/{}", "|".repeat(MAX_PATH_LEN / 2))),
             Err(PathError::TooLong)
         );
     }
