@@ -634,6 +634,13 @@ impl Ctx {
             on_end: None,
         }
         .boxed();
+        let trailers_wanted = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let (sender, new) = match self.sender(upgrade).await {
             Ok(s) => s,
@@ -666,7 +673,7 @@ impl Ctx {
                     parts.headers.insert(header::HOST, v);
                 }
                 let r = s.send_request(Request::from_parts(parts, body)).await;
-                self.keep(Sender::H1(s), new);
+                self.keep(Sender::H1(s), new, upgrade);
                 r
             }
             Sender::H2(mut s) => {
@@ -683,8 +690,14 @@ impl Ctx {
                     }
                 };
                 parts.headers.remove(header::HOST);
+                // The one `TE` HTTP/2 allows, which gRPC needs end to end (RFC 9113 §8.2.2).
+                if trailers_wanted {
+                    parts
+                        .headers
+                        .insert(header::TE, HeaderValue::from_static("trailers"));
+                }
                 let r = s.send_request(Request::from_parts(parts, body)).await;
-                self.keep(Sender::H2(s), new);
+                self.keep(Sender::H2(s), new, upgrade);
                 r
             }
         };
@@ -773,9 +786,10 @@ impl Ctx {
     }
 
     /// Put an HTTP/1.1 connection back once its request is sent (it is ready again when
-    /// the response body has ended); a new HTTP/2 connection joins the pool once.
-    fn keep(&self, s: Sender, new: bool) {
-        if s.is_closed() || (matches!(s, Sender::H2(_)) && !new) {
+    /// the response body has ended); a new HTTP/2 connection joins the pool once; a
+    /// connection that carried an upgrade is never reused.
+    fn keep(&self, s: Sender, new: bool, upgrade: bool) {
+        if upgrade || s.is_closed() || (matches!(s, Sender::H2(_)) && !new) {
             return;
         }
         let mut pool = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
@@ -804,7 +818,7 @@ impl Ctx {
                 return Err(UpstreamError::Busy);
             }
         }
-        Ok((self.connect(self.h2 && !upgrade).await?, !upgrade))
+        Ok((self.connect(self.h2 && !upgrade).await?, true))
     }
 
     async fn connect(&self, offer_h2: bool) -> Result<Sender, UpstreamError> {
