@@ -81,6 +81,7 @@ struct RawConfig {
     dns: RawDns,
     admin: RawAdmin,
     auth: RawAuth,
+    inspect: RawInspect,
 }
 
 impl Default for RawConfig {
@@ -101,6 +102,7 @@ impl Default for RawConfig {
             dns: RawDns::default(),
             admin: RawAdmin::default(),
             auth: RawAuth::default(),
+            inspect: RawInspect::default(),
         }
     }
 }
@@ -109,6 +111,36 @@ impl Default for RawConfig {
 /// names one).
 const BUILTIN_EXPLICIT: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3128);
+
+/// `[inspect]`: how inspected connections reach their upstreams (docs/inspect.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawInspect {
+    /// The PEM bundle upstream certificates are verified against (the OS store).
+    upstream_roots: PathBuf,
+    /// Per-host CA files (internal services): for that host, this CA alone is trusted.
+    upstream_ca_files: std::collections::BTreeMap<String, PathBuf>,
+    /// Log the query string of inspected requests (off: it may carry secrets).
+    log_query: bool,
+}
+
+impl Default for RawInspect {
+    fn default() -> Self {
+        Self {
+            upstream_roots: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            upstream_ca_files: std::collections::BTreeMap::new(),
+            log_query: false,
+        }
+    }
+}
+
+/// `[inspect]`, compiled: paths resolved, host names lower-case.
+#[derive(Debug, Clone)]
+pub struct InspectSettings {
+    pub upstream_roots: PathBuf,
+    pub upstream_ca_files: Vec<(String, PathBuf)>,
+    pub log_query: bool,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -627,6 +659,7 @@ pub struct Config {
     pub dns: DnsSettings,
     pub admin: AdminSettings,
     pub auth: AuthSettings,
+    pub inspect: InspectSettings,
 }
 
 /// Why a config file was not accepted.
@@ -1049,6 +1082,16 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>, base: &Path) -> Option<Config> 
         dns,
         admin,
         auth,
+        inspect: InspectSettings {
+            upstream_roots: resolve(raw.inspect.upstream_roots),
+            upstream_ca_files: raw
+                .inspect
+                .upstream_ca_files
+                .into_iter()
+                .map(|(h, p)| (h.to_ascii_lowercase(), resolve(p)))
+                .collect(),
+            log_query: raw.inspect.log_query,
+        },
     })
 }
 

@@ -37,7 +37,10 @@ fn main() {
             agent,
             target,
             address,
-        } => cli::explain(config, &agent, &target, &address),
+            method,
+        } => cli::explain(config, &agent, &target, &address, &method),
+        Command::Ca(cli::CaCommand::Init { permit }) => cli::ca_init(config, &permit),
+        Command::Ca(cli::CaCommand::Show) => cli::ca_show(config),
         Command::Selftest(args) => cli::selftest(*args),
     };
     std::process::exit(code);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz every untrusted parser for a short, bounded time (libFuzzer via cargo-fuzz, nightly):
-# client_hello, http_head, dns_message, rules_file, config_file, webhook. Each target starts
+# client_hello, http_head, dns_message, rules_file, config_file, webhook, http_path. Each target starts
 # from its checked-in seeds (fuzz/corpus/<target>/, read-only here: new inputs go to a temp
 # dir) and runs FUZZ_SECONDS (default 20). Any crash, panic, leak, timeout or OOM fails the
 # script and leaves the reproducer in fuzz/artifacts/<target>/.
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
 seconds=${FUZZ_SECONDS:-20}
-targets=(client_hello http_head dns_message rules_file config_file webhook)
+targets=(client_hello http_head dns_message rules_file config_file webhook http_path)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "FAIL: fuzzing needs the nightly toolchain (cargo +nightly), which is missing." >&2

@@ -78,6 +78,7 @@ files=(
   usr/share/doc/portcullis/docs/performance.md
   usr/share/doc/portcullis/docs/selftest.md
   usr/share/doc/portcullis/docs/transparent.md
+  usr/share/doc/portcullis/docs/inspect.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright
 )

@@ -134,10 +134,128 @@ Examples:
         /// time, showing whether it passes as public, by `allow_cidrs` or by `resolve_cidrs`.
         #[arg(long, value_name = "IP")]
         address: Vec<std::net::IpAddr>,
+        /// For an inspected target: the request method the `[[http]]` rules are asked about
+        /// (with the URL's path).
+        #[arg(long, default_value = "GET")]
+        method: String,
     },
+    /// The inspect CA (docs/inspect.md).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run on an agent: try every escape path (direct IP, other ports, QUIC, IPv6, outside
     /// DNS, DNS exfiltration, DoH, a denied name) and the gateway itself; print a table.
     Selftest(Box<SelftestArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the CA in state_dir/ca/, name-constrained to the DNS subtrees of every
+    /// agent's `inspect` patterns (and --permit). Refuses to overwrite an existing CA.
+    Init {
+        /// One more name whose subtree the CA may sign for (repeatable).
+        #[arg(long)]
+        permit: Vec<String>,
+    },
+    /// Print the CA certificate (PEM) and the names it may sign for.
+    Show,
+}
+
+fn ca_dir(config: &Config) -> PathBuf {
+    config.state_dir.join(crate::proxy::inspect::ca::CA_DIR)
+}
+
+/// The DNS subtrees the CA must permit for this policy's `inspect` patterns.
+fn inspect_subtrees(policy: &Policy) -> Vec<crate::policy::DomainName> {
+    policy
+        .agents()
+        .flat_map(|(_, a)| a.inspect_patterns.iter())
+        .map(crate::proxy::inspect::ca::subtree_of)
+        .collect()
+}
+
+pub fn ca_init(config_path: Option<&Path>, permits: &[String]) -> i32 {
+    let result = (|| {
+        let config = load_config(config_path)?;
+        let policy = load_policy(&config)?;
+        let mut names = inspect_subtrees(&policy);
+        for p in permits {
+            let n = crate::policy::DomainName::parse(
+                p.trim_start_matches("*.").trim_start_matches('.'),
+            )
+            .map_err(|e| CliError::Permit {
+                name: p.clone(),
+                why: e.to_string(),
+            })?;
+            names.push(n);
+        }
+        let dir = ca_dir(&config);
+        let summary =
+            crate::proxy::inspect::ca::init(&dir, names, time::OffsetDateTime::now_utc())?;
+        println!("created {}", dir.display());
+        print_ca(&summary);
+        Ok::<_, CliError>(0)
+    })();
+    result.unwrap_or_else(|e| {
+        eprintln!("{e}");
+        1
+    })
+}
+
+pub fn ca_show(config_path: Option<&Path>) -> i32 {
+    let result = load_config(config_path)
+        .map_err(CliError::from)
+        .and_then(|config| Ok(crate::proxy::inspect::ca::show(&ca_dir(&config))?));
+    match result {
+        Ok(summary) => {
+            print_ca(&summary);
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn print_ca(summary: &crate::proxy::inspect::ca::CaSummary) {
+    print!("{}", summary.cert_pem);
+    println!("valid until: {}", summary.not_after);
+    println!("may sign for (each name and every name under it; no IP address):");
+    for p in &summary.permitted {
+        println!("  {p}");
+    }
+}
+
+/// `check`'s warnings about inspect: patterns the CA cannot sign for, or no CA at all.
+fn inspect_warnings(config: &Config, policy: &Policy) -> Vec<String> {
+    let patterns: Vec<(&str, &crate::policy::DomainPattern)> = policy
+        .agents()
+        .flat_map(|(_, a)| a.inspect_patterns.iter().map(move |p| (&*a.name, p)))
+        .collect();
+    if patterns.is_empty() {
+        return Vec::new();
+    }
+    let dir = ca_dir(config);
+    match crate::proxy::inspect::ca::show(&dir) {
+        Err(e) => vec![format!(
+            "agents inspect TLS but the inspect CA cannot be read ({e}): run `portcullis ca init`"
+        )],
+        Ok(summary) => patterns
+            .into_iter()
+            .filter(|(_, p)| {
+                !summary
+                    .permitted
+                    .iter()
+                    .any(|b| crate::proxy::inspect::ca::in_subtree(p.base.as_str(), b))
+            })
+            .map(|(agent, p)| {
+                format!(
+                    "agent {agent}: inspect `{p}` is outside the CA's name constraints ({}): its connections will fail on the agents (a new CA with --permit is needed)",
+                    summary.permitted.join(", ")
+                )
+            })
+            .collect(),
+    }
 }
 
 /// Why a command that reads the config and the rules could not do its work.
@@ -155,6 +273,10 @@ pub enum CliError {
     Target { target: String, reason: Reason },
     #[error("no agent `{agent}` in {}", rules_dir.display())]
     UnknownAgent { agent: String, rules_dir: PathBuf },
+    #[error(transparent)]
+    Ca(#[from] crate::proxy::inspect::ca::CaError),
+    #[error("--permit `{name}`: {why}")]
+    Permit { name: String, why: String },
 }
 
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -291,7 +413,10 @@ pub fn check(config_path: Option<&Path>) -> i32 {
                     a.resolve_cidrs.len()
                 );
             }
-            for warning in check_warnings(&config, &policy) {
+            for warning in check_warnings(&config, &policy)
+                .into_iter()
+                .chain(inspect_warnings(&config, &policy))
+            {
                 eprintln!("warning: {warning}");
             }
             if !config.listen.transparent.is_empty() {
@@ -372,15 +497,27 @@ pub fn parse_explain_target(s: &str) -> Result<Target, CliError> {
     })
 }
 
+/// The path of an `explain` URL (`/` when it has none), without query or fragment.
+fn explain_path(s: &str) -> &str {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s);
+    let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+    rest.find('/').map_or("/", |i| &rest[i..])
+}
+
 pub fn explain(
     config_path: Option<&Path>,
     agent: &str,
     target: &str,
     addresses: &[std::net::IpAddr],
+    method: &str,
 ) -> i32 {
     let result = (|| -> Result<i32, CliError> {
         let config = load_config(config_path)?;
         let policy = load_policy(&config)?;
+        let path = explain_path(target).to_owned();
         let target = parse_explain_target(target)?;
         let id = policy.agent_by_name(agent);
         if id.is_none() && agent != crate::policy::UNKNOWN_AGENT {
@@ -390,6 +527,7 @@ pub fn explain(
             });
         }
         let v = policy.evaluate(id, &target);
+        let mut allowed_http = true;
         let verdict = match v.decision {
             Decision::Allow => "allow".to_owned(),
             Decision::Deny(r) => format!("deny ({r})"),
@@ -398,6 +536,9 @@ pub fn explain(
         println!("target:  {target}");
         println!("verdict: {verdict}");
         println!("rule:    {}", v.rule.as_deref().unwrap_or("(default deny)"));
+        if v.is_allow() {
+            explain_inspect(&policy, id, &target, method, &path, &mut allowed_http);
+        }
         let mut allowed = v.is_allow();
         // An IP literal is its own address; a name's are the ones given with --address.
         let (checked, origin) = match target.host {
@@ -434,7 +575,7 @@ pub fn explain(
                 "note:    resolved addresses are checked at connect time (special ranges need allow_cidrs or resolve_cidrs; try --address)"
             );
         }
-        Ok(i32::from(!allowed))
+        Ok(i32::from(!(allowed && allowed_http)))
     })();
     result.unwrap_or_else(|e| {
         eprintln!("{e}");
@@ -538,6 +679,46 @@ pub fn init_tracing(config_path: Option<&Path>, command_is_run: bool) {
             .init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// `explain`'s inspect lines: whether TLS to the target is terminated, and what the
+/// `[[http]]` rules say about `method` and `path`.
+fn explain_inspect(
+    policy: &Policy,
+    id: Option<crate::policy::AgentId>,
+    target: &Target,
+    method: &str,
+    path: &str,
+    allowed: &mut bool,
+) {
+    use crate::policy::http::HttpVerdict;
+    let (Some(rule), Host::Name(name), Some(a)) = (
+        policy.inspects(id, target),
+        &target.host,
+        id.and_then(|id| policy.agent(id)),
+    ) else {
+        println!("inspect: no (TLS passes through untouched)");
+        return;
+    };
+    println!("inspect: yes ({})", rule.name);
+    let normal = match crate::policy::path::normalize(path) {
+        Ok(n) => n,
+        Err(e) => {
+            *allowed = false;
+            println!("http:    {method} {path}: refused, ambiguous path ({e})");
+            return;
+        }
+    };
+    let line = match a.http.check(name, method, &normal) {
+        HttpVerdict::NoRules => "allow (no [[http]] rule names this host)".to_owned(),
+        HttpVerdict::Allow(r) => format!("allow ({r})"),
+        HttpVerdict::DeniedByRule(r) => format!("deny 403 ({r})"),
+        HttpVerdict::NotAllowed => {
+            "deny 403 (the host has [[http]] rules and none allows this request)".to_owned()
+        }
+    };
+    *allowed &= a.http.check(name, method, &normal).is_allow();
+    println!("http:    {method} {normal}: {line}");
 }
 
 /// The runtime for `portcullis run` on `cores` usable CPUs (the process's affinity).

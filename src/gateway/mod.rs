@@ -91,6 +91,10 @@ pub enum StartError {
     KillSwitch(String),
     #[error("limits: {0}")]
     Limits(String),
+    #[error("inspect: {0}")]
+    Inspect(#[from] crate::proxy::inspect::engine::InspectError),
+    #[error("agents inspect TLS ({0}) but there is no inspect CA: run `portcullis ca init`")]
+    NoInspectCa(String),
     #[error("dns forwarder: {0}")]
     Dns(#[from] crate::dns::DnsError),
     #[error("cannot bind the control socket {path}: {source}")]
@@ -160,6 +164,16 @@ pub async fn start(
     );
     let limiter = crate::limits::Limiter::load(&config.state_dir, config.budgets.reset_hour_utc)
         .map_err(StartError::Limits)?;
+    // The CA is read (and its key's mode checked) whenever it exists; agents that inspect
+    // need it.
+    let inspector =
+        crate::proxy::inspect::engine::Inspector::load(&config.state_dir, &config.inspect)?
+            .map(Arc::new);
+    if inspector.is_none()
+        && let Some((_, a)) = policy.agents().find(|(_, a)| !a.inspect.is_empty())
+    {
+        return Err(StartError::NoInspectCa(a.name.to_string()));
+    }
     // One accept queue length for every TCP listener; `config` checked that it fits.
     let backlog = i32::try_from(config.listen.backlog).unwrap_or(i32::MAX);
     let bind = |what, addr| {
@@ -250,6 +264,7 @@ pub async fn start(
             max_request_head_bytes: config.caps.max_request_head_bytes,
         },
         shutdown: shutdown.clone(),
+        inspector,
     });
     let app = Arc::new(App {
         proxy: proxy.clone(),

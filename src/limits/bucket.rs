@@ -36,6 +36,7 @@ impl TokenBucket {
         }
     }
 
+    #[cfg(test)]
     /// Bucket whose burst equals the rate (min 1): the default for
     /// new-connections-per-second limits.
     pub fn per_second(rate_per_sec: f64, now: Instant) -> Self {

@@ -143,10 +143,12 @@ impl Budgets {
         Ok(budgets)
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    #[cfg(test)]
     pub fn reset_hour_utc(&self) -> u8 {
         self.reset_hour_utc
     }
@@ -208,6 +210,7 @@ impl Budgets {
         period_start(p, self.reset_hour_utc).saturating_add(DAY_SECS)
     }
 
+    #[cfg(test)]
     /// Writes the file crash-safely: [`Budgets::snapshot`], then [`Snapshot::write`].
     pub fn save(&self) -> Result<(), BudgetError> {
         self.snapshot().write()

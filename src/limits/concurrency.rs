@@ -47,6 +47,7 @@ impl ConcurrencyCaps {
         })
     }
 
+    #[cfg(test)]
     /// Tunnels `agent` currently holds (for metrics and status).
     pub fn in_use(&self, agent: &str) -> u32 {
         lock(&self.counts).get(agent).copied().unwrap_or(0)
@@ -54,6 +55,7 @@ impl ConcurrencyCaps {
 }
 
 impl Permit {
+    #[cfg(test)]
     pub fn agent(&self) -> &str {
         &self.agent
     }

@@ -37,6 +37,7 @@ pub const COUNTER_KILLED_DROPPED: &str = "killed_dropped";
 /// Named counter of packets dropped because their source address is bound to another
 /// interface or MAC than the one they came from.
 pub const COUNTER_SPOOFED_DROPPED: &str = "spoofed_dropped";
+#[cfg(test)]
 /// Ports intercepted when the operator does not say otherwise.
 pub const DEFAULT_INTERCEPTED_PORTS: [u16; 2] = [80, 443];
 /// Environment variable naming the `nft` binary (default `nft`).
@@ -107,8 +108,10 @@ pub enum NftError {
 }
 
 mod render;
+pub use render::render;
+#[cfg(test)]
+pub use render::tproxy_routing_commands;
 use render::{join, split_by_family};
-pub use render::{render, tproxy_routing_commands};
 
 /// Commands that make the kill sets hold exactly `nets` and `macs`: flush the sets, then
 /// add every network not already covered by another, so the interval sets never see
@@ -158,21 +161,6 @@ pub fn check(ruleset: &str) -> Result<(), NftError> {
 /// `nft -f -`: applies the batch atomically.
 pub fn apply(ruleset: &str) -> Result<(), NftError> {
     Nft::default().apply(ruleset)
-}
-
-/// Adds addresses to the kill sets.
-pub fn add_killed(addrs: &[IpAddr]) -> Result<(), NftError> {
-    Nft::default().add_killed(addrs)
-}
-
-/// Removes addresses from the kill sets; absent ones are not an error.
-pub fn remove_killed(addrs: &[IpAddr]) -> Result<(), NftError> {
-    Nft::default().remove_killed(addrs)
-}
-
-/// Lists the killed addresses (v4 then v6).
-pub fn list_killed() -> Result<Vec<IpAddr>, NftError> {
-    Nft::default().list_killed()
 }
 
 /// How to invoke `nft`: which binary, and optionally inside which network namespace.

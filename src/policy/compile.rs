@@ -11,9 +11,12 @@ use toml::Spanned;
 
 use super::binding::{MacAddr, SourceBinding, valid_interface_name};
 use super::credentials::parse_argon2id;
-use super::pattern::{DomainPattern, DomainSet, Rule};
+use super::domain::DomainName;
+use super::http::{HttpAction, HttpRule, HttpRules, PathPattern, host_pattern, valid_method};
+use super::pattern::{DomainPattern, DomainSet, Ports, Rule, Scope};
 use super::rules::{
-    RawAgent, RawCredentials, RawLimits, RawList, RawSource, RulesSources, SourceError, SourceFile,
+    RawAgent, RawCredentials, RawHttpRule, RawLimits, RawList, RawSource, RulesSources,
+    SourceError, SourceFile,
 };
 use super::{
     AgentId, AgentPolicy, CidrRule, Credentials, Limits, PasswordCheck, Policy, UNKNOWN_AGENT,
@@ -208,6 +211,24 @@ pub fn compile(
             );
         }
 
+        let inspect = compile_patterns(file, &label, "inspect", &raw.inspect, &mut errors);
+        check_inspect_allowed(
+            file,
+            &raw.inspect,
+            &allow,
+            &deny,
+            default_ports,
+            &mut errors,
+        );
+        let http = compile_http(
+            file,
+            &label,
+            &raw.http,
+            &inspect,
+            &mut errors,
+            &mut warnings,
+        );
+
         let id = AgentId(policy.agents.len() as u32);
         policy.by_name.insert(name.clone(), id);
         for net in &sources_nets {
@@ -232,6 +253,13 @@ pub fn compile(
             allow_missing_sni: raw.allow_missing_sni,
             limits,
             credentials,
+            inspect,
+            inspect_patterns: raw
+                .inspect
+                .iter()
+                .filter_map(|p| DomainPattern::parse(p.get_ref()).ok())
+                .collect(),
+            http,
         });
     }
     if errors.is_empty() {
@@ -362,6 +390,180 @@ fn compile_patterns(
         }
     }
     set
+}
+
+/// Each `inspect` pattern must name destinations the agent may reach: every name it covers,
+/// on the port it names (or the default ports), allowed and not denied. A wildcard is probed
+/// with a label no rule names, so only a wildcard allow rule can cover it.
+fn check_inspect_allowed(
+    file: &SourceFile,
+    raw: &[Spanned<String>],
+    allow: &[Arc<DomainSet>],
+    deny: &[Arc<DomainSet>],
+    default_ports: &[u16],
+    errors: &mut Vec<SourceError>,
+) {
+    const PROBE: &str = "portcullis-inspect-probe";
+    for p in raw {
+        let Ok(pattern) = DomainPattern::parse(p.get_ref()) else {
+            continue; // already reported
+        };
+        let mut names = Vec::new();
+        if pattern.scope != Scope::Subdomains {
+            names.push(pattern.base.clone());
+        }
+        if pattern.scope != Scope::Exact
+            && let Ok(n) = DomainName::parse(&format!("{PROBE}.{}", pattern.base))
+        {
+            names.push(n);
+        }
+        let ports: Vec<u16> = match pattern.ports {
+            Ports::Only(port) => vec![port],
+            Ports::Default => default_ports.to_vec(),
+        };
+        let allowed = |name: &DomainName, port: u16| {
+            !deny.iter().any(|s| s.find(name, port, |_| true).is_some())
+                && allow
+                    .iter()
+                    .any(|s| s.find(name, port, |q| default_ports.contains(&q)).is_some())
+        };
+        let missing = names
+            .iter()
+            .flat_map(|n| ports.iter().map(move |&port| (n, port)))
+            .find(|(n, port)| !allowed(n, *port));
+        if let Some((n, port)) = missing {
+            let shown = n.as_str().replace(PROBE, "*");
+            errors.push(file.error_at(
+                p.span().start,
+                "inspect",
+                format!(
+                    "`{}`: {shown}:{port} is not allowed to this agent (an inspected name must also be allowed)",
+                    p.get_ref()
+                ),
+            ));
+        }
+    }
+}
+
+/// `[[http]]` tables: each host must be inspected (a rule for a passthrough host could
+/// never apply), methods are upper-case tokens, paths are patterns in normal form.
+fn compile_http(
+    file: &SourceFile,
+    label: &str,
+    raw: &[Spanned<RawHttpRule>],
+    inspect: &DomainSet,
+    errors: &mut Vec<SourceError>,
+    warnings: &mut Vec<SourceError>,
+) -> HttpRules {
+    let mut rules = Vec::new();
+    let mut starts = Vec::new();
+    for (i, spanned) in raw.iter().enumerate() {
+        let r = spanned.get_ref();
+        let mut ok = true;
+        let host = match host_pattern(r.host.get_ref()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                errors.push(file.error_at(
+                    r.host.span().start,
+                    "http.host",
+                    format!("`{}`: {e}", r.host.get_ref()),
+                ));
+                None
+            }
+        };
+        if let Some(h) = &host {
+            // A probe name under the pattern (or the name itself) must be inspected.
+            let probe = match h.scope {
+                Scope::Exact => Some(h.base.clone()),
+                _ => DomainName::parse(&format!("portcullis-inspect-probe.{}", h.base)).ok(),
+            };
+            if !probe.is_some_and(|n| inspect.covers_name(&n)) {
+                errors.push(file.error_at(
+                    r.host.span().start,
+                    "http.host",
+                    format!(
+                        "`{}` is not inspected by this agent (add it to `inspect`): the rule could never apply",
+                        r.host.get_ref()
+                    ),
+                ));
+                ok = false;
+            }
+        }
+        let mut methods = Vec::new();
+        for m in &r.methods {
+            if valid_method(m.get_ref()) {
+                methods.push(Box::from(m.get_ref().as_str()));
+            } else {
+                errors.push(file.error_at(
+                    m.span().start,
+                    "http.methods",
+                    format!(
+                        "`{}` is not a method (upper case, like \"GET\")",
+                        m.get_ref()
+                    ),
+                ));
+                ok = false;
+            }
+        }
+        let mut paths = Vec::new();
+        for p in &r.paths {
+            match PathPattern::parse(p.get_ref()) {
+                Ok(pp) => paths.push(pp),
+                Err(e) => {
+                    errors.push(file.error_at(
+                        p.span().start,
+                        "http.paths",
+                        format!("`{}`: {e}", p.get_ref()),
+                    ));
+                    ok = false;
+                }
+            }
+        }
+        let action = match r.action.as_ref().map(|a| a.get_ref().as_str()) {
+            None | Some("allow") => HttpAction::Allow,
+            Some("deny") => HttpAction::Deny,
+            Some(other) => {
+                errors.push(
+                    file.error_at(
+                        r.action
+                            .as_ref()
+                            .map_or(spanned.span().start, |a| a.span().start),
+                        "http.action",
+                        format!("`{other}`: \"allow\" or \"deny\""),
+                    ),
+                );
+                ok = false;
+                HttpAction::Allow
+            }
+        };
+        if let (Some(host), true) = (host, ok) {
+            rules.push(HttpRule {
+                host,
+                methods,
+                paths,
+                action,
+                name: Arc::from(format!("{label}:http[{i}]")),
+            });
+            starts.push(spanned.span().start);
+        }
+    }
+    // A host with only deny rules allows nothing: any rule makes its host an allowlist.
+    for (r, &at) in rules.iter().zip(&starts) {
+        let has_allow = rules
+            .iter()
+            .any(|o| o.action == HttpAction::Allow && o.host.base == r.host.base);
+        if r.action == HttpAction::Deny && !has_allow {
+            warnings.push(file.error_at(
+                at,
+                "http.action",
+                format!(
+                    "`{}` has deny rules and no allow rule: every request to it is refused (a host with any rule allows only what an allow rule matches)",
+                    r.host
+                ),
+            ));
+        }
+    }
+    HttpRules { rules }
 }
 
 fn valid_agent_name(name: &str) -> bool {
@@ -676,6 +878,113 @@ mod tests {
         assert!(
             errors[0].contains("overlaps a source of agent `a`"),
             "{errors:?}"
+        );
+    }
+
+    const INSPECTING: &str = "name = \"a\"\nallow = [\"api.github.com\", \".openai.com\", \"*.hf.test\"]\n\
+        inspect = [\"api.github.com\", \".openai.com\", \"*.hf.test\"]\n\
+        [[http]]\nhost = \"api.github.com\"\nmethods = [\"GET\", \"HEAD\"]\npaths = [\"/repos/acme/*\", \"/user\"]\n\
+        [[http]]\nhost = \"api.github.com\"\npaths = [\"/repos/acme/secret/*\"]\naction = \"deny\"\n";
+
+    #[test]
+    fn inspect_and_http_rules_compile() {
+        use crate::policy::http::HttpVerdict;
+        use crate::policy::path::normalize;
+        let policy = compile(&agent_file(INSPECTING), &[443], 1).unwrap();
+        assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+        let id = policy.agent_by_name("a");
+        let target = |h: &str, port| crate::policy::Target {
+            host: crate::policy::parse_host(h).unwrap(),
+            port,
+        };
+        let rule = policy.inspects(id, &target("api.github.com", 443)).unwrap();
+        assert_eq!(&*rule.name, "agents/a.toml:inspect:api.github.com");
+        assert!(
+            policy
+                .inspects(id, &target("chat.openai.com", 443))
+                .is_some()
+        );
+        assert!(policy.inspects(id, &target("x.hf.test", 443)).is_some());
+        assert!(policy.inspects(id, &target("hf.test", 443)).is_none());
+        assert!(
+            policy
+                .inspects(id, &target("api.github.com", 8443))
+                .is_none()
+        );
+        assert!(policy.inspects(id, &target("10.0.0.1", 443)).is_none());
+        let a = policy.agent(id.unwrap()).unwrap();
+        let gh = DomainName::parse("api.github.com").unwrap();
+        let v = a
+            .http
+            .check(&gh, "DELETE", &normalize("/repos/acme/x").unwrap());
+        assert_eq!(v, HttpVerdict::NotAllowed);
+        let v = a
+            .http
+            .check(&gh, "GET", &normalize("/repos/acme/x").unwrap());
+        assert_eq!(v, HttpVerdict::Allow("agents/a.toml:http[0]".into()));
+        let v = a
+            .http
+            .check(&gh, "GET", &normalize("/repos/acme/secret/x").unwrap());
+        assert_eq!(v, HttpVerdict::DeniedByRule("agents/a.toml:http[1]".into()));
+    }
+
+    #[test]
+    fn inspect_and_http_errors_name_their_line() {
+        let file = "rules/agents/a.toml";
+        let cases = [
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"y.test\"]\n",
+                format!("{file}:3: key `inspect`: `y.test`: y.test:443 is not allowed"),
+            ),
+            // An exact allow does not cover a wildcard's other names.
+            (
+                "name = \"a\"\nallow = [\"a.x.test\"]\ninspect = [\"*.x.test\"]\n",
+                format!("{file}:3: key `inspect`: `*.x.test`: *.x.test:443 is not allowed"),
+            ),
+            // A deny takes the name away.
+            (
+                "name = \"a\"\nallow = [\".x.test\"]\ndeny = [\"x.test\"]\ninspect = [\".x.test\"]\n",
+                format!("{file}:4: key `inspect`: `.x.test`: x.test:443 is not allowed"),
+            ),
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"y.test\"\n",
+                format!("{file}:5: key `http.host`: `y.test` is not inspected"),
+            ),
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"x.test\"\nmethods = [\"get\"]\n",
+                format!("{file}:6: key `http.methods`: `get` is not a method"),
+            ),
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"x.test\"\npaths = [\"/a/../b\"]\n",
+                format!("{file}:6: key `http.paths`: `/a/../b`: not in normal form: write `/b`"),
+            ),
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"x.test\"\npaths = [\"/a%2fb\"]\n",
+                format!("{file}:6: key `http.paths`: `/a%2fb`: encoded"),
+            ),
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"x.test\"\naction = \"block\"\n",
+                format!("{file}:6: key `http.action`: `block`"),
+            ),
+            (
+                "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"x.test\"\nverbs = [\"GET\"]\n",
+                format!("{file}:6: key `verbs`: unknown field `verbs`"),
+            ),
+        ];
+        for (text, expected) in cases {
+            let errors = errors_of(text);
+            assert!(
+                errors.iter().any(|e| e.starts_with(&expected)),
+                "{text:?}: expected `{expected}` in {errors:?}"
+            );
+        }
+        // Deny rules alone make the host refuse everything: compiled, with a warning.
+        let text = "name = \"a\"\nallow = [\"x.test\"]\ninspect = [\"x.test\"]\n[[http]]\nhost = \"x.test\"\naction = \"deny\"\n";
+        let policy = compile(&agent_file(text), &[443], 1).unwrap();
+        assert!(
+            policy.warnings()[0].to_string().contains("no allow rule"),
+            "{:?}",
+            policy.warnings()
         );
     }
 

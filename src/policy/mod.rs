@@ -10,6 +10,8 @@ pub(crate) mod binding;
 mod compile;
 mod credentials;
 pub mod domain;
+pub mod http;
+pub mod path;
 pub mod pattern;
 pub mod rules;
 mod verdict;
@@ -81,6 +83,12 @@ pub struct AgentPolicy {
     pub allow_missing_sni: bool,
     pub limits: Limits,
     pub credentials: Option<Credentials>,
+    /// Names whose TLS is terminated (`inspect`); every one is also allowed.
+    pub inspect: DomainSet,
+    /// The same patterns as written (`ca init` and `check` compare them with the CA).
+    pub inspect_patterns: Vec<DomainPattern>,
+    /// `[[http]]` rules for the inspected names.
+    pub http: http::HttpRules,
 }
 
 impl AgentPolicy {
@@ -265,6 +273,20 @@ impl Policy {
                 }
                 Verdict::deny(Reason::NotAllowed)
             }
+        }
+    }
+
+    /// The `inspect` rule covering an allowed `target`, if its TLS is to be terminated.
+    /// Ask only after [`Policy::evaluate`] allowed it: this does not re-check the allow
+    /// rules. Addresses are never inspected (a leaf cannot be minted for one).
+    pub fn inspects(&self, agent: Option<AgentId>, target: &Target) -> Option<&Rule> {
+        let a = agent.and_then(|id| self.agent(id))?;
+        if a.inspect.is_empty() {
+            return None;
+        }
+        match &target.host {
+            Host::Name(name) => a.inspect.find(name, target.port, |p| self.default_port(p)),
+            Host::Ip(_) => None,
         }
     }
 

@@ -126,6 +126,24 @@ pub struct RawAgent {
     pub allow_missing_sni: bool,
     pub limits: Option<RawLimits>,
     pub credentials: Option<Spanned<RawCredentials>>,
+    /// Destinations whose TLS the gateway terminates to apply `[[http]]` rules (allow
+    /// patterns' syntax; each must also be allowed). docs/inspect.md.
+    #[serde(default)]
+    pub inspect: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub http: Vec<Spanned<RawHttpRule>>,
+}
+
+/// One `[[http]]` table: requests to an inspected host.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRule {
+    pub host: Spanned<String>,
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    pub action: Option<Spanned<String>>,
 }
 
 /// One entry of an agent's `sources`: `"10.66.0.11/32"`, or a table binding the network to

@@ -141,6 +141,18 @@ async fn handle(
             }
         };
 
+    // Inspect mode: a CONNECT to a name the agent's `inspect` patterns cover is terminated
+    // by `proxy::inspect`, never tunnelled (without a CA it fails closed there).
+    if let (target::Request::Connect(_), Host::Name(name)) = (&request, &authorized.target.host)
+        && policy.inspects(att.agent(), &authorized.target).is_some()
+    {
+        let name = name.clone();
+        drop(policy);
+        let fut =
+            super::inspect::connect::serve_connect(ctx.clone(), req, name, (att, authorized), slot);
+        super::spawn_supervised(&ctx, Mode::Explicit, peer, Box::pin(fut));
+        return empty(StatusCode::OK);
+    }
     match request {
         target::Request::Connect(_) => {
             let agent = att.agent().and_then(|id| policy.agent(id));

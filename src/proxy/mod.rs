@@ -10,6 +10,7 @@ mod caps;
 pub mod explicit;
 pub mod forward;
 pub mod http_head;
+pub mod inspect;
 pub mod peek;
 pub mod relay;
 mod session;
@@ -59,6 +60,9 @@ pub struct ProxyContext {
     pub auth: auth::Authenticator,
     pub settings: ProxySettings,
     pub shutdown: Shutdown,
+    /// Inspect mode: the CA's leaves and the upstream trust; `None` without a CA (inspected
+    /// destinations are then refused).
+    pub inspector: Option<Arc<inspect::engine::Inspector>>,
 }
 
 /// The configuration the data path reads.

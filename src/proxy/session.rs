@@ -317,6 +317,11 @@ impl Authorized {
         self.live.registration.revoked()
     }
 
+    /// The checked addresses (until the dial).
+    pub(crate) fn addrs(&self) -> &[IpAddr] {
+        &self.addrs
+    }
+
     /// Dialled: what the relay still needs (the admission, the registration), without what
     /// only the checks did.
     pub(crate) fn into_live(self) -> Live {
