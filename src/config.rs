@@ -32,6 +32,7 @@ struct RawConfig {
     dns: RawDns,
     admin: RawAdmin,
     auth: RawAuth,
+    cluster: crate::cluster::settings::RawCluster,
 }
 
 impl Default for RawConfig {
@@ -52,6 +53,7 @@ impl Default for RawConfig {
             dns: RawDns::default(),
             admin: RawAdmin::default(),
             auth: RawAuth::default(),
+            cluster: crate::cluster::settings::RawCluster::default(),
         }
     }
 }
@@ -517,6 +519,8 @@ pub struct Config {
     pub dns: DnsSettings,
     pub admin: AdminSettings,
     pub auth: AuthSettings,
+    /// `[cluster]`: this node and its peers (src/cluster/, docs/cluster.md).
+    pub cluster: crate::cluster::ClusterSettings,
 }
 
 impl Config {
@@ -692,6 +696,8 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         metrics_token_file: a.metrics_token_file.map(&resolve),
         control_socket: (!a.control_socket.as_os_str().is_empty()).then_some(a.control_socket),
     };
+    let cluster = crate::cluster::settings::compile(raw.cluster)
+        .map_err(|e| key_error(e.key(), e.to_string()))?;
     Ok(Config {
         source: None,
         rules_dir: resolve(raw.rules_dir),
@@ -733,6 +739,7 @@ fn compile(raw: RawConfig, file: &SourceFile, base: &Path) -> Result<Config, Sou
         dns,
         admin,
         auth,
+        cluster,
     })
 }
 

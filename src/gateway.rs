@@ -43,6 +43,8 @@ pub struct Shared {
     /// Fired when draining is over: live tunnels close.
     pub cut: CancellationToken,
     pub tracker: TaskTracker,
+    /// The peers kill state is shared with (`[cluster]`), if any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,10 @@ pub enum StartError {
     Log(#[from] LogWriterError),
     #[error("kill switch: {0}")]
     KillSwitch(String),
+    #[error(
+        "cluster: peers are configured, so kill_switch.webhook_secret_files must name a key (nodes sign their calls to each other with it)"
+    )]
+    ClusterWithoutKey,
     #[error("limits: {0}")]
     Limits(String),
     #[error("dns forwarder: {0}")]
@@ -110,6 +116,10 @@ pub async fn start(
         killswitch::read_keys(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
     let totp = killswitch::read_totp(config.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
+    if config.cluster.enabled() && keys.is_empty() {
+        return Err(StartError::ClusterWithoutKey);
+    }
+    let cluster = crate::cluster::Cluster::load(&config.cluster, &config.state_dir).map(Arc::new);
     let metrics_token = match &config.admin.metrics_token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
@@ -211,6 +221,7 @@ pub async fn start(
         stop_accepting: CancellationToken::new(),
         cut,
         tracker: TaskTracker::new(),
+        cluster,
     });
     for scope in shared.killswitch.engaged_scopes() {
         shared.telemetry.metrics.set_kill_switch(&scope, true);
@@ -226,6 +237,8 @@ pub async fn start(
             tracing::error!(%nft, "kill sets not synchronised with the kill state");
         }
     }
+    // A cluster node refuses every agent until it has synced with its peers (src/cluster/).
+    crate::cluster::start(&shared);
     // The rules watch is registered before any listener serves (see reload::watch).
     let watcher = crate::reload::watch(shared.clone(), Duration::from_millis(200));
     shared.tracker.spawn(watcher);

@@ -146,7 +146,12 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Respo
             )
         }
         (Method::GET, "/v1/status") => {
-            json(StatusCode::OK, shared.killswitch.status(unix_now()).await)
+            let mut status = shared.killswitch.status(unix_now()).await;
+            crate::cluster::status_into(shared, &mut status);
+            json(StatusCode::OK, status)
+        }
+        (Method::POST, path) if path.starts_with("/v1/cluster/") => {
+            cluster_route(admin, req, peer).await
         }
         (Method::POST, "/v1/kill") => kill_or_revive(admin, req, peer, false).await,
         (Method::POST, "/v1/revive") => kill_or_revive(admin, req, peer, true).await,
@@ -234,6 +239,17 @@ impl SignedBody {
         }
     }
 
+    /// The request as the cluster stores and relays it (headers and body unchanged).
+    fn event(&self, action: crate::cluster::store::Action) -> crate::cluster::store::SignedEvent {
+        crate::cluster::store::SignedEvent::new(
+            action,
+            &self.id,
+            &self.timestamp,
+            &self.signature,
+            &self.body,
+        )
+    }
+
     /// The id and timestamp, remembered once the request acted.
     fn accepted<'a>(&'a self, sender: &'a killswitch::Sender, peer: SocketAddr) -> Accepted<'a> {
         Accepted {
@@ -269,6 +285,34 @@ async fn signed_body(
     Ok(signed)
 }
 
+/// `/v1/cluster/{kill,revive,sync}`: what peers send each other, every call signed
+/// (src/cluster/, docs/cluster.md).
+async fn cluster_route(
+    admin: &Admin,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    use crate::cluster::store::Action;
+    let path = req.uri().path().to_owned();
+    let signed_body = match signed_body(admin, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let action = match path.as_str() {
+        "/v1/cluster/kill" => Action::Kill,
+        "/v1/cluster/revive" => Action::Revive,
+        "/v1/cluster/sync" => {
+            let (status, body) =
+                crate::cluster::sync_answer(&admin.shared, &signed_body.signed(peer)).await;
+            return json(status, body);
+        }
+        _ => return error(StatusCode::NOT_FOUND, "not found"),
+    };
+    let event = signed_body.event(action);
+    let (status, body) = crate::cluster::relayed(&admin.shared, event, Some(peer.ip())).await;
+    json(status, body)
+}
+
 /// Signature first (401), then the body (400), then the action.
 async fn kill_or_revive(
     admin: &Admin,
@@ -297,6 +341,15 @@ async fn kill_or_revive(
         Ok(s) => s,
         Err(e) => return kill_error(&e),
     };
+    let event = signed_body.event(if revive {
+        crate::cluster::store::Action::Revive
+    } else {
+        crate::cluster::store::Action::Kill
+    });
+    // A revive over the network reopens nothing until every peer answered it.
+    if revive && let Err(why) = crate::cluster::confirm(shared, &event).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &why);
+    }
     // In a task of its own: a client that goes away (or the connection's deadline) drops
     // only the answer, never a kill or revive half-way.
     let shared2 = admin.shared.clone();
@@ -304,13 +357,18 @@ async fn kill_or_revive(
         let ks = &shared2.killswitch;
         let nets = &shared2.config.nft_agent_networks;
         let by = signed_body.accepted(&sender, peer);
-        if revive {
+        let done = if revive {
             let code = request.totp.unwrap_or_default();
             ks.revive(scope, &code, by, now, &policy, nets).await
         } else {
             let reason = request.reason.unwrap_or_default();
             Ok(ks.kill(scope, reason, by, now, &policy, nets).await)
+        };
+        if done.is_ok() {
+            // Remembered and relayed to every peer (a revive was delivered by `confirm`).
+            crate::cluster::accepted(&shared2, event, revive).await;
         }
+        done
     });
     match task.await {
         Ok(Ok(report)) => {
