@@ -71,6 +71,7 @@ files=(
   usr/share/doc/portcullis/docs/dns.md
   usr/share/doc/portcullis/docs/proxy-auth.md
   usr/share/doc/portcullis/docs/addresses.md
+  usr/share/doc/portcullis/docs/cluster.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright
 )
