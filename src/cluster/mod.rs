@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::gateway::Shared;
-use crate::killswitch::peer::Effect;
+use crate::killswitch::peer::{Effect, SignedCode};
 use crate::killswitch::webhook::SignedRequest;
 use crate::killswitch::{self, Accepted, KillError, KillSwitch, Scope, Sender, Signed};
 pub use settings::{ClusterSettings, Peer};
@@ -248,8 +248,12 @@ pub(crate) async fn apply(
         }
         Action::Revive => {
             let code = request.totp.unwrap_or_default();
+            let code = SignedCode {
+                code: &code,
+                signed_at: ts,
+            };
             match ks
-                .revive_relayed(scope, &code, ts, by, now, &policy, nets)
+                .revive_relayed(scope, code, by, now, &policy, nets)
                 .await?
             {
                 Effect::Applied => Outcome::Applied,

@@ -22,6 +22,14 @@ pub enum Effect {
     NoEffect,
 }
 
+/// A relayed revive's TOTP code and the time its request was signed (the code is checked
+/// for that time, not for now).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SignedCode<'a> {
+    pub code: &'a str,
+    pub signed_at: i64,
+}
+
 impl KillSwitch {
     /// Refuse every agent (as killed) until the cluster's start-up sync is over, or stop.
     pub(crate) fn hold(&self, on: bool) {
@@ -76,21 +84,21 @@ impl KillSwitch {
 
     /// Revive from a request a peer relayed (already verified by [`Self::verify_relayed`]).
     /// Refused, not counted, while revive is locked for the sender here; the code is checked
-    /// against the request's own timestamp `signed_at` (the peer may relay it minutes later):
+    /// against the time its request was signed (the peer may relay it minutes later):
     /// a wrong code is counted like any failed attempt, a right one is not. The last signed
     /// event wins: only kills dated at or before `signed_at` are lifted, so a revive cannot
     /// undo a later kill, and an old revive replayed changes nothing.
     pub(crate) async fn revive_relayed(
         &self,
         scope: Scope,
-        code: &str,
-        signed_at: i64,
+        code: SignedCode<'_>,
         by: Accepted<'_>,
         now: i64,
         policy: &Arc<Policy>,
         nets: &[IpNet],
     ) -> Result<Effect, KillError> {
         let totp = self.totp.as_ref().ok_or(KillError::ReviveNotConfigured)?;
+        let SignedCode { code, signed_at } = code;
         let (sender, source) = (by.sender, by.source);
         let mut ledger = self.ops.lock().await;
         if let Some(until) = ledger
