@@ -185,6 +185,11 @@ pub fn start(shared: &Arc<Shared>) {
     let Some(c) = cluster(shared) else { return };
     shared.killswitch.hold(true);
     shared.telemetry.metrics.set_cluster_synced(false);
+    // Series that alerts and dashboards query exist from the start.
+    for p in &c.settings.peers {
+        shared.telemetry.metrics.set_cluster_peer_up(&p.url, false);
+        shared.telemetry.metrics.set_cluster_pending(&p.url, 0);
+    }
     let receivers = std::mem::take(&mut *c.receivers.lock().unwrap_or_else(|p| p.into_inner()));
     for (i, rx) in receivers.into_iter().enumerate() {
         shared.tracker.spawn(relay(shared.clone(), i, rx));
