@@ -369,11 +369,26 @@ async fn forged_relays_to_a_peer_endpoint_are_refused() {
     assert!(!killed_all(b.admin).await);
     assert_eq!(metric(b.admin, totp_invalid).await, failures + 1);
 
-    // A later kill, then the captured revive replayed under its own id: known, still
-    // killed. Re-signed under a fresh id with the same old timestamp and code: the later
-    // kill stands (last signed event wins), still killed.
-    let (c, _) = signed(b.admin, KILL_SWITCH_WHSEC, "/v1/kill", kill).await;
-    assert_eq!(c, 200);
+    // A kill dated before that revive (kills always apply), then the same code in another
+    // request under a fresh id: its step is spent here, it opens nothing and is not
+    // counted. The captured revive itself, replayed: known.
+    let kb = signed_headers(KILL_SWITCH_WHSEC, "kill-before", ts - 8, kill);
+    let (c, body) = admin_request(b.admin, "POST", "/v1/cluster/kill", &kb, kill.as_bytes()).await;
+    assert_eq!((c, body.contains("applied")), (200, true), "{body}");
+    let reused = format!(
+        r#"{{"scope":"all","reason":"reused","totp":"{}"}}"#,
+        code(ts - 5)
+    );
+    let rh2 = signed_headers(KILL_SWITCH_WHSEC, "spent-code", ts - 5, &reused);
+    let (c, body) = admin_request(
+        b.admin,
+        "POST",
+        "/v1/cluster/revive",
+        &rh2,
+        reused.as_bytes(),
+    )
+    .await;
+    assert_eq!((c, body.contains("no_effect")), (200, true), "{body}");
     let (c, body) = admin_request(
         b.admin,
         "POST",
@@ -383,13 +398,22 @@ async fn forged_relays_to_a_peer_endpoint_are_refused() {
     )
     .await;
     assert_eq!((c, body.contains("known")), (200, true), "{body}");
-    let rh2 = signed_headers(KILL_SWITCH_WHSEC, "older-revive", ts - 5, &revive);
+    assert!(killed_all(b.admin).await);
+    assert_eq!(metric(b.admin, totp_invalid).await, failures + 1);
+
+    // A later kill, then a revive signed before it with an unspent code: the later kill
+    // stands (last signed event wins).
+    let kl = signed_headers(KILL_SWITCH_WHSEC, "kill-later", ts + 55, kill);
+    let (c, _) = admin_request(b.admin, "POST", "/v1/cluster/kill", &kl, kill.as_bytes()).await;
+    assert_eq!(c, 200);
+    let earlier = format!(r#"{{"scope":"all","totp":"{}"}}"#, code(ts + 50));
+    let rh3 = signed_headers(KILL_SWITCH_WHSEC, "revive-before-kill", ts + 50, &earlier);
     let (c, body) = admin_request(
         b.admin,
         "POST",
         "/v1/cluster/revive",
-        &rh2,
-        revive.as_bytes(),
+        &rh3,
+        earlier.as_bytes(),
     )
     .await;
     assert_eq!((c, body.contains("no_effect")), (200, true), "{body}");
@@ -398,6 +422,20 @@ async fn forged_relays_to_a_peer_endpoint_are_refused() {
         "a revive signed before the kill undoes nothing"
     );
     assert!(!serves(b.proxy, pair.port).await);
+
+    // A revive older than the webhook window is refused (stale), whatever its code.
+    let old_revive = format!(r#"{{"scope":"all","totp":"{}"}}"#, code(ts - 400));
+    let ro = signed_headers(KILL_SWITCH_WHSEC, "old-revive", ts - 400, &old_revive);
+    let (c, _) = admin_request(
+        b.admin,
+        "POST",
+        "/v1/cluster/revive",
+        &ro,
+        old_revive.as_bytes(),
+    )
+    .await;
+    assert_eq!(c, 401);
+    assert!(killed_all(b.admin).await);
     b.stop().await;
 }
 

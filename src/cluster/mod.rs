@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::gateway::Shared;
 use crate::killswitch::peer::{Effect, SignedCode};
-use crate::killswitch::webhook::SignedRequest;
+use crate::killswitch::webhook::{self, SignedRequest};
 use crate::killswitch::{self, Accepted, KillError, KillSwitch, Scope, Sender, Signed};
 pub use settings::{ClusterSettings, Peer};
 use store::{Action, SignedEvent, Store};
@@ -228,12 +228,14 @@ pub(crate) async fn apply(
     let body = event.body_bytes().ok_or(ApplyError::Body)?;
     let ks = &shared.killswitch;
     let action = event.action.as_str();
-    let (sender, ts) = ks.verify_relayed(
-        action,
-        &signed(event, &body, source),
-        now,
-        c.settings.max_event_age_secs,
-    )?;
+    // A kill only closes, so one relayed days late still applies; a revive is accepted
+    // only within the webhook window, like a direct one (a captured revive cannot be
+    // delivered to a node that missed it long after).
+    let max_age = match event.action {
+        Action::Kill => c.settings.max_event_age_secs,
+        Action::Revive => webhook::TOLERANCE_SECS.min(c.settings.max_event_age_secs),
+    };
+    let (sender, ts) = ks.verify_relayed(action, &signed(event, &body, source), now, max_age)?;
     let request: killswitch::Request =
         serde_json::from_slice(&body).map_err(|e| KillError::BadRequest(format!("body: {e}")))?;
     let policy = shared.policy.load_full();

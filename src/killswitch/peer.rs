@@ -82,12 +82,13 @@ impl KillSwitch {
             .check_and_remember(id, ts, now);
     }
 
-    /// Revive from a request a peer relayed (already verified by [`Self::verify_relayed`]).
-    /// Refused, not counted, while revive is locked for the sender here; the code is checked
-    /// against the time its request was signed (the peer may relay it minutes later):
-    /// a wrong code is counted like any failed attempt, a right one is not. The last signed
-    /// event wins: only kills dated at or before `signed_at` are lifted, so a revive cannot
-    /// undo a later kill, and an old revive replayed changes nothing.
+    /// Revive from a request a peer relayed (already verified by [`Self::verify_relayed`],
+    /// within the 5-minute window for a revive). Refused, not counted, while revive is
+    /// locked for the sender here; the code is checked against the time its request was
+    /// signed (the peer may relay it minutes later): a wrong code is counted like any failed
+    /// attempt, a right one is not; a right code whose step is already spent here opens
+    /// nothing. The last signed event wins: only kills dated at or before the signing time
+    /// are lifted, so a revive cannot undo a later kill.
     pub(crate) async fn revive_relayed(
         &self,
         scope: Scope,
@@ -123,6 +124,17 @@ impl KillSwitch {
             self.refused("revive", "totp_invalid", Some(sender), source, locked_until);
             return Err(KillError::BadTotp { locked_until });
         };
+        if ledger
+            .state
+            .guard
+            .totp_last_step
+            .is_some_and(|last| step <= last)
+        {
+            // The right code, already spent here (the same person's revive arriving twice,
+            // or a spent code under another request): not a guess, so not counted, and it
+            // opens nothing.
+            return Ok(Effect::NoEffect);
+        }
         let mut next = ledger.state.clone();
         // The step is spent here too: the same code cannot open this node afterwards.
         next.guard.totp_last_step = next.guard.totp_last_step.max(Some(step));
