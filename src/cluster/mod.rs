@@ -99,6 +99,9 @@ pub struct Cluster {
     pending: Vec<AtomicUsize>,
     peers: Mutex<BTreeMap<String, PeerView>>,
     refused: Mutex<HashMap<String, i64>>,
+    /// Nanoseconds since the epoch when this process loaded the cluster: ids stay unique
+    /// across restarts.
+    epoch: u128,
     seq: AtomicU64,
 }
 
@@ -144,6 +147,9 @@ impl Cluster {
             pending: settings.peers.iter().map(|_| AtomicUsize::new(0)).collect(),
             peers: Mutex::new(peers),
             refused: Mutex::new(HashMap::new()),
+            epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
             seq: AtomicU64::new(0),
         })
     }
@@ -159,6 +165,17 @@ impl Cluster {
         if let Some(v) = peers.get_mut(url) {
             f(v);
         }
+    }
+
+    /// A request id no restart repeats (the peer's replay guard would refuse it): node,
+    /// what, the clock in nanoseconds at first use, a counter.
+    fn fresh_id(&self, what: &str) -> String {
+        format!(
+            "{}-{what}-{}-{}",
+            self.settings.node,
+            self.epoch,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn refused_recently(&self, id: &str, now: i64) -> bool {
@@ -377,11 +394,7 @@ pub(crate) async fn originate(shared: &Arc<Shared>, action: Action, body: serde_
     let Some(c) = cluster(shared) else { return };
     let now = crate::admin::unix_now();
     let body = body.to_string();
-    let id = format!(
-        "{}-local-{now}-{}",
-        c.settings.node,
-        c.seq.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = c.fresh_id("local");
     let Some(signature) = shared.killswitch.sign_local(&id, now, body.as_bytes()) else {
         tracing::error!(
             "no webhook key: a {} made on the control socket stays on this node",
@@ -521,11 +534,7 @@ struct SyncAnswer {
 async fn pull(shared: &Arc<Shared>, c: &Arc<Cluster>, peer: &Peer) -> Result<i64, String> {
     let now = crate::admin::unix_now();
     let body = json!({ "node": c.settings.node }).to_string();
-    let id = format!(
-        "{}-sync-{now}-{}",
-        c.settings.node,
-        c.seq.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = c.fresh_id("sync");
     let signature = shared
         .killswitch
         .sign_local(&id, now, body.as_bytes())
