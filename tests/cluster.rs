@@ -501,37 +501,66 @@ async fn a_node_that_missed_a_kill_comes_up_killed_and_a_revive_it_missed_reopen
     tokio::join!(a.stop(), b.stop());
 }
 
-/// A node that cannot reach its peer at start-up and, when it last could, saw newer events
-/// than it has itself starts killed once the sync timeout passes; agents are refused until
-/// then. Without that record it serves after the timeout (nothing says it missed anything).
+/// A node that cannot reach its peer at start-up refuses agents until the sync timeout
+/// passes. Then it serves with what it knows, unless the peer, when last reached, had newer
+/// events than this node has, or this node's event store is unreadable: then it starts
+/// killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unreachable_peer_that_knew_more_makes_a_node_start_killed() {
     let pair = Pair::new().await;
-    let state = pair.dir("b").join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let store = serde_json::json!({
+    let newer = serde_json::json!({
         "events": [],
         "peers_latest": { format!("http://{}", pair.admin_a): now() - 60 },
-    });
-    std::fs::write(state.join("cluster.json"), store.to_string()).unwrap();
-    let started = Instant::now();
-    let b = pair.b().await;
-    assert!(!serves(b.proxy, pair.port).await, "held while syncing");
-    assert!(
-        until(Duration::from_secs(6), || async {
-            status(b.admin).await["cluster"]["synced"] == true
-        })
-        .await
-    );
-    let held_for = started.elapsed();
-    assert!(held_for >= Duration::from_millis(1_900), "{held_for:?}");
-    let s = status(b.admin).await;
-    assert!(
-        s["all"]["reason"].as_str().unwrap().contains("unreachable"),
-        "{s}"
-    );
-    assert!(!serves(b.proxy, pair.port).await);
-    b.stop().await;
+    })
+    .to_string();
+    for (case, store, killed) in [
+        ("nothing known", None, false),
+        ("peer knew newer events", Some(newer.as_str()), true),
+        ("store unreadable", Some("{not json"), true),
+    ] {
+        let dir = pair.dir(&format!("b-{}", case.replace(' ', "-")));
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        if let Some(store) = store {
+            std::fs::write(state.join("cluster.json"), store).unwrap();
+        }
+        let started = Instant::now();
+        let b = node(
+            &dir,
+            "b",
+            pair.admin_b,
+            pair.admin_a,
+            pair.port,
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(
+            !serves(b.proxy, pair.port).await,
+            "{case}: held while syncing"
+        );
+        assert!(
+            until(Duration::from_secs(6), || async {
+                status(b.admin).await["cluster"]["synced"] == true
+            })
+            .await,
+            "{case}"
+        );
+        let held_for = started.elapsed();
+        assert!(
+            held_for >= Duration::from_millis(1_900),
+            "{case}: {held_for:?}"
+        );
+        let s = status(b.admin).await;
+        assert_eq!(!s["all"].is_null(), killed, "{case}: {s}");
+        if killed {
+            assert!(
+                s["all"]["reason"].as_str().unwrap().contains("unreachable"),
+                "{s}"
+            );
+        }
+        assert_eq!(serves(b.proxy, pair.port).await, !killed, "{case}");
+        b.stop().await;
+    }
 }
 
 /// A node whose reload failed is visible: `/healthz` degraded, the metric at 1, until a

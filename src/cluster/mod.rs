@@ -672,8 +672,13 @@ async fn release(shared: &Arc<Shared>, c: &Arc<Cluster>, answered: &[bool]) {
         let now = crate::admin::unix_now();
         let policy = shared.policy.load_full();
         let local = Sender::local();
+        let why = if c.store_unreadable {
+            "this node's event store was unreadable"
+        } else {
+            "they knew newer events than this node"
+        };
         let reason = format!(
-            "cluster: start-up sync timed out; peers {} unreachable and knew newer events than this node",
+            "cluster: start-up sync timed out; peers {} unreachable and {why}",
             behind.join(", ")
         );
         tracing::error!(%reason, "starting KILLED (fail closed)");
