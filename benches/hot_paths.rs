@@ -46,7 +46,7 @@ fn rustls_hello(sni: &str) -> Vec<u8> {
     out
 }
 
-/// The hello re-framed as `n` TLS records (what THREATS C8 throws at the parser).
+/// The hello re-framed as `n` TLS records (docs/threat-model.md, "Protocol confusion").
 fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
     let payload = hello.get(5..).unwrap_or_default();
     let size = payload.len().div_ceil(n).max(1);

@@ -1,4 +1,4 @@
-//! `portcullis.toml`: the process configuration (DESIGN §4).
+//! `portcullis.toml`: the process configuration (docs/configuration.md).
 //!
 //! Owns the raw serde struct (unknown keys are errors, every key has a default, so the
 //! built-in default config is the empty file) and its compilation into [`Config`]. Relative

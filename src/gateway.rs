@@ -8,43 +8,70 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::admin::{AdminContext, LastReload, ReloadError};
 use crate::config::Config;
+use crate::dns::DnsContext;
 use crate::killswitch::{self, KillSwitch};
 use crate::policy::Policy;
-use crate::proxy::ConnectionCaps;
 use crate::proxy::upstream::Resolve;
+use crate::proxy::{ConnectionCaps, ProxyContext, ProxySettings};
+use crate::shutdown::Shutdown;
 use crate::telemetry::{LogWriter, LogWriterError, Telemetry};
 
-/// State shared by every listener and connection task.
-pub struct Shared {
-    pub config: Config,
-    pub killswitch: KillSwitch,
-    /// Per-agent limits: rate, concurrency, bandwidth, daily budget.
-    pub limiter: Arc<crate::limits::Limiter>,
-    /// Live tunnels, re-checked after every reload.
-    pub tunnels: Arc<crate::reload::Tunnels>,
-    pub reload_lock: tokio::sync::Mutex<()>,
-    pub last_reload: std::sync::Mutex<crate::reload::LastReload>,
-    pub policy: ArcSwap<Policy>,
-    pub resolver: Arc<dyn Resolve>,
-    pub telemetry: Telemetry,
-    pub caps: Arc<ConnectionCaps>,
-    /// Bytes held in hellos and request heads not yet complete, all connections together.
-    pub handshake: Arc<crate::proxy::peek::HandshakeBudget>,
-    /// Proxy Basic auth: recent successes, per-source back-off, the verification limit.
-    pub auth: crate::proxy::auth::Authenticator,
-    /// Fired on SIGTERM: listeners stop accepting.
-    pub stop_accepting: CancellationToken,
-    /// Fired when draining is over: live tunnels close.
-    pub cut: CancellationToken,
-    pub tracker: TaskTracker,
-    /// The peers kill state is shared with (`[cluster]`), if any.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+/// The application's own state: the configuration, the proxy's context (which holds the
+/// live policy and the services every listener shares), and the reload's bookkeeping. The
+/// listeners get narrow contexts made from it, never this.
+pub struct App {
+    config: Config,
+    proxy: Arc<ProxyContext>,
+    reload_lock: tokio::sync::Mutex<()>,
+    last_reload: std::sync::Mutex<LastReload>,
+}
+
+impl App {
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn proxy(&self) -> &ProxyContext {
+        &self.proxy
+    }
+
+    pub(crate) fn reload_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.reload_lock
+    }
+
+    pub(crate) fn set_last_reload(&self, last: LastReload) {
+        *self
+            .last_reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = last;
+    }
+}
+
+/// The admin API's handle on the application: reloads.
+struct Reloader(Arc<App>);
+
+impl crate::admin::Control for Reloader {
+    fn reload(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, ReloadError>> + Send + 'static>> {
+        let app = self.0.clone();
+        Box::pin(async move { crate::reload::reload(&app).await })
+    }
+
+    fn last_reload(&self) -> LastReload {
+        self.0
+            .last_reload
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +87,7 @@ pub enum StartError {
     #[error("kill switch: {0}")]
     KillSwitch(String),
     #[error(
-        "cluster: peers are configured, so kill_switch.webhook_secret_files must name a key (nodes sign their calls to each other with it)"
+        "cluster: peers are configured, so kill_switch.webhook_secret_files must name a key (nodes sign their calls to each other with it) and listen.admin must be set (peers call it)"
     )]
     ClusterWithoutKey,
     #[error("limits: {0}")]
@@ -95,7 +122,7 @@ fn read_token(path: &std::path::Path) -> Result<Arc<[u8]>, StartError> {
 
 /// A started gateway. Drop it only after [`Running::shutdown`].
 pub struct Running {
-    pub shared: Arc<Shared>,
+    app: Arc<App>,
     pub explicit_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub transparent_addrs: Vec<SocketAddr>,
@@ -111,12 +138,12 @@ pub async fn start(
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, StartError> {
     // Fail closed: the kill state is read before any listener opens.
-    let cut = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let keys =
         killswitch::read_keys(&config.webhook_secret_files).map_err(StartError::KillSwitch)?;
     let totp = killswitch::read_totp(config.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
-    if config.cluster.enabled() && keys.is_empty() {
+    if config.cluster.enabled() && (keys.is_empty() || config.admin_listen.is_none()) {
         return Err(StartError::ClusterWithoutKey);
     }
     let cluster = crate::cluster::Cluster::load(&config.cluster, &config.state_dir).map(Arc::new);
@@ -132,7 +159,7 @@ pub async fn start(
         keys,
         totp,
         nft,
-        &cut,
+        shutdown.cut_token(),
         telemetry.clone(),
         crate::admin::unix_now(),
     );
@@ -195,53 +222,66 @@ pub async fn start(
             telemetry.metrics.set_budget(&a.name, limit, limit);
         }
     }
-    let shared = Arc::new(Shared {
-        killswitch: kill,
+    let caps = ConnectionCaps::new(crate::proxy::CapLimits {
+        total: config.max_connections,
+        per_source: config.max_connections_per_source,
+        per_agent: config.max_connections_per_agent,
+        unknown: config.max_connections_unknown,
+    });
+    let generation = policy.generation();
+    let proxy = Arc::new(ProxyContext {
+        policy: Arc::new(ArcSwap::from_pointee(policy)),
+        killswitch: Arc::new(kill),
         limiter,
+        telemetry,
+        resolver,
         tunnels: Arc::default(),
+        caps,
+        handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
+        auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
+        settings: ProxySettings {
+            interception: config.interception,
+            transparent_tls_ports: config.transparent_tls_ports.clone(),
+            transparent_http_ports: config.transparent_http_ports.clone(),
+            resolver_timeout: config.resolver_timeout,
+            handshake_timeout: config.handshake_timeout,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            max_request_head_bytes: config.max_request_head_bytes,
+        },
+        shutdown: shutdown.clone(),
+    });
+    let app = Arc::new(App {
+        proxy: proxy.clone(),
         reload_lock: tokio::sync::Mutex::new(()),
-        last_reload: std::sync::Mutex::new(crate::reload::LastReload {
+        last_reload: std::sync::Mutex::new(LastReload {
             ok: true,
-            generation: policy.generation(),
+            generation,
             error: None,
             revoked: 0,
         }),
-        caps: ConnectionCaps::new(crate::proxy::CapLimits {
-            total: config.max_connections,
-            per_source: config.max_connections_per_source,
-            per_agent: config.max_connections_per_agent,
-            unknown: config.max_connections_unknown,
-        }),
-        handshake: crate::proxy::peek::HandshakeBudget::new(config.max_handshake_bytes),
-        auth: crate::proxy::auth::Authenticator::new(config.auth.clone()),
         config,
-        policy: ArcSwap::from_pointee(policy),
-        resolver,
-        telemetry,
-        stop_accepting: CancellationToken::new(),
-        cut,
-        tracker: TaskTracker::new(),
-        cluster,
     });
-    for scope in shared.killswitch.engaged_scopes() {
-        shared.telemetry.metrics.set_kill_switch(&scope, true);
+    let config = &app.config;
+    for scope in proxy.killswitch.engaged_scopes() {
+        proxy.telemetry.metrics.set_kill_switch(&scope, true);
     }
-    if shared.config.manages_nftables() {
+    if config.manages_nftables() {
         // The packet layer must agree with the state we came up with (killed stays killed).
-        let policy = shared.policy.load_full();
-        let nft = shared
+        let policy = proxy.policy.load_full();
+        let nft = proxy
             .killswitch
-            .resync_nft(&policy, &shared.config.nft_agent_networks)
+            .resync_nft(&policy, &config.nft_agent_networks)
             .await;
         if nft != "ok" {
             tracing::error!(%nft, "kill sets not synchronised with the kill state");
         }
     }
     // A cluster node refuses every agent until it has synced with its peers (src/cluster/).
-    crate::cluster::start(&shared);
+    proxy.killswitch.hold(cluster.is_some());
     // The rules watch is registered before any listener serves (see reload::watch).
-    let watcher = crate::reload::watch(shared.clone(), Duration::from_millis(200));
-    shared.tracker.spawn(watcher);
+    let watcher = crate::reload::watch(app.clone(), Duration::from_millis(200));
+    shutdown.spawn(watcher);
     let explicit_addr = explicit.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let transparent_addrs = transparent
@@ -249,38 +289,52 @@ pub async fn start(
         .filter_map(|l| l.local_addr().ok())
         .collect();
     for l in transparent {
-        shared
-            .tracker
-            .spawn(crate::proxy::transparent::serve(shared.clone(), l));
+        shutdown.spawn(crate::proxy::transparent::serve(proxy.clone(), l));
     }
     let dns_addrs = dns.iter().filter_map(|l| l.local_addr().ok()).collect();
     if let Some(forwarder) = dns_forwarder {
+        let ctx = Arc::new(DnsContext {
+            policy: proxy.policy.clone(),
+            killswitch: proxy.killswitch.clone(),
+            telemetry: proxy.telemetry.clone(),
+            caps: proxy.caps.clone(),
+            shutdown: shutdown.clone(),
+            handshake_timeout: config.handshake_timeout,
+            tcp_idle: config.dns.tcp_idle,
+        });
         for l in dns {
-            crate::dns::spawn(shared.clone(), forwarder.clone(), l);
+            crate::dns::spawn(ctx.clone(), forwarder.clone(), l);
         }
     }
     if let Some(l) = explicit {
-        shared
-            .tracker
-            .spawn(crate::proxy::explicit::serve(shared.clone(), l));
+        shutdown.spawn(crate::proxy::explicit::serve(proxy.clone(), l));
     }
-    shared
-        .tracker
-        .spawn(crate::reload::on_sighup(shared.clone()));
-    shared.tracker.spawn(persist_budgets(shared.clone()));
-    shared.tracker.spawn(log_summaries(shared.clone()));
-    if let Some(l) = admin {
-        shared
-            .tracker
-            .spawn(crate::admin::serve(shared.clone(), l, metrics_token));
-    }
-    if let Some(l) = control {
-        shared
-            .tracker
-            .spawn(crate::admin::local::serve(shared.clone(), l));
+    shutdown.spawn(crate::reload::on_sighup(app.clone()));
+    shutdown.spawn(persist_budgets(proxy.clone()));
+    shutdown.spawn(log_summaries(proxy.clone()));
+    if admin.is_some() || control.is_some() || cluster.is_some() {
+        let ctx = Arc::new(AdminContext {
+            policy: proxy.policy.clone(),
+            killswitch: proxy.killswitch.clone(),
+            telemetry: proxy.telemetry.clone(),
+            caps: proxy.caps.clone(),
+            tunnels: proxy.tunnels.clone(),
+            settings: config.admin.clone(),
+            nft_agent_networks: config.nft_agent_networks.clone(),
+            shutdown: shutdown.clone(),
+            control: Arc::new(Reloader(app.clone())),
+            cluster,
+        });
+        crate::cluster::start(&ctx);
+        if let Some(l) = admin {
+            shutdown.spawn(crate::admin::serve(ctx.clone(), l, metrics_token));
+        }
+        if let Some(l) = control {
+            shutdown.spawn(crate::admin::local::serve(ctx, l));
+        }
     }
     Ok(Running {
-        shared,
+        app,
         explicit_addr,
         admin_addr,
         transparent_addrs,
@@ -290,17 +344,27 @@ pub async fn start(
 }
 
 impl Running {
+    /// The generation of the policy now serving.
+    pub fn policy_generation(&self) -> u64 {
+        self.app.proxy().policy.load().generation()
+    }
+
+    /// Connections holding a slot now (every listener's).
+    pub fn connections_in_use(&self) -> usize {
+        self.app.proxy().caps.in_use()
+    }
+
     /// Stop accepting, let live connections drain for up to `drain`, cut the rest, flush
     /// the log.
     pub async fn shutdown(mut self, drain: Duration) {
-        let s = &self.shared;
-        s.stop_accepting.cancel();
-        s.tracker.close();
-        if tokio::time::timeout(drain, s.tracker.wait()).await.is_err() {
-            s.cut.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.tracker.wait()).await;
+        let s = self.app.proxy();
+        let stop = &s.shutdown;
+        stop.stop_accepting();
+        if tokio::time::timeout(drain, stop.wait()).await.is_err() {
+            stop.cut();
+            let _ = tokio::time::timeout(Duration::from_secs(2), stop.wait()).await;
         }
-        s.cut.cancel();
+        stop.cut();
         // Tunnels charged their last bytes as they ended: save the final budgets.
         let limiter = s.limiter.clone();
         let _ = tokio::task::spawn_blocking(move || limiter.save()).await;
@@ -315,10 +379,10 @@ impl Running {
 
 /// Save the budgets (when they changed) and refresh their gauges every few seconds, and once
 /// more at shutdown.
-async fn persist_budgets(shared: Arc<Shared>) {
+async fn persist_budgets(shared: Arc<ProxyContext>) {
     loop {
         let stop = tokio::select! {
-            () = shared.stop_accepting.cancelled() => true,
+            () = shared.shutdown.stopping() => true,
             () = tokio::time::sleep(Duration::from_secs(5)) => false,
         };
         let s = shared.clone();
@@ -335,10 +399,10 @@ async fn persist_budgets(shared: Arc<Shared>) {
 
 /// Every second, a summary line for what the agents' log shares held back; once more at
 /// shutdown.
-async fn log_summaries(shared: Arc<Shared>) {
+async fn log_summaries(shared: Arc<ProxyContext>) {
     loop {
         let stop = tokio::select! {
-            () = shared.stop_accepting.cancelled() => true,
+            () = shared.shutdown.stopping() => true,
             () = tokio::time::sleep(Duration::from_secs(1)) => false,
         };
         shared.telemetry.flush_summaries();

@@ -1,6 +1,7 @@
 //! portcullis: the egress gateway of an AI-agent network.
 //!
-//! The path of one explicit-proxy connection through the modules:
+//! The path of one explicit-proxy connection through the modules (the whole map, both modes,
+//! and the invariants: docs/architecture.md; the threats named here: docs/threat-model.md):
 //!
 //! ```text
 //! gateway::start ─ binds listeners after the policy is loaded (fail closed)
@@ -9,7 +10,7 @@
 //!     proxy::auth::Authenticator    Proxy-Authorization → agent (memo, success cache,
 //!                                   per-source back-off, argon2id on blocking threads)
 //!     policy::Policy::identify      else the source CIDR → agent
-//!     proxy::target::parse_request  CONNECT authority / absolute URI + Host (THREATS A3)
+//!     proxy::target::parse_request  CONNECT authority / absolute URI + Host (Host desync)
 //!     policy::Policy::evaluate      pure decision: deny rules, allow rules, default deny
 //!     proxy::upstream::connect      resolve (injected Resolve), check_address every
 //!                                   address (literal or resolved), dial the checked address
@@ -37,5 +38,6 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod selftest;
+pub mod shutdown;
 pub mod sys;
 pub mod telemetry;

@@ -3,8 +3,8 @@
 use clap::Parser;
 use portcullis::cli::{self, Cli, Command};
 
-/// The shipped build's allocator (README, "The allocator"): per new tunnel about 3k fewer
-/// instructions than glibc's malloc, whose aligned allocations (tokio's tasks and I/O
+/// The shipped build's allocator (docs/performance.md, "The allocator"): per new tunnel about 3k
+/// fewer instructions than glibc's malloc, whose aligned allocations (tokio's tasks and I/O
 /// registrations) take its slow path, and less memory per idle tunnel.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]

@@ -419,7 +419,10 @@ async fn denied_fetches_fail_fast_with_a_recognisable_refusal() {
     )
     .unwrap();
     assert_eq!(back.matches("HTTP/1.1 ").count(), 1, "{back}");
-    assert!(back.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{back}");
+    assert!(
+        back.starts_with("HTTP/1.1 403 Forbidden (not_allowed)\r\n"),
+        "{back}"
+    );
     assert!(back.contains("connection: close\r\n"), "{back}");
 
     // --- DNS: the forwarder's NXDOMAIN, with the EDE for a client that sends EDNS. ---

@@ -1,7 +1,8 @@
 //! The DNS forwarder end to end, in network namespaces (root; CI runs it as root): an agent
 //! whose only route is a gateway running the portcullis binary behind the ruleset it
 //! renders, a recording "public resolver" on the internet side, and the recording upstream
-//! portcullis forwards to. THREATS D13, proven from the resolvers' side.
+//! portcullis forwards to. docs/threat-model.md, "DNS
+//! tunnelling", proven from the resolvers' side.
 //!
 //! The agent's questions are asked by `tests/e2e/client.py dns` (one A question over UDP or
 //! TCP, 2 s timeout). The negatives are checked by construction: before any ruleset exists

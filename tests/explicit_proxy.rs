@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use common::*;
 use portcullis::proxy::upstream::StaticResolver;
 
@@ -110,7 +112,12 @@ async fn allowed_plain_get_is_forwarded_with_the_checked_host() {
         lines[0]["url.original"],
         format!("http://allowed.test:{port}/path?q=1")
     );
-    assert_eq!(lines[0]["destination.bytes"], 10);
+    // Every byte each way is counted, heads included, as a tunnel counts them: the 10-byte
+    // body and the response head to the agent, the request head from it.
+    let to_agent = lines[0]["destination.bytes"].as_u64().unwrap();
+    assert!((10 + 17..10 + 512).contains(&to_agent), "{to_agent}");
+    let from_agent = lines[0]["source.bytes"].as_u64().unwrap();
+    assert!((30..1024).contains(&from_agent), "{from_agent}");
     gw.stop().await;
 }
 
@@ -154,8 +161,9 @@ async fn denied_connect_and_get_get_403_and_the_upstream_sees_nothing() {
             &format!("http://{host}:{port}/"),
         ])
         .await;
+        // The reason is in the status line too, for clients that print only that.
         assert!(
-            out.stdout.starts_with("HTTP/1.1 403"),
+            out.stdout.starts_with("HTTP/1.1 403 Forbidden ("),
             "{host}: {}",
             out.stdout
         );
@@ -656,4 +664,112 @@ async fn names_may_resolve_into_resolve_cidrs_but_literals_are_refused() {
         "{lines:?}"
     );
     gw.stop().await;
+}
+
+/// HTTP inside CONNECT (what undici's `EnvHttpProxyAgent` and `curl -p` do for `http://`
+/// URLs): a tunnel to a port served as HTTP that starts with a request is served request
+/// by request, like transparent port 80. Before, the gateway answered 200 and then closed
+/// the tunnel because it did not start with a ClientHello.
+#[tokio::test]
+async fn plain_http_inside_a_connect_tunnel_is_served_request_by_request() {
+    let up = http_upstream("plain body").await;
+    let port = up.addr.port();
+    let gw = gateway_with(
+        &[(
+            "coder-1",
+            &agent(port, &format!(r#"allow_cidrs = ["127.0.0.1/32:{port}"]"#)),
+        )],
+        &[],
+        localhost_resolver(&["allowed.test", "evil.test"]),
+        |c, _| c.transparent_http_ports = vec![port],
+    )
+    .await;
+    let url = format!("http://allowed.test:{port}/inside?x=1");
+    let out = curl(&["-p", "-x", &gw.proxy_url(), &url]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "plain body");
+    assert!(
+        up.seen.text().starts_with("GET /inside?x=1 HTTP/1.1\r\n"),
+        "{}",
+        up.seen.text()
+    );
+    let lines = gw.log_lines(1).await;
+    assert_eq!(lines.len(), 1, "one line for the request: {lines:?}");
+    assert_eq!(lines[0]["event.action"], "allow");
+    assert_eq!(lines[0]["http.request.method"], "GET");
+    assert_eq!(lines[0]["url.original"], url);
+
+    // A request naming another host inside the tunnel is refused; nothing reaches an
+    // upstream for it.
+    let before = up.seen.connections();
+    let mut tunnel = connect_only(gw.proxy, "allowed.test", port).await;
+    tunnel
+        .write_all(b"GET /x HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut back)).await;
+    let back = String::from_utf8_lossy(&back);
+    assert!(
+        back.starts_with("HTTP/1.1 400 Bad Request (malformed)\r\n"),
+        "{back}"
+    );
+    assert_eq!(
+        up.seen.connections(),
+        before,
+        "the other host's request went out"
+    );
+    gw.stop().await;
+}
+
+/// Plain HTTP in a tunnel to a port not served as HTTP is refused (as before): only TLS
+/// goes there.
+#[tokio::test]
+async fn plain_http_inside_a_tunnel_to_a_tls_port_is_refused() {
+    let up = http_upstream("plain body").await;
+    let port = up.addr.port();
+    let gw = gateway(
+        &[(
+            "coder-1",
+            &agent(port, &format!(r#"allow_cidrs = ["127.0.0.1/32:{port}"]"#)),
+        )],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+    )
+    .await;
+    let mut tunnel = connect_only(gw.proxy, "allowed.test", port).await;
+    tunnel
+        .write_all(format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut back)).await;
+    assert!(back.is_empty(), "{}", String::from_utf8_lossy(&back));
+    assert_eq!(up.seen.connections(), 0);
+    let lines = gw.log_lines(1).await;
+    assert_eq!(lines[0]["event.reason"], "malformed", "{lines:?}");
+    gw.stop().await;
+}
+
+/// A CONNECT answered 200, and nothing sent into the tunnel yet.
+async fn connect_only(proxy: std::net::SocketAddr, host: &str, port: u16) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed before the answer");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
 }

@@ -129,7 +129,7 @@ async fn one_agent_at_its_share_and_unknown_floods_leave_room_for_another() {
         drop(unknown_conns);
         // Slots are released as the proxy sees the closes.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while gw.running.as_ref().unwrap().shared.caps.in_use() > 1 && Instant::now() < deadline {
+        while gw.running.as_ref().unwrap().connections_in_use() > 1 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -1,5 +1,5 @@
 //! Property tests: the label-keyed matcher agrees with a naive reference implementation of
-//! DESIGN §3's semantics on random names and patterns (dots, case, trailing dots, unicode).
+//! docs/configuration.md's pattern semantics on random names and patterns (dots, case, trailing dots, unicode).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;

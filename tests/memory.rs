@@ -1,6 +1,6 @@
 //! Memory under many idle tunnels: 10,000 concurrent CONNECT tunnels through the real
 //! binary, each past its ClientHello and idle, must stay within the documented bound
-//! (README, "Memory"): at most `PER_TUNNEL_BOUND` of RSS per idle tunnel above a warmed-up
+//! (docs/performance.md, "The relay and memory per tunnel"): at most `PER_TUNNEL_BOUND` of RSS per idle tunnel above a warmed-up
 //! gateway. An idle tunnel holds its two sockets and a small task, no relay buffer.
 //!
 //! Each tunnel is two sockets here and two in the gateway. The test raises its soft
@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 const TUNNELS_WANTED: usize = 10_000;
 /// Descriptors kept aside in each process for listeners, log, runtime, std streams.
 const FD_SPARE: usize = 100;
-/// The documented bound on RSS per idle tunnel (README "Memory"), for this test's build.
+/// The documented bound on RSS per idle tunnel (docs/performance.md, "The relay and memory per tunnel"), for this test's build.
 const PER_TUNNEL_BOUND: usize = 8 * 1024;
 
 fn rss_bytes(pid: u32) -> usize {

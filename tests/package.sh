@@ -63,7 +63,6 @@ files=(
   usr/share/doc/portcullis/deploy-guide.md
   usr/share/doc/portcullis/kill-switch.md
   usr/share/doc/portcullis/logging.md
-  usr/share/doc/portcullis/threat-model.md
   usr/share/doc/portcullis/docs/kill-switch.md
   usr/share/doc/portcullis/docs/fairness.md
   usr/share/doc/portcullis/docs/memory.md
@@ -71,6 +70,14 @@ files=(
   usr/share/doc/portcullis/docs/dns.md
   usr/share/doc/portcullis/docs/proxy-auth.md
   usr/share/doc/portcullis/docs/addresses.md
+  usr/share/doc/portcullis/docs/threat-model.md
+  usr/share/doc/portcullis/docs/architecture.md
+  usr/share/doc/portcullis/docs/configuration.md
+  usr/share/doc/portcullis/docs/limits.md
+  usr/share/doc/portcullis/docs/observability.md
+  usr/share/doc/portcullis/docs/performance.md
+  usr/share/doc/portcullis/docs/selftest.md
+  usr/share/doc/portcullis/docs/transparent.md
   usr/share/doc/portcullis/docs/cluster.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright

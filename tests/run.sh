@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
 # As root on Debian it installs what the tests need (curl, nftables, iproute2, openssl,
 # iputils-ping, python3, prometheus, make for the jemalloc build, and the clients
-# tests/denials_e2e.rs runs: wget, git, node, npm, dig, pip; keepalived for tests/ha_pair_e2e.rs).
+# tests/denials_e2e.rs and tests/clients_e2e.rs run: wget, git, node, npm, dig, pip, requests;
+# clients_e2e.rs installs undici from the npm registry; keepalived for tests/ha_pair_e2e.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,8 @@ for pair in curl:curl nft:nftables ip:iproute2 openssl:openssl ping:iputils-ping
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# tests/clients_e2e.rs: Python's requests (apt and git http-backend come with apt and git).
+python3 -c 'import requests' >/dev/null 2>&1 || need+=(python3-requests)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need[*]}"

@@ -1,6 +1,7 @@
 //! Transparent mode with TPROXY instead of NAT redirect (root; CI runs it): the listener
 //! binds with IP_TRANSPARENT, the original destination is the accepted socket's local
-//! address, and agents reach allowed names over IPv4 and IPv6. THREATS A1 holds here too.
+//! address, and agents reach allowed names over IPv4 and IPv6. docs/threat-model.md's
+//! "Original destination" holds here too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -72,7 +73,7 @@ async fn tproxy_gateway_end_to_end_ipv4_and_ipv6() {
         .await;
     assert_eq!(line["portcullis.mode"], "transparent");
 
-    // A1 under TPROXY: the agent aims at the attacker; we dial our own resolution.
+    // Original destination, under TPROXY: the agent aims at the attacker; we dial our own resolution.
     let o = curl(format!(
         "--cacert {ca} --resolve allowed.test:443:{ATTACKER} https://allowed.test/"
     ))

@@ -1,7 +1,8 @@
 //! Transparent mode end to end, in network namespaces (root; CI runs it as root): an agent
 //! whose only route is a gateway running the portcullis binary behind the ruleset it
 //! renders, and an "internet" of servers that record every connection and byte.
-//! THREATS A1, A2, C8–C12, D15–D17, E18, each proven from the servers' side.
+//! The classes of docs/threat-model.md this mode answers (original destination, SNI, protocol
+//! confusion, other paths out, silent clients), each proven from the servers' side.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -104,8 +105,8 @@ async fn transparent_gateway_end_to_end() {
     let tls_seen = tls.seen.connections();
     assert_eq!(tls_seen, 1);
 
-    // A1: allowed SNI, but the agent aimed at the attacker's address: we dial our own
-    // resolution of the name; the attacker sees nothing and the mismatch is logged.
+    // Original destination: allowed SNI, but the agent aimed at the attacker's address: we dial our
+    // own resolution of the name; the attacker sees nothing and the mismatch is logged.
     let o = curl(format!(
         "--cacert {ca} --resolve allowed.test:443:{ATTACKER} https://allowed.test/"
     ))
@@ -141,8 +142,8 @@ async fn transparent_gateway_end_to_end() {
     })
     .await;
 
-    // C12: no SNI (an IP URL), HTTP on 443, TLS on 80, garbage: all denied, nothing reaches
-    // the internet, never a fallback to the original destination.
+    // Protocol confusion: no SNI (an IP URL), HTTP on 443, TLS on 80, garbage: all denied, nothing
+    // reaches the internet, never a fallback to the original destination.
     let o = curl(format!("-k https://{INTERNET}/")).await;
     assert!(!o.status.success());
     gw.line_where(|l| l["event.reason"] == "no_sni").await;
@@ -168,8 +169,8 @@ async fn transparent_gateway_end_to_end() {
     .await;
     assert_eq!(stdout(&garbage), "0");
 
-    // C8: a real hello one byte per TCP segment, and split over 300 records, is parsed and
-    // replayed to the upstream byte for byte.
+    // Protocol confusion: a real hello one byte per TCP segment, and split over 300 records, is
+    // parsed and replayed to the upstream byte for byte.
     for (label, bytes, mode) in [
         ("bytewise", client_hello("allowed.test"), "bytewise"),
         (
@@ -204,7 +205,7 @@ async fn transparent_gateway_end_to_end() {
     }
     let tls_seen = tls.seen.connections();
 
-    // D15: IPv6 and UDP 443 (QUIC) from the agent are dropped by the ruleset.
+    // Other paths out: IPv6 and UDP 443 (QUIC) from the agent are dropped by the ruleset.
     assert!(
         !curl(format!("-6 --max-time 2 http://[{INTERNET6}]/"))
             .await
@@ -212,7 +213,7 @@ async fn transparent_gateway_end_to_end() {
             .success()
     );
     let _ = agent(format!("python3 {} udp {INTERNET} 443", client_py())).await;
-    // D16/D17: other ports, ICMP and forwarding around the proxy are dropped.
+    // Other paths out: other ports, ICMP and forwarding around the proxy are dropped.
     assert!(
         !curl(format!("--max-time 2 http://{INTERNET}:8080/"))
             .await
@@ -233,8 +234,8 @@ async fn transparent_gateway_end_to_end() {
     assert_eq!(other_port.seen.connections(), 0, "port 8080 left the cage");
     assert_eq!(ssh.seen.connections(), 0, "port 22 left the cage");
 
-    // E18: 1,000 silent connections (one byte, then nothing) do not stop a fresh allowed
-    // connection from completing within 1 s.
+    // Slow or silent clients: 1,000 silent connections (one byte, then nothing) do not stop a fresh
+    // allowed connection from completing within 1 s.
     let holder = tokio::spawn(run(in_ns(
         &topo.agent_ns,
         &format!(

@@ -317,7 +317,7 @@ for run in $(seq 1 "$RUNS"); do
       --concurrency "$CONCURRENCY" --tests "$tests" \
       >"$work/res/$c.$run" 2>"$work/res/$c.$run.err" || true
     # Retransmitted segments over the whole client run (nearly all in the bulk tests): on
-    # loopback they are reorderings, not losses (README, "What the profiles show").
+    # loopback they are reorderings, not losses (benches/load/results.md, "What the profiles show").
     nstat -z TcpRetransSegs 2>/dev/null |
       awk '$1 == "TcpRetransSegs" {print "tcp_retrans_segs", $2}' >>"$work/res/$c.$run" || true
     [ "$proxy_pid" = 0 ] || stop "$proxy_pid"

@@ -18,8 +18,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use super::{kill_error_parts, unix_now};
+use crate::admin::AdminContext as Shared;
 use crate::cluster::store::Action;
-use crate::gateway::Shared;
 use crate::killswitch::{self, Accepted, KillSwitch, Sender};
 
 /// A request line is a few hundred bytes.
@@ -84,7 +84,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
+            () = shared.shutdown.stopping() => return,
             r = listener.accept() => r,
         };
         let Ok((stream, _)) = accepted else {
@@ -95,7 +95,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
             return;
         };
         let shared = shared.clone();
-        shared.clone().tracker.spawn(async move {
+        shared.clone().shutdown.spawn(async move {
             let _slot = slot;
             let _ = tokio::time::timeout(DEADLINE, exchange(shared, stream)).await;
         });
@@ -116,7 +116,7 @@ async fn exchange(shared: Arc<Shared>, stream: UnixStream) -> io::Result<()> {
         // In a task of its own: the deadline or a client that goes away drops only the
         // answer, never a kill half-way.
         Ok(request) => {
-            let task = shared.tracker.spawn(handle(shared.clone(), request));
+            let task = shared.shutdown.spawn(handle(shared.clone(), request));
             task.await.unwrap_or((
                 500,
                 serde_json::json!({ "error": "the control task failed" }),
@@ -140,7 +140,7 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
         source: None,
     };
     let policy = shared.policy.load_full();
-    let nets = &shared.config.nft_agent_networks;
+    let nets = &shared.nft_agent_networks;
     let scope_of = |agent: Option<String>| {
         KillSwitch::parse_scope(
             &killswitch::Request {
@@ -196,9 +196,9 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
                 serde_json::json!({ "action": "unlock-revive", "state_written": written }),
             )
         }
-        ControlRequest::Reload => match crate::reload::reload(&shared).await {
+        ControlRequest::Reload => match shared.control.reload().await {
             Ok(generation) => (200, serde_json::json!({ "generation": generation })),
-            Err(e) => (422, serde_json::json!({ "error": e })),
+            Err(e) => (422, serde_json::json!({ "error": e.to_string() })),
         },
     }
 }

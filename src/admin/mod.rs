@@ -9,7 +9,9 @@
 pub mod local;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,9 +25,54 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::gateway::Shared;
 use crate::killswitch::webhook::SignedRequest;
 use crate::killswitch::{self, Accepted, KillError, KillSwitch, Signed};
+
+/// What the admin API and the control socket use. `shared` by name in the handlers.
+pub struct AdminContext {
+    pub policy: Arc<arc_swap::ArcSwap<crate::policy::Policy>>,
+    pub killswitch: Arc<KillSwitch>,
+    pub telemetry: crate::telemetry::Telemetry,
+    pub caps: Arc<crate::proxy::ConnectionCaps>,
+    pub tunnels: Arc<crate::proxy::tunnels::Tunnels>,
+    pub settings: crate::config::AdminSettings,
+    /// The agents' networks, for the nftables kill sets.
+    pub nft_agent_networks: Vec<ipnet::IpNet>,
+    pub shutdown: crate::shutdown::Shutdown,
+    /// What only the application can do: reload the rules.
+    pub control: Arc<dyn Control>,
+    /// The peers kill state is shared with (`[cluster]`), if any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+type Shared = AdminContext;
+
+/// The application's side of the admin API: the rules reload (which touches the policy,
+/// the live tunnels, the kill sets) and what the last one did.
+pub trait Control: Send + Sync + 'static {
+    /// Reload the rules now: the new generation, or why the running one stays.
+    fn reload(&self) -> Pin<Box<dyn Future<Output = Result<u64, ReloadError>> + Send + 'static>>;
+    fn last_reload(&self) -> LastReload;
+}
+
+/// What the last reload did, for `/healthz`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LastReload {
+    pub ok: bool,
+    pub generation: u64,
+    pub error: Option<String>,
+    pub revoked: usize,
+}
+
+/// Why a reload left the running policy in place.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReloadError {
+    /// The rules do not compile: every error, with its file and line.
+    #[error("{0}")]
+    Rules(String),
+    #[error("the reload task failed")]
+    Task,
+}
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -60,7 +107,7 @@ impl DropWatch {
 }
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, metrics_token: Option<Arc<[u8]>>) {
-    let settings = shared.config.admin.clone();
+    let settings = shared.settings.clone();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let admin = Arc::new(Admin {
         shared: shared.clone(),
@@ -69,7 +116,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, metrics_token: Op
     });
     loop {
         let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
+            () = shared.shutdown.stopping() => return,
             r = listener.accept() => r,
         };
         let Ok((stream, peer)) = accepted else {
@@ -84,7 +131,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, metrics_token: Op
         };
         let admin = admin.clone();
         let settings = settings.clone();
-        shared.tracker.spawn(async move {
+        shared.shutdown.spawn(async move {
             let _slot = slot;
             let svc_admin = admin.clone();
             let service = service_fn(move |req| {
@@ -135,15 +182,8 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Respo
                 return kill_error(&e);
             }
             // In a task of its own, like a kill: a vanishing client never stops it half-way.
-            let shared = shared.clone();
-            let task = admin
-                .shared
-                .tracker
-                .spawn(async move { crate::reload::reload(&shared).await });
-            reload_response(
-                task.await
-                    .unwrap_or_else(|_| Err("the reload task failed".to_owned())),
-            )
+            let task = shared.shutdown.spawn(shared.control.reload());
+            reload_response(task.await.unwrap_or(Err(ReloadError::Task)))
         }
         (Method::GET, "/v1/status") => {
             let mut status = shared.killswitch.status(unix_now()).await;
@@ -169,11 +209,7 @@ fn health(admin: &Admin) -> serde_json::Value {
     let shared = &admin.shared;
     let policy = shared.policy.load();
     let mut reasons = shared.killswitch.health_reasons();
-    let last_reload = shared
-        .last_reload
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
+    let last_reload = shared.control.last_reload();
     if !last_reload.ok {
         reasons.push(format!(
             "reload: the last reload failed; generation {} still serves",
@@ -265,7 +301,7 @@ async fn signed_body(
     req: Request<Incoming>,
 ) -> Result<SignedBody, Response<Full<Bytes>>> {
     let (parts, body) = req.into_parts();
-    let deadline = admin.shared.config.admin.body_timeout;
+    let deadline = admin.shared.settings.body_timeout;
     let body = match tokio::time::timeout(deadline, Limited::new(body, MAX_BODY).collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         _ => {
@@ -353,9 +389,9 @@ async fn kill_or_revive(
     // In a task of its own: a client that goes away (or the connection's deadline) drops
     // only the answer, never a kill or revive half-way.
     let shared2 = admin.shared.clone();
-    let task = shared.tracker.spawn(async move {
+    let task = shared.shutdown.spawn(async move {
         let ks = &shared2.killswitch;
-        let nets = &shared2.config.nft_agent_networks;
+        let nets = &shared2.nft_agent_networks;
         let by = signed_body.accepted(&sender, peer);
         let done = if revive {
             let code = request.totp.unwrap_or_default();
@@ -423,7 +459,7 @@ pub(crate) fn kill_error_parts(e: &KillError) -> (StatusCode, serde_json::Value)
     (status, body)
 }
 
-fn reload_response(result: Result<u64, String>) -> Response<Full<Bytes>> {
+fn reload_response(result: Result<u64, ReloadError>) -> Response<Full<Bytes>> {
     match result {
         Ok(generation) => json(
             StatusCode::OK,
@@ -431,7 +467,7 @@ fn reload_response(result: Result<u64, String>) -> Response<Full<Bytes>> {
         ),
         Err(e) => json(
             StatusCode::UNPROCESSABLE_ENTITY,
-            serde_json::json!({ "error": e }),
+            serde_json::json!({ "error": e.to_string() }),
         ),
     }
 }

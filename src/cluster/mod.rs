@@ -35,7 +35,7 @@ use http::StatusCode;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::gateway::Shared;
+use crate::admin::AdminContext as Shared;
 use crate::killswitch::peer::{Effect, SignedCode};
 use crate::killswitch::webhook::{self, SignedRequest};
 use crate::killswitch::{self, Accepted, KillError, KillSwitch, Scope, Sender, Signed};
@@ -209,9 +209,9 @@ pub fn start(shared: &Arc<Shared>) {
     }
     let receivers = std::mem::take(&mut *c.receivers.lock().unwrap_or_else(|p| p.into_inner()));
     for (i, rx) in receivers.into_iter().enumerate() {
-        shared.tracker.spawn(relay(shared.clone(), i, rx));
+        shared.shutdown.spawn(relay(shared.clone(), i, rx));
     }
-    shared.tracker.spawn(pull_loop(shared.clone()));
+    shared.shutdown.spawn(pull_loop(shared.clone()));
 }
 
 /// The body of a relayed request, its headers, and where it came from.
@@ -257,7 +257,7 @@ pub(crate) async fn apply(
         serde_json::from_slice(&body).map_err(|e| KillError::BadRequest(format!("body: {e}")))?;
     let policy = shared.policy.load_full();
     let scope = KillSwitch::parse_scope(&request, &policy)?;
-    let nets = &shared.config.nft_agent_networks;
+    let nets = &shared.nft_agent_networks;
     let by = Accepted {
         sender: &sender,
         id: Some((event.id.as_str(), ts)),
@@ -312,7 +312,7 @@ pub(crate) async fn relayed(
     source: Option<IpAddr>,
 ) -> (StatusCode, serde_json::Value) {
     let s = shared.clone();
-    let task = shared.tracker.spawn(async move {
+    let task = shared.shutdown.spawn(async move {
         let now = crate::admin::unix_now();
         apply(&s, &event, source, now).await
     });
@@ -484,7 +484,7 @@ async fn relay(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<SignedE
     let peer = c.settings.peers[index].clone();
     loop {
         let event = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
+            () = shared.shutdown.stopping() => return,
             e = rx.recv() => match e { Some(e) => e, None => return },
         };
         let mut backoff = BACKOFF_FIRST;
@@ -507,7 +507,7 @@ async fn relay(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<SignedE
                     }
                     tracing::debug!(peer = %peer.url, %why, ?backoff, "relay failed, retrying");
                     tokio::select! {
-                        () = shared.stop_accepting.cancelled() => return,
+                        () = shared.shutdown.stopping() => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -637,7 +637,7 @@ async fn pull_loop(shared: Arc<Shared>) {
             c.settings.sync_interval
         };
         tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
+            () = shared.shutdown.stopping() => return,
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -694,7 +694,7 @@ async fn release(shared: &Arc<Shared>, c: &Arc<Cluster>, answered: &[bool]) {
                 },
                 now,
                 &policy,
-                &shared.config.nft_agent_networks,
+                &shared.nft_agent_networks,
             )
             .await;
     }

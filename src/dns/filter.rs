@@ -1,11 +1,12 @@
 //! What may not reach an agent inside an upstream answer, removed before it is sent.
 //!
-//! - The `ech` SvcParam (key 5) of HTTPS/SVCB records, always (DESIGN §10): a client that
-//!   never learns a real ECH config cannot hide its inner name behind an allowed outer one.
+//! - The `ech` SvcParam (key 5) of HTTPS/SVCB records, always (docs/threat-model.md, "ECH"): a
+//!   client that never learns a real ECH config cannot hide its inner name behind an allowed outer
+//!   one.
 //! - A/AAAA records (and SVCB `ipv4hint`/`ipv6hint` addresses) whose address is special
-//!   (loopback, RFC 1918, link-local, …): DNS rebinding (THREATS D14) would otherwise let an
-//!   allowed name point an agent at the gateway's own network. The caller says which
-//!   special addresses the agent's `allow_cidrs` cover.
+//!   (loopback, RFC 1918, link-local, …): DNS rebinding (docs/threat-model.md) would otherwise let
+//!   an allowed name point an agent at the gateway's own network. The caller says which special
+//!   addresses the agent's `allow_cidrs` cover.
 //!
 //! Pure functions over records; must not know about sockets, agents or the cache.
 

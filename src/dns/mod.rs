@@ -1,6 +1,6 @@
-//! The filtering DNS forwarder: the agent VLAN's only resolver (DESIGN §1 "dns", THREATS
-//! D13–D14). It answers only names the asking agent may reach; everything else is refused
-//! without a single byte going upstream, which is what closes DNS tunnelling.
+//! The filtering DNS forwarder: the agent VLAN's only resolver (docs/dns.md; docs/threat-model.md,
+//! "DNS tunnelling" and rebinding). It answers only names the asking agent may reach; everything
+//! else is refused without a single byte going upstream, which is what closes DNS tunnelling.
 //!
 //! The path of one query:
 //!
@@ -34,6 +34,35 @@ use std::str::FromStr;
 use hickory_proto::rr::RecordType;
 
 pub use query::{Forwarder, Step, Transport};
+
+/// What the DNS listeners use: the live policy, the kill switch, the log, the connection
+/// caps they share with the proxies, the stop sequence.
+pub struct DnsContext {
+    pub policy: std::sync::Arc<arc_swap::ArcSwap<crate::policy::Policy>>,
+    pub killswitch: std::sync::Arc<crate::killswitch::KillSwitch>,
+    pub telemetry: crate::telemetry::Telemetry,
+    pub caps: std::sync::Arc<crate::proxy::ConnectionCaps>,
+    pub shutdown: crate::shutdown::Shutdown,
+    /// A TCP client's time to send a whole query.
+    pub handshake_timeout: std::time::Duration,
+    /// How long an idle TCP connection is kept.
+    pub tcp_idle: std::time::Duration,
+}
+
+impl crate::proxy::Listening for DnsContext {
+    fn policy(&self) -> &arc_swap::ArcSwap<crate::policy::Policy> {
+        &self.policy
+    }
+    fn caps(&self) -> &std::sync::Arc<crate::proxy::ConnectionCaps> {
+        &self.caps
+    }
+    fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.telemetry
+    }
+    fn shutdown(&self) -> &crate::shutdown::Shutdown {
+        &self.shutdown
+    }
+}
 pub use server::{DnsListener, spawn};
 
 /// Why the forwarder could not be started.

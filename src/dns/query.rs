@@ -41,7 +41,7 @@ use super::filter;
 use super::limit::{RateLimiter, Sampler};
 use super::upstream::{Answer, Upstream};
 use crate::config::Config;
-use crate::gateway::Shared;
+use crate::dns::DnsContext as Shared;
 use crate::policy::{AgentId, AgentPolicy, DomainName, Policy, Reason, address};
 use crate::telemetry::{ConnectionRecord, Mode};
 

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::query::{Forwarder, Step, Transport};
-use crate::gateway::Shared;
+use crate::dns::DnsContext as Shared;
 use crate::proxy::{ConnectionSlot, accept_loop};
 use crate::telemetry::Mode;
 
@@ -82,12 +82,13 @@ pub fn spawn(shared: Arc<Shared>, forwarder: Arc<Forwarder>, listener: DnsListen
         let (weak, forwarder, udp) = (Arc::downgrade(&shared), forwarder.clone(), udp.clone());
         let runtime = tokio::runtime::Handle::current();
         shared
-            .tracker
+            .shutdown
+            .tracker()
             .spawn_blocking(move || serve_udp(&weak, &forwarder, &udp, &runtime));
     }
     // The proxies' accept loop: the same caps (a flood of idle TCP DNS clients cannot
     // starve them), `overloaded` records and accept back-off.
-    shared.tracker.spawn(accept_loop(
+    shared.shutdown.spawn(accept_loop(
         shared.clone(),
         tcp,
         Mode::Dns,
@@ -112,7 +113,7 @@ fn serve_udp(
     let mut buf = vec![0u8; UDP_RECV_BUF];
     loop {
         match weak.upgrade() {
-            Some(shared) if !shared.stop_accepting.is_cancelled() => {}
+            Some(shared) if !shared.shutdown.is_stopping() => {}
             _ => return,
         }
         let (n, peer) = match socket.recv_from(&mut buf) {
@@ -150,7 +151,7 @@ fn serve_udp(
             Step::Resolve(pending) => {
                 let (shared, forwarder, socket) =
                     (shared.clone(), forwarder.clone(), socket.clone());
-                let tracker = shared.tracker.clone();
+                let tracker = shared.shutdown.tracker().clone();
                 runtime.spawn(tracker.track_future(async move {
                     let reply = forwarder.resolve(&shared, pending).await;
                     // The socket is blocking (see above): send off the async workers.
@@ -178,13 +179,13 @@ async fn serve_tcp_connection(
     peer: SocketAddr,
     _slot: ConnectionSlot,
 ) {
-    let idle = shared.config.dns.tcp_idle;
-    let within_query = shared.config.handshake_timeout;
+    let idle = shared.tcp_idle;
+    let within_query = shared.handshake_timeout;
     let mut buf = vec![0u8; MAX_TCP_QUERY];
     loop {
         let mut len = [0u8; 2];
         let got = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
+            () = shared.shutdown.stopping() => return,
             r = tokio::time::timeout(idle, stream.read_exact(&mut len)) => r,
         };
         if !matches!(got, Ok(Ok(_))) {

@@ -51,6 +51,39 @@ pub struct Shaping {
     pub budget: Option<BudgetMeter>,
 }
 
+/// Largest piece of an agent's bytes moved at once under a limit, by every relay (the
+/// splice relay, the copy relay, plain-HTTP bodies both ways): a spent budget is overshot
+/// by at most one piece.
+pub const PIECE: usize = 64 * 1024;
+
+impl Shaping {
+    /// Is any limit on the bytes (bandwidth or budget)?
+    pub fn is_limited(&self) -> bool {
+        self.bandwidth.is_some() || self.budget.is_some()
+    }
+
+    /// How much of `want` bytes one piece may hold: all of it without a limit, at most
+    /// [`PIECE`] under one.
+    pub fn piece(&self, want: usize) -> usize {
+        if self.is_limited() {
+            want.min(PIECE)
+        } else {
+            want
+        }
+    }
+
+    /// Charge `n` delivered bytes to the daily budget: false once it is spent (the relay
+    /// must end).
+    pub fn charge(&self, n: usize) -> bool {
+        self.budget.as_ref().is_none_or(|b| b.charge(n as u64))
+    }
+
+    /// Has the budget run out under this connection?
+    pub fn spent(&self) -> bool {
+        self.budget.as_ref().is_some_and(BudgetMeter::tripped)
+    }
+}
+
 /// Charges an agent's daily budget as bytes move; trips once the budget is spent.
 #[derive(Debug, Clone)]
 pub struct BudgetMeter {

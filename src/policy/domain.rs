@@ -1,8 +1,8 @@
 //! Domain names as the policy sees them: normalised once, then compared as plain strings.
 //!
-//! Owns the normalisation of DESIGN §3 (lowercase, one trailing dot stripped, IDNA UTS-46 to
-//! A-labels, length and label checks) and the recognition of IP literals in odd notations
-//! (THREATS B7). Must not know about rules or agents.
+//! Owns the normalisation of docs/configuration.md (lowercase, one trailing dot stripped, IDNA
+//! UTS-46 to A-labels, length and label checks) and the recognition of IP literals in odd notations
+//! (docs/threat-model.md, "Odd IPv4 notations"). Must not know about rules or agents.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -35,8 +35,8 @@ pub enum NameError {
 }
 
 impl DomainName {
-    /// Normalise `input` (DESIGN §3). Rejects IP literals: use [`parse_host`] where an IP
-    /// literal is a legitimate (if policed) answer.
+    /// Normalise `input` (docs/configuration.md, "Domain patterns"). Rejects IP literals: use
+    /// [`parse_host`] where an IP literal is a legitimate (if policed) answer.
     pub fn parse(input: &str) -> Result<Self, NameError> {
         let trimmed = input.strip_suffix('.').unwrap_or(input);
         if trimmed.is_empty() {
@@ -169,9 +169,9 @@ impl fmt::Display for Host {
     }
 }
 
-/// Parse a host as it appears in an authority (`[v6]`, IPv4 in any inet_aton notation, or a
-/// name). Odd IPv4 notations are decoded to the address they really mean, so that the
-/// address check sees what the OS would dial (THREATS B7).
+/// Parse a host as it appears in an authority (`[v6]`, IPv4 in any inet_aton notation, or a name).
+/// Odd IPv4 notations are decoded to the address they really mean, so that the address check sees
+/// what the OS would dial (docs/threat-model.md, "Odd IPv4 notations").
 pub fn parse_host(input: &str) -> Result<Host, NameError> {
     if let Some(inner) = input.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
         return inner

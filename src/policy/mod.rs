@@ -241,7 +241,7 @@ impl Policy {
         self.default_ports.contains(&port)
     }
 
-    /// Decide whether `agent` may reach `target` by name (DESIGN §2 step 4). Pure.
+    /// Decide whether `agent` may reach `target` by name (docs/architecture.md, "decide"). Pure.
     pub fn evaluate(&self, agent: Option<AgentId>, target: &Target) -> Verdict {
         let Some(a) = agent.and_then(|id| self.agent(id)) else {
             return Verdict::deny(Reason::UnknownAgent);
@@ -268,9 +268,9 @@ impl Policy {
         }
     }
 
-    /// Check an address before dialling it (DESIGN §2 step 5). Special addresses pass only
-    /// under an `allow_cidrs` rule, or a `resolve_cidrs` rule when a name resolved to them.
-    /// Pure.
+    /// Check an address before dialling it (docs/architecture.md, "check addresses"). Special
+    /// addresses pass only under an `allow_cidrs` rule, or a `resolve_cidrs` rule when a name
+    /// resolved to them. Pure.
     pub fn check_address(
         &self,
         agent: Option<AgentId>,
@@ -279,6 +279,21 @@ impl Policy {
         origin: AddressOrigin,
     ) -> Result<(), Verdict> {
         self.address_grant(agent, ip, port, origin).map(|_| ())
+    }
+
+    /// Would this policy still allow `agent`'s connection to `target` at `addrs`: the name
+    /// rules and every address check (`allow_cidrs`, or `resolve_cidrs` for a name's
+    /// addresses) the decision relied on. What a reload re-checks live tunnels by.
+    pub fn still_allows(&self, agent: &str, target: &Target, addrs: &[IpAddr]) -> bool {
+        let agent = self.agent_by_name(agent);
+        let origin = match target.host {
+            Host::Ip(_) => AddressOrigin::Literal,
+            Host::Name(_) => AddressOrigin::Resolved,
+        };
+        self.evaluate(agent, target).is_allow()
+            && addrs
+                .iter()
+                .all(|ip| self.check_address(agent, *ip, target.port, origin).is_ok())
     }
 
     /// [`Policy::check_address`], and which rule let the address through (for `explain`).

@@ -1,6 +1,6 @@
 //! Domain patterns from rules files and the label-based set that matches them.
 //!
-//! Owns the three pattern forms of DESIGN §3 (`name`, `*.name`, `.name`, each with an
+//! Owns the three pattern forms of docs/configuration.md (`name`, `*.name`, `.name`, each with an
 //! optional `:port`), the public-suffix check on wildcards, and [`DomainSet`]: hash maps keyed
 //! by normalised names, looked up once per label of the observed name. No glob engine: a
 //! glob `*` crosses dots and costs milliseconds at thousands of patterns.

@@ -111,10 +111,11 @@ pub struct RawAgent {
     /// Special ranges that allowed *names* may resolve into; IP literals in them stay denied.
     #[serde(default)]
     pub resolve_cidrs: Vec<Spanned<String>>,
-    /// Deny TLS hellos that carry the ECH extension (DESIGN §10).
+    /// Deny TLS hellos that carry the ECH extension (docs/threat-model.md, "ECH").
     #[serde(default)]
     pub deny_ech: bool,
-    /// Allow TLS without SNI inside CONNECT tunnels (default deny, THREATS A2).
+    /// Allow TLS without SNI inside CONNECT tunnels (default deny; docs/threat-model.md,
+    /// "SNI ≠ CONNECT host").
     #[serde(default)]
     pub allow_missing_sni: bool,
     pub limits: Option<RawLimits>,

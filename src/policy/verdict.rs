@@ -27,7 +27,8 @@ pub enum Reason {
     PrivateAddress,
     /// The target is an IP literal not covered by `allow_cidrs`.
     IpLiteral,
-    /// The TLS SNI differs from the name that was checked (CONNECT host, THREATS A2).
+    /// The TLS SNI differs from the name that was checked (CONNECT host; docs/threat-model.md,
+    /// "SNI ≠ CONNECT host").
     SniMismatch,
     /// TLS without SNI where one is required.
     NoSni,

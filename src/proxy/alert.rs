@@ -16,16 +16,15 @@
 //! the connection's future keeps no state for it; a tunnel awaits it boxed
 //! ([`HelloAlert::send`]).
 
-use std::net::Shutdown;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::task::TaskTracker;
 
 use crate::policy::Reason;
 use crate::proxy::sni::ClientHello;
+use crate::shutdown::Shutdown;
 
 const CONTENT_TYPE_ALERT: u8 = 21;
 const LEVEL_FATAL: u8 = 2;
@@ -103,16 +102,16 @@ impl HelloAlert {
     /// alert goes into the send buffer now (nothing was ever written to it, so 7 bytes fit),
     /// the write half is shut, and the drain runs on its own task, bounded like `send`'s
     /// and by [`MAX_LINGERING`].
-    pub(crate) fn write_and_linger(self, stream: TcpStream, tracker: &TaskTracker) {
+    pub(crate) fn write_and_linger(self, stream: TcpStream, shutdown: &Shutdown) {
         if !matches!(stream.try_write(&self.bytes()), Ok(7)) {
             return;
         }
-        let _ = socket2::SockRef::from(&stream).shutdown(Shutdown::Write);
+        let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
         if LINGERING.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
             LINGERING.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        tracker.spawn(async move {
+        shutdown.spawn(async move {
             let mut stream = stream;
             let _ = tokio::time::timeout(LINGER, drain(&mut stream)).await;
             LINGERING.fetch_sub(1, Ordering::Relaxed);
@@ -198,11 +197,11 @@ mod tests {
         let (gateway, _) = listener.accept().await.unwrap();
         client.write_all(&[0x17; 3000]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let tracker = TaskTracker::new();
+        let shutdown = crate::shutdown::Shutdown::new();
         HelloAlert {
             record_version: 0x0301,
         }
-        .write_and_linger(gateway, &tracker);
+        .write_and_linger(gateway, &shutdown);
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut got))
             .await
@@ -210,8 +209,8 @@ mod tests {
             .unwrap();
         assert_eq!(got, [21, 3, 1, 0, 2, 2, 49]);
         drop(client);
-        tracker.close();
-        tokio::time::timeout(LINGER + Duration::from_secs(1), tracker.wait())
+        shutdown.stop_accepting();
+        tokio::time::timeout(LINGER + Duration::from_secs(1), shutdown.wait())
             .await
             .unwrap();
     }

@@ -7,10 +7,9 @@
 //! not the CONNECT host, no SNI, ECH) gets a TLS `access_denied` alert before the close.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use base64::Engine;
 use http::header::{self, HeaderMap};
@@ -20,37 +19,32 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Shared;
+use crate::limits::Refusal;
 use crate::policy::{DomainName, Host, Identity, Reason, Target};
-use crate::proxy::ConnectionSlot;
 use crate::proxy::alert::{HelloAlert, refuses_hello};
-use crate::proxy::peek::read_client_hello;
-use crate::proxy::relay::{RelayCounters, RelayEnd, relay, relay_io};
-use crate::proxy::sni::ClientHello;
-use crate::proxy::target::{self, domain_of};
-use crate::proxy::upstream;
-use crate::reload::TunnelRegistration;
-use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
-
-use crate::limits::{Admission, Refusal};
 use crate::proxy::auth::Session;
 use crate::proxy::forward::{ForwardTo, ProxyBody, empty, forward, limited, refusal};
+use crate::proxy::peek::{read_client_hello, read_more};
+use crate::proxy::relay::{RelayCounters, relay_io};
+use crate::proxy::session::{self, Attempt, Authorized, relay_tunnel};
+use crate::proxy::sni::ClientHello;
+use crate::proxy::target;
+use crate::proxy::transparent::{HttpConnection, Rewind, serve_http};
+use crate::proxy::upstream::Upstream;
+use crate::proxy::{ConnectionSlot, ProxyContext};
+use crate::telemetry::{ConnectionRecord, Mode};
 
 /// Serve the explicit proxy on `listener` until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    crate::proxy::accept_loop(
-        shared,
-        listener,
-        Mode::Explicit,
-        |shared, stream, peer, slot| Box::pin(serve_connection(shared, stream, peer, slot)),
-    )
+pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
+    crate::proxy::accept_loop(ctx, listener, Mode::Explicit, |ctx, stream, peer, slot| {
+        Box::pin(serve_connection(ctx, stream, peer, slot))
+    })
     .await;
 }
 
 async fn serve_connection(
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
@@ -58,45 +52,46 @@ async fn serve_connection(
     let slot = Arc::new(slot);
     // Credentials verified on this connection are not verified again on it.
     let session = Arc::new(Session::default());
-    let svc_shared = shared.clone();
+    let svc_ctx = ctx.clone();
     let service = service_fn(move |req| {
-        let shared = svc_shared.clone();
+        let ctx = svc_ctx.clone();
         let slot = slot.clone();
         let session = session.clone();
-        async move { Ok::<_, Infallible>(handle(shared, peer, req, slot, session).await) }
+        async move { Ok::<_, Infallible>(handle(ctx, peer, req, slot, session).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
-        .max_buf_size(shared.config.max_request_head_bytes.max(8192))
+        .header_read_timeout(ctx.settings.handshake_timeout)
+        .max_buf_size(ctx.settings.max_request_head_bytes.max(8192))
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        () = shared.stop_accepting.cancelled() => {
+        () = ctx.shutdown.stopping() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 _ = conn.as_mut() => {}
-                () = shared.cut.cancelled() => {}
+                () = ctx.shutdown.cutting() => {}
             }
         }
     }
 }
 
+/// One request on the explicit proxy: identify the agent, find the target (the `CONNECT`
+/// authority, or the absolute-form URI), and hand both to the lifecycle.
 async fn handle(
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
     peer: SocketAddr,
     req: Request<Incoming>,
     slot: Arc<ConnectionSlot>,
     session: Arc<Session>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let policy = shared.policy.load_full();
+    let policy = ctx.policy.load_full();
     // Credentials when given (then they alone identify), else the source address.
     let identified = match proxy_basic_credentials(req.headers()) {
-        Some((user, password)) => shared
+        Some((user, password)) => ctx
             .auth
             .authenticate(&policy, peer.ip(), &user, &password, &session)
             .await
@@ -110,191 +105,103 @@ async fn handle(
             }),
         },
     };
-    let agent = identified.unwrap_or(None);
-    let mut rec = ConnectionRecord::begin(
+    let mut att = Attempt::begin(
+        &ctx,
         Mode::Explicit,
         peer,
-        policy.agent_name(agent),
-        policy.generation(),
+        &policy,
+        identified.unwrap_or(None),
     );
-    rec.http_method = Some(req.method().as_str().to_owned());
-    let deny = |mut rec: ConnectionRecord, reason: Reason| {
-        rec.reason = Some(reason);
-        rec.duration = started.elapsed();
-        shared.telemetry.record(rec);
-        refusal(reason)
-    };
+    att.rec().http_method = Some(req.method().as_str().to_owned());
     if let Err(refused) = identified {
-        rec.reason = Some(refused.reason);
-        rec.duration = started.elapsed();
-        shared.telemetry.record(rec);
+        att.fail(refused.reason);
         return limited(refused);
     }
-    // Taken before the kill check: a kill from here on cancels it, whatever phase the
-    // request is in (resolution, the hello wait, the relay).
-    let cancel = shared.killswitch.tunnel_token(&rec.agent);
-    if shared.killswitch.is_killed(&rec.agent) {
-        return deny(rec, Reason::KillSwitch);
+    if let Err(reason) = att.check_kill() {
+        att.fail(reason);
+        return refusal(reason);
     }
-
     let request = match target::parse_request(req.method(), req.uri(), req.headers()) {
         Ok(r) => r,
-        Err(reason) => return deny(rec, reason),
-    };
-    let target = request.target().clone();
-    rec.destination_domain = domain_of(&target);
-    rec.destination_port = Some(target.port);
-    if let target::Request::Forward { .. } = request {
-        rec.url = Some(req.uri().to_string());
-    }
-
-    if let Some(reason) = super::decide(&shared, &policy, agent, &target, &mut rec) {
-        return deny(rec, reason);
-    }
-
-    // Resolve and check before answering, so an SSRF attempt gets a 403, not a tunnel.
-    let cfg = &shared.config;
-    let addrs = match upstream::resolve_checked(
-        &policy,
-        agent,
-        &target,
-        shared.resolver.as_ref(),
-        cfg.resolver_timeout,
-    )
-    .await
-    {
-        Ok(a) => a,
-        Err(f) => {
-            rec.destination_ip = f.addr;
-            return deny(rec, f.reason);
+        Err(reason) => {
+            att.fail(reason);
+            return refusal(reason);
         }
     };
-    if cancel.is_cancelled() {
-        // Killed while the name resolved.
-        let reason = cancelled_reason(&shared, &rec.agent, false);
-        return deny(rec, reason);
+    if let target::Request::Forward { .. } = request {
+        att.rec().url = Some(req.uri().to_string());
     }
-    // Limits after the decision (DESIGN §2 step 6): a denied request spends no tokens.
-    let admission = match agent.and_then(|id| policy.agent(id)) {
-        Some(a) => match shared.limiter.admit(&rec.agent, &a.limits, Instant::now()) {
-            Ok(admission) => admission,
+    // Resolved and checked before answering, so an SSRF attempt gets a 403, not a tunnel.
+    let mut authorized =
+        match session::authorize(&mut att, &policy, request.target().clone(), None).await {
+            Ok(a) => a,
             Err(refused) => {
-                rec.reason = Some(refused.reason);
-                rec.duration = started.elapsed();
-                shared.telemetry.record(rec);
+                att.fail(refused.reason);
                 return limited(refused);
             }
-        },
-        None => Admission::default(),
-    };
+        };
 
     match request {
         target::Request::Connect(_) => {
-            let checks = TunnelChecks {
-                target,
-                addrs,
-                deny_ech: agent
-                    .and_then(|id| policy.agent(id))
-                    .is_some_and(|a| a.deny_ech),
-                allow_missing_sni: agent
-                    .and_then(|id| policy.agent(id))
-                    .is_some_and(|a| a.allow_missing_sni),
-                admission,
+            let agent = att.agent().and_then(|id| policy.agent(id));
+            let checks = HelloChecks {
+                deny_ech: agent.is_some_and(|a| a.deny_ech),
+                allow_missing_sni: agent.is_some_and(|a| a.allow_missing_sni),
             };
-            let peer = rec.source;
-            let fut = tunnel(shared.clone(), req, (checks, cancel), rec, started, slot);
-            super::spawn_supervised(&shared, Mode::Explicit, peer, Box::pin(fut));
+            drop(policy);
+            let fut = tunnel(ctx.clone(), req, (att, authorized), checks, slot);
+            super::spawn_supervised(&ctx, Mode::Explicit, peer, Box::pin(fut));
             empty(StatusCode::OK)
         }
         target::Request::Forward {
             authority, path, ..
         } => {
-            let dialled = tokio::select! {
-                biased;
-                () = cancel.cancelled() => None,
-                r = upstream::dial(&addrs, target.port, cfg.connect_timeout, &[]) => Some(r),
-            };
-            let upstream = match dialled {
-                Some(Ok(u)) => u,
-                Some(Err(f)) => {
-                    rec.destination_ip = f.addr;
-                    return deny(rec, f.reason);
-                }
-                None => {
-                    // Killed while the connection was being made.
-                    let reason = cancelled_reason(&shared, &rec.agent, false);
-                    return deny(rec, reason);
+            drop(policy);
+            let upstream = match authorized.dial(&mut att, &[]).await {
+                Ok(u) => u,
+                Err(reason) => {
+                    att.fail(reason);
+                    return refusal(reason);
                 }
             };
-            rec.destination_ip = Some(upstream.addr.ip());
             forward(
-                shared.clone(),
+                ctx.clone(),
                 req,
                 ForwardTo {
                     upstream,
                     authority,
                     path,
-                    cut: cancel,
                 },
-                rec,
-                started,
-                admission,
+                (att, authorized.into_live()),
             )
             .await
         }
     }
 }
 
-/// What a CONNECT tunnel must still verify once the agent speaks.
-struct TunnelChecks {
-    target: Target,
-    addrs: Vec<IpAddr>,
+/// What a CONNECT tunnel's ClientHello must pass beyond naming the CONNECT host.
+struct HelloChecks {
     deny_ech: bool,
     allow_missing_sni: bool,
-    admission: Admission,
 }
 
-/// Why a relay was cancelled: the kill switch, a reload that revoked it, or shutdown.
-pub(crate) fn cancelled_reason(shared: &Shared, agent: &str, revoked: bool) -> Reason {
-    if shared.killswitch.is_killed(agent) {
-        Reason::KillSwitch
-    } else if revoked {
-        Reason::PolicyRevoked
-    } else {
-        Reason::ShuttingDown
-    }
-}
-
-/// What a relay's end means for the tunnel's record, on both the explicit and the
-/// transparent path: a normal end (closed, or idled out), or why it was cut.
-pub(crate) fn relay_outcome(
-    shared: &Shared,
-    agent: &str,
-    end: RelayEnd,
-    registration: &TunnelRegistration,
-) -> Result<(), Reason> {
-    match end {
-        RelayEnd::Closed | RelayEnd::IdleTimeout => Ok(()),
-        RelayEnd::Cancelled => Err(cancelled_reason(shared, agent, registration.revoked())),
-        RelayEnd::BudgetExceeded => Err(Reason::BudgetExceeded),
-    }
-}
-
-/// Check the ClientHello inside the tunnel against the CONNECT host (THREATS A2). A CONNECT
-/// to an address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is
-/// what clients send there; a hello naming some host is refused. A refusal comes with the
-/// alert that may answer it.
+/// Check the ClientHello inside the tunnel against the CONNECT host. A CONNECT to an
+/// address (allowed by `allow_cidrs`) has no name to compare: a hello without SNI is what
+/// clients send there; a hello naming some host is refused. A refusal comes with the alert
+/// that may answer it.
 fn check_hello(
-    checks: &TunnelChecks,
+    checks: &HelloChecks,
+    target: &Target,
     hello: ClientHello,
     rec: &mut ConnectionRecord,
 ) -> Result<(), (Reason, HelloAlert)> {
     let alert = HelloAlert::for_hello(&hello);
-    check_names(checks, hello, rec).map_err(|reason| (reason, alert))
+    check_names(checks, target, hello, rec).map_err(|reason| (reason, alert))
 }
 
 fn check_names(
-    checks: &TunnelChecks,
+    checks: &HelloChecks,
+    target: &Target,
     hello: ClientHello,
     rec: &mut ConnectionRecord,
 ) -> Result<(), Reason> {
@@ -303,7 +210,7 @@ fn check_names(
     if hello.ech && checks.deny_ech {
         return Err(Reason::EchDenied);
     }
-    match (&checks.target.host, &rec.server_name) {
+    match (&target.host, &rec.server_name) {
         (Host::Ip(_), None) => Ok(()),
         (Host::Name(_), None) if checks.allow_missing_sni => Ok(()),
         (Host::Name(_), None) => Err(Reason::NoSni),
@@ -329,92 +236,134 @@ async fn refuse_hello<S: AsyncRead + AsyncWrite + Unpin>(
     reason
 }
 
-/// After `200 Connection established`: read the ClientHello (deadline, cap), check it, and
-/// only then dial the checked address, replay the hello and relay. The kill switch and
-/// shutdown end the tunnel in every phase, the hello wait included.
+/// After `200 Connection established`: the tunnel's first bytes say what it carries. A TLS
+/// ClientHello is read (deadline, cap) and checked, and only then the checked address is
+/// dialled, the hello replayed and the bytes relayed. Plain HTTP, to a port served as
+/// HTTP, is served request by request like transparent port 80 (each request checked and
+/// recorded; the `CONNECT`'s own checks stand for the first). Anything else is refused.
+/// The kill switch, a revoking reload and shutdown end the tunnel in every phase.
 async fn tunnel(
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
     req: Request<Incoming>,
-    (checks, cancel): (TunnelChecks, CancellationToken),
-    mut rec: ConnectionRecord,
-    started: Instant,
+    (mut att, mut authorized): (Attempt, Authorized),
+    checks: HelloChecks,
     _slot: Arc<ConnectionSlot>,
 ) {
     let counters = RelayCounters::default();
-    let agent = rec.agent.clone();
-    let registration = shared.tunnels.register(
-        agent.clone(),
-        checks.target.clone(),
-        checks.addrs.clone(),
-        cancel.clone(),
-    );
-    let outcome = async {
-        // Decided on the policy of the request: a reload since then that no longer allows
-        // the tunnel revokes it here (later reloads find it registered).
-        if !crate::reload::still_allowed(
-            &shared.policy.load(),
-            &agent,
-            &checks.target,
-            &checks.addrs,
-        ) {
-            return Err(Reason::PolicyRevoked);
+    let cancel = att.cancel_token().clone();
+    let upgraded = tokio::select! {
+        r = hyper::upgrade::on(req) => r.map_err(|_| Reason::Malformed),
+        () = cancel.cancelled() => Err(att.cancelled_reason(authorized.revoked())),
+    };
+    let upgraded = match upgraded {
+        Ok(u) => u,
+        Err(reason) => {
+            att.fail(reason);
+            return;
         }
-        let upgraded = hyper::upgrade::on(req)
-            .await
-            .map_err(|_| Reason::Malformed)?;
-        let idle = shared.config.idle_timeout;
-        let shaping = &checks.admission.shaping;
-        // The bare socket (zero-copy relay) when hyper hands it back, with whatever hyper
-        // had already read past the CONNECT head; any other stream takes the copy path.
-        let end = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let mut agent_io = parts.io.into_inner();
-                // A copy of what hyper read ahead, and hyper's read buffer (8 KiB and more,
-                // which the `Bytes` keeps alive) released now, not when the tunnel ends.
-                let peeked = parts.read_buf.to_vec();
-                drop(parts.read_buf);
-                // Boxed: the hello and dial phase's state is freed before the relay, so
-                // it does not weigh on every idle tunnel.
+    };
+    // The bare socket (zero-copy relay) when hyper hands it back, with whatever hyper had
+    // already read past the CONNECT head; any other stream takes the copy path.
+    let outcome = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let mut agent_io = parts.io.into_inner();
+            // A copy of what hyper read ahead, and hyper's read buffer (8 KiB and more,
+            // which the `Bytes` keeps alive) released now, not when the tunnel ends.
+            let mut peeked = parts.read_buf.to_vec();
+            drop(parts.read_buf);
+            let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
+            let mut held = ctx.handshake.account();
+            if peeked.is_empty() {
+                let first = att
+                    .until_cancelled(read_more(
+                        &mut agent_io,
+                        &mut peeked,
+                        1,
+                        &mut held,
+                        deadline,
+                    ))
+                    .await;
+                if let Err(reason) = first {
+                    att.fail(reason);
+                    return;
+                }
+            }
+            if carries_plain_http(&peeked, &ctx, &authorized.target) {
+                drop(held);
+                let conn = HttpConnection {
+                    peer: att.rec().source,
+                    agent: att.agent(),
+                    first: authorized.target.clone(),
+                    original: None,
+                    mode: Mode::Explicit,
+                    cancel: cancel.clone(),
+                    first_request: std::sync::Mutex::new(Some((att, authorized))),
+                };
+                Box::pin(serve_http(ctx, Rewind::new(peeked, agent_io), conn)).await;
+                return;
+            }
+            drop(held);
+            let run = async {
+                // Boxed: the hello and dial phase's state is freed before the relay, so it
+                // does not weigh on every idle tunnel.
                 let up = Box::pin(open_upstream(
-                    &shared,
+                    &ctx,
                     &checks,
                     &mut agent_io,
                     peeked,
                     &counters,
-                    &mut rec,
+                    (&mut att, &mut authorized),
                 ))
                 .await?;
-                let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                relay(&agent_io, &up, idle, &cancel, &counters, shaping).await
+                relay_tunnel(&att, &authorized.live, (&agent_io, &up.stream), &counters).await
+            };
+            tokio::select! {
+                r = run => Some(r),
+                () = cancel.cancelled() => None,
             }
-            Err(upgraded) => {
+        }
+        Err(upgraded) => {
+            let run = async {
                 let mut agent_io = TokioIo::new(upgraded);
                 let up = Box::pin(open_upstream(
-                    &shared,
+                    &ctx,
                     &checks,
                     &mut agent_io,
                     Vec::new(),
                     &counters,
-                    &mut rec,
+                    (&mut att, &mut authorized),
                 ))
                 .await?;
-                let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                Box::pin(relay_io(agent_io, up, idle, &cancel, &counters, shaping)).await
+                let end = Box::pin(relay_io(
+                    agent_io,
+                    up.stream,
+                    ctx.settings.idle_timeout,
+                    &cancel,
+                    &counters,
+                    &authorized.live.admission.shaping,
+                ))
+                .await;
+                authorized.live.outcome(&att, end)
+            };
+            tokio::select! {
+                r = run => Some(r),
+                () = cancel.cancelled() => None,
             }
-        };
-        relay_outcome(&shared, &rec.agent, end, &registration)
+        }
     };
-    let outcome = tokio::select! {
-        r = outcome => r,
-        () = cancel.cancelled() => Err(cancelled_reason(&shared, &agent, registration.revoked())),
-    };
+    let outcome = outcome.unwrap_or_else(|| Err(att.cancelled_reason(authorized.revoked())));
     if let Err(reason) = outcome {
-        rec.reason = Some(reason);
+        att.fail(reason);
     }
-    rec.bytes_from_agent = counters.from_agent.load(Ordering::Relaxed);
-    rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
-    rec.duration = started.elapsed();
-    shared.telemetry.record(rec);
+    att.count(&counters);
+}
+
+/// Does a tunnel that starts with `first` carry plain HTTP: not a TLS handshake record, a
+/// request line's first letter, and a port served as HTTP (`transparent.http_ports`, 80 by
+/// default). Anything else goes to the ClientHello reader, which refuses what is not TLS.
+fn carries_plain_http(first: &[u8], ctx: &ProxyContext, target: &Target) -> bool {
+    first.first().is_some_and(u8::is_ascii_uppercase)
+        && ctx.settings.transparent_http_ports.contains(&target.port)
 }
 
 /// Read the tunnel's ClientHello (deadline, cap; `peeked` may already hold its start),
@@ -422,33 +371,24 @@ async fn tunnel(
 /// A parsed hello the checks refuse gets the TLS `access_denied` alert before the close.
 /// The hello's buffer is gone before the relay starts: an idle tunnel keeps no bytes.
 async fn open_upstream<R: AsyncRead + AsyncWrite + Unpin>(
-    shared: &Shared,
-    checks: &TunnelChecks,
+    ctx: &ProxyContext,
+    checks: &HelloChecks,
     agent_io: &mut R,
     mut peeked: Vec<u8>,
     counters: &RelayCounters,
-    rec: &mut ConnectionRecord,
-) -> Result<TcpStream, Reason> {
-    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let mut held = shared.handshake.account();
+    (att, authorized): (&mut Attempt, &mut Authorized),
+) -> Result<Upstream, Reason> {
+    let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
+    let mut held = ctx.handshake.account();
     let hello = read_client_hello(agent_io, &mut peeked, &mut held, deadline).await;
     counters
         .from_agent
         .store(peeked.len() as u64, Ordering::Relaxed);
-    if let Err((reason, alert)) = check_hello(checks, hello?, rec) {
+    if let Err((reason, alert)) = check_hello(checks, &authorized.target, hello?, att.rec()) {
         // Boxed: the alert's state must not weigh on the allowed path's.
         return Err(Box::pin(refuse_hello(agent_io, alert, reason)).await);
     }
-    let up = upstream::dial(
-        &checks.addrs,
-        checks.target.port,
-        shared.config.connect_timeout,
-        &peeked,
-    )
-    .await
-    .map_err(|f| f.reason)?;
-    rec.destination_ip = Some(up.addr.ip());
-    Ok(up.stream)
+    authorized.dial(att, &peeked).await
 }
 
 /// `Proxy-Authorization: Basic base64(user:password)`; anything malformed is `None` with a

@@ -17,54 +17,54 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
-use crate::gateway::Shared;
-use crate::limits::{Admission, Refusal};
+use crate::limits::Refusal;
 use crate::policy::Reason;
+use crate::proxy::ProxyContext;
 use crate::proxy::relay::RelayCounters;
+use crate::proxy::session::{Attempt, Live};
 use crate::proxy::upstream::Upstream;
-use crate::telemetry::ConnectionRecord;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Header naming the deny reason on every refusal.
 pub const REASON_HEADER: &str = "x-portcullis-reason";
 
-/// Forward one plain-HTTP request over a fresh upstream connection; the record is written
-/// when the response body ends (or is dropped).
 /// Where a checked plain-HTTP request goes: the dialled upstream, the `Host` it must carry
 /// (the authority that was checked) and the origin-form target.
-pub struct ForwardTo {
-    pub upstream: Upstream,
-    pub authority: String,
-    pub path: String,
-    /// The request's token, taken before its kill check: cut by a kill of the agent or of
-    /// all, and by shutdown.
-    pub cut: tokio_util::sync::CancellationToken,
+pub(crate) struct ForwardTo {
+    pub(crate) upstream: Upstream,
+    pub(crate) authority: String,
+    pub(crate) path: String,
 }
 
-pub async fn forward(
-    shared: Arc<Shared>,
+/// Forward one plain-HTTP request over its fresh upstream connection (the lifecycle's relay
+/// step for plain HTTP). The attempt's record is written when the response body ends, or
+/// is dropped; the attempt's token (kill switch, revocation, shutdown) cuts the upstream.
+pub(crate) async fn forward(
+    ctx: Arc<ProxyContext>,
     req: Request<Incoming>,
     to: ForwardTo,
-    rec: ConnectionRecord,
-    started: Instant,
-    admission: Admission,
+    (att, live): (Attempt, Live),
 ) -> Response<ProxyBody> {
     let ForwardTo {
         upstream,
         authority,
         path,
-        cut,
     } = to;
+    let cut = att.cancel_token().clone();
     let counters = Arc::new(RelayCounters::default());
+    let shaping = live.admission.shaping.clone();
     let finish = RecordOnDrop {
-        rec: Some(rec),
-        admission,
+        att,
+        live,
         counters: counters.clone(),
-        shared: shared.clone(),
-        started,
     };
     let (parts, body) = req.into_parts();
+    // The request head's bytes count as the agent's, as a tunnel counts every byte.
+    counters.from_agent.fetch_add(
+        head_len(&parts.method, &parts.uri, &parts.headers),
+        Ordering::Relaxed,
+    );
     let mut out = Request::builder().method(parts.method).uri(path);
     if let Some(h) = out.headers_mut() {
         copy_end_to_end_headers(&parts.headers, h);
@@ -72,7 +72,6 @@ pub async fn forward(
             h.insert(header::HOST, v);
         }
     }
-    let shaping = finish.admission.shaping.clone();
     let body = Counted {
         inner: body,
         counters: counters.clone(),
@@ -87,14 +86,14 @@ pub async fn forward(
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(io).await else {
         return finish.fail(Reason::UpstreamFailed);
     };
-    // Killed since the decision: nothing of the request leaves.
+    // Killed or revoked since the decision: nothing of the request leaves.
     if cut.is_cancelled() {
-        let agent = finish.rec.as_ref().map_or("", |r| &r.agent).to_owned();
-        let reason = super::explicit::cancelled_reason(&shared, &agent, false);
+        let reason = finish.att.cancelled_reason(finish.live.revoked());
         return finish.fail(reason);
     }
-    // Cut by the kill switch (of this agent or all) and by shutdown, the cut first.
-    shared.tracker.spawn(async move {
+    // Cut by the kill switch (of this agent or all), a revoking reload and shutdown, the
+    // cut first.
+    ctx.shutdown.spawn(async move {
         tokio::select! {
             biased;
             () = cut.cancelled() => {}
@@ -102,7 +101,7 @@ pub async fn forward(
         }
     });
     let response =
-        match tokio::time::timeout(shared.config.idle_timeout, sender.send_request(out)).await {
+        match tokio::time::timeout(ctx.settings.idle_timeout, sender.send_request(out)).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return finish.fail(Reason::UpstreamFailed),
             Err(_) => return finish.fail(Reason::Timeout),
@@ -111,6 +110,10 @@ pub async fn forward(
     let mut headers = HeaderMap::new();
     copy_end_to_end_headers(&parts.headers, &mut headers);
     parts.headers = headers;
+    counters.to_agent.fetch_add(
+        response_head_len(parts.status, &parts.headers),
+        Ordering::Relaxed,
+    );
     let body = Counted {
         inner: body,
         counters,
@@ -121,53 +124,54 @@ pub async fn forward(
     Response::from_parts(parts, body.boxed())
 }
 
-/// Emits the record of a forwarded request exactly once, when dropped.
+/// The bytes of a request head as HTTP/1.1 writes it: request line, headers, blank line.
+fn head_len(method: &http::Method, uri: &http::Uri, headers: &HeaderMap) -> u64 {
+    let line = method.as_str().len() + 1 + uri.to_string().len() + " HTTP/1.1\r\n".len();
+    (line + headers_len(headers) + 2) as u64
+}
+
+/// The bytes of a response head as sent to the agent: status line, headers, blank line.
+fn response_head_len(status: StatusCode, headers: &HeaderMap) -> u64 {
+    let reason = status.canonical_reason().unwrap_or("");
+    let line = "HTTP/1.1 000 ".len() + reason.len() + 2;
+    (line + headers_len(headers) + 2) as u64
+}
+
+fn headers_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum()
+}
+
+/// The attempt of a forwarded request, finished exactly once when dropped: its byte counts,
+/// and `budget_exceeded` if its bodies spent the agent's budget.
 struct RecordOnDrop {
-    rec: Option<ConnectionRecord>,
-    /// Holds the agent's concurrency slot for the request; charges its budget at the end.
-    admission: Admission,
+    att: Attempt,
+    /// Holds the agent's concurrency slot and the tunnel registration for the request.
+    live: Live,
     counters: Arc<RelayCounters>,
-    shared: Arc<Shared>,
-    started: Instant,
 }
 
 impl RecordOnDrop {
     fn fail(mut self, reason: Reason) -> Response<ProxyBody> {
-        if let Some(rec) = self.rec.as_mut() {
-            rec.reason = Some(reason);
-        }
+        self.att.fail(reason);
         refusal(reason)
     }
 }
 
 impl Drop for RecordOnDrop {
     fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
-            rec.bytes_from_agent = self.counters.from_agent.load(Ordering::Relaxed);
-            rec.bytes_to_agent = self.counters.to_agent.load(Ordering::Relaxed);
-            rec.duration = self.started.elapsed();
-            // The bodies charged the budget as their bytes moved (`Meter`).
-            if rec.reason.is_none()
-                && self
-                    .admission
-                    .shaping
-                    .budget
-                    .as_ref()
-                    .is_some_and(|b| b.tripped())
-            {
-                rec.reason = Some(Reason::BudgetExceeded);
-            }
-            self.shared.telemetry.record(rec);
+        self.att.count(&self.counters);
+        // The bodies charged the budget as their bytes moved (`Meter`).
+        if self.att.rec().reason.is_none() && self.live.admission.shaping.spent() {
+            self.att.fail(Reason::BudgetExceeded);
         }
     }
 }
 
-/// Largest piece of a body moved at once under a limit: the budget's overshoot bound, and a
-/// bandwidth slice's upper end (the relay's chunk for budgeted tunnels is the same).
-const METER_CHUNK: usize = 64 * 1024;
-
 /// The relay's rules for a plain-HTTP body: its bytes are shaped to the agent's `bandwidth`
-/// and charged to its daily budget as they move, in pieces of at most [`METER_CHUNK`]; a
+/// and charged to its daily budget as they move, in pieces of at most [`crate::limits::PIECE`] (as the relay); a
 /// spent budget ends the body there (the overshoot is at most one piece).
 struct Meter {
     shaping: crate::limits::Shaping,
@@ -208,12 +212,7 @@ impl Meter {
             let n = if self.granted > 0 {
                 std::mem::take(&mut self.granted)
             } else {
-                let limited = self.shaping.bandwidth.is_some() || self.shaping.budget.is_some();
-                let want = if limited {
-                    data.len().min(METER_CHUNK)
-                } else {
-                    data.len()
-                };
+                let want = self.shaping.piece(data.len());
                 match &self.shaping.bandwidth {
                     Some(bw) => {
                         let grant = bw.reserve(want, Instant::now());
@@ -232,9 +231,7 @@ impl Meter {
             if !data.is_empty() {
                 self.pending = Some(data);
             }
-            if let Some(budget) = &self.shaping.budget
-                && !budget.charge(piece.len() as u64)
-            {
+            if !self.shaping.charge(piece.len()) {
                 self.spent = true;
                 self.pending = None;
                 return Poll::Ready(None);
@@ -363,19 +360,70 @@ pub fn limited(refused: Refusal) -> Response<ProxyBody> {
     resp
 }
 
-/// The refusal: a status, a one-line body and the reason header.
+/// What an agent (or the person behind it) can do about a refusal, in one line.
+fn what_to_do(reason: Reason) -> &'static str {
+    match reason {
+        Reason::NotAllowed => {
+            "no rule of this agent allows this destination; on the gateway, `portcullis explain --agent NAME HOST[:PORT]` shows why, and the agent's rules file is where to allow it"
+        }
+        Reason::DeniedRule => {
+            "a deny rule of this agent matches this destination; `portcullis explain --agent NAME HOST[:PORT]` on the gateway names it"
+        }
+        Reason::UnknownAgent => {
+            "this source address belongs to no agent: add it to an agent's `sources`, or send proxy credentials"
+        }
+        Reason::AuthRequired => "this agent must send proxy credentials (Proxy-Authorization)",
+        Reason::AuthFailed => "the proxy credentials are wrong",
+        Reason::AuthThrottled => "too many wrong credentials from this source: wait, then retry",
+        Reason::PrivateAddress => {
+            "the name resolves to a private or special address; an `allow_cidrs` (or `resolve_cidrs`) rule must cover it"
+        }
+        Reason::IpLiteral => {
+            "IP addresses are allowed only under an `allow_cidrs` rule: use the name"
+        }
+        Reason::SniMismatch | Reason::NoSni | Reason::EchDenied | Reason::Malformed => {
+            "the request was malformed or ambiguous; the gateway's log has the details"
+        }
+        Reason::RateLimited => {
+            "the agent's connection rate or concurrency limit: retry after the Retry-After delay"
+        }
+        Reason::BudgetExceeded => {
+            "the agent's daily byte budget is spent: it resets at the configured hour"
+        }
+        Reason::KillSwitch => {
+            "the gateway's kill switch is engaged: a person with the second factor must revive it"
+        }
+        Reason::PolicyRevoked => "a rules reload no longer allows this connection",
+        Reason::ResolveFailed => "the gateway could not resolve the name",
+        Reason::UpstreamFailed | Reason::Timeout => "the destination did not answer the gateway",
+        Reason::Overloaded | Reason::ShuttingDown => "the gateway is busy or restarting: retry",
+        _ => "see the gateway's log",
+    }
+}
+
+/// The refusal: a status whose reason phrase names the reason (`403 Forbidden
+/// (not_allowed)`, which clients that print only the status line show), a body that says
+/// what to do, and the reason header.
 pub fn refusal(reason: Reason) -> Response<ProxyBody> {
-    let body = format!("portcullis: denied ({reason})\n");
+    let body = format!("portcullis: denied ({reason})\n{}\n", what_to_do(reason));
     let mut resp = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})
             .boxed(),
     );
-    *resp.status_mut() = status_for(reason);
+    let status = status_for(reason);
+    *resp.status_mut() = status;
+    let phrase = format!(
+        "{} ({reason})",
+        status.canonical_reason().unwrap_or("Refused")
+    );
+    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(phrase) {
+        resp.extensions_mut().insert(phrase);
+    }
     let h = resp.headers_mut();
     h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if status_for(reason) == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         h.insert(
             header::PROXY_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"portcullis\""),

@@ -12,9 +12,11 @@ pub mod forward;
 pub mod http_head;
 pub mod peek;
 pub mod relay;
+mod session;
 pub mod sni;
 pub mod target;
 pub mod transparent;
+pub mod tunnels;
 pub mod upstream;
 
 pub use caps::{CapLimits, ConnectionCaps, ConnectionSlot};
@@ -28,38 +30,97 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::gateway::Shared;
-use crate::policy::{AgentId, Policy, Reason, Target};
-use crate::telemetry::{ConnectionRecord, Mode};
+use crate::killswitch::KillSwitch;
+use crate::limits::Limiter;
+use crate::policy::{Policy, Reason};
+use crate::shutdown::Shutdown;
+use crate::sys::Interception;
+use crate::telemetry::{ConnectionRecord, Mode, Telemetry};
+
+/// What the proxy's listeners and connections use, and nothing else: handed out by the
+/// application, which keeps reload and admin state to itself.
+pub struct ProxyContext {
+    /// The live policy; a reload swaps it.
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub killswitch: Arc<KillSwitch>,
+    /// Per-agent limits: rate, concurrency, bandwidth, daily budget.
+    pub limiter: Arc<Limiter>,
+    pub telemetry: Telemetry,
+    pub resolver: Arc<dyn upstream::Resolve>,
+    /// Live tunnels, re-checked after every reload.
+    pub tunnels: Arc<tunnels::Tunnels>,
+    pub caps: Arc<ConnectionCaps>,
+    /// Bytes held in hellos and request heads not yet complete, all connections together.
+    pub handshake: Arc<peek::HandshakeBudget>,
+    /// Proxy Basic auth: recent successes, per-source back-off, the verification limit.
+    pub auth: auth::Authenticator,
+    pub settings: ProxySettings,
+    pub shutdown: Shutdown,
+}
+
+/// The configuration the data path reads.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub interception: Interception,
+    pub transparent_tls_ports: Vec<u16>,
+    pub transparent_http_ports: Vec<u16>,
+    pub resolver_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_request_head_bytes: usize,
+}
+
+/// What an accept loop needs of its listener's context: the policy (to know whose a source
+/// is), the caps, the log, the stop sequence.
+pub trait Listening: Send + Sync + 'static {
+    fn policy(&self) -> &ArcSwap<Policy>;
+    fn caps(&self) -> &Arc<ConnectionCaps>;
+    fn telemetry(&self) -> &Telemetry;
+    fn shutdown(&self) -> &Shutdown;
+}
+
+impl Listening for ProxyContext {
+    fn policy(&self) -> &ArcSwap<Policy> {
+        &self.policy
+    }
+    fn caps(&self) -> &Arc<ConnectionCaps> {
+        &self.caps
+    }
+    fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+    fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+}
 
 /// The accept loop of every TCP listener: bounded by the global and per-source caps (over
 /// them a connection is refused at once and recorded as `overloaded`), never stalls on one
-/// client, backs off on accept errors (EMFILE), stops on `stop_accepting`.
-pub(crate) async fn accept_loop<F, Fut>(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    mode: Mode,
-    serve: F,
-) where
-    F: Fn(Arc<Shared>, TcpStream, SocketAddr, ConnectionSlot) -> Pin<Box<Fut>>,
+/// client, backs off on accept errors (EMFILE), stops when the shutdown begins.
+pub(crate) async fn accept_loop<C, F, Fut>(ctx: Arc<C>, listener: TcpListener, mode: Mode, serve: F)
+where
+    C: Listening,
+    F: Fn(Arc<C>, TcpStream, SocketAddr, ConnectionSlot) -> Pin<Box<Fut>>,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut nodelay = Nodelay::on_listener(&listener);
     loop {
         let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => return,
+            () = ctx.shutdown().stopping() => return,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
                 // Identify first (a map lookup), so one agent's connections, however many
                 // addresses it uses, count against its own share before the total.
-                let policy = shared.policy.load();
+                let policy = ctx.policy().load();
                 let agent = policy.agent_by_source(peer.ip());
                 let owner = agent.and_then(|id| policy.agent(id)).map(|a| &a.name);
-                let Some(slot) = shared.caps.try_acquire(owner, peer.ip()) else {
+                let Some(slot) = ctx.caps().try_acquire(owner, peer.ip()) else {
                     let mut rec = ConnectionRecord::begin(
                         mode,
                         peer,
@@ -67,17 +128,12 @@ pub(crate) async fn accept_loop<F, Fut>(
                         policy.generation(),
                     );
                     rec.reason = Some(Reason::Overloaded);
-                    shared.telemetry.record(rec);
+                    ctx.telemetry().record(rec);
                     continue;
                 };
                 drop(policy);
                 nodelay.set(&stream);
-                spawn_supervised(
-                    &shared,
-                    mode,
-                    peer,
-                    serve(shared.clone(), stream, peer, slot),
-                );
+                spawn_supervised(&ctx, mode, peer, serve(ctx.clone(), stream, peer, slot));
             }
             Err(e) => {
                 tracing::warn!(error = %e, mode = mode.as_str(), "accept failed");
@@ -112,26 +168,6 @@ impl Nodelay {
     }
 }
 
-/// Decide on `target` for `agent`: the policy's verdict, its duration into the decision
-/// histogram, and the deciding rule into `rec`. The deny reason, if denied.
-pub(crate) fn decide(
-    shared: &Shared,
-    policy: &Policy,
-    agent: Option<AgentId>,
-    target: &Target,
-    rec: &mut ConnectionRecord,
-) -> Option<Reason> {
-    let decided = Instant::now();
-    let verdict = policy.evaluate(agent, target);
-    shared
-        .telemetry
-        .metrics
-        .decision_duration
-        .observe(decided.elapsed().as_secs_f64());
-    rec.rule = verdict.rule.clone();
-    verdict.deny_reason()
-}
-
 /// Spawn one connection's task so that a panic in it (a bug) ends that connection only: the
 /// panic is caught at the task's edge, the connection's sockets and slots are released by
 /// their destructors, a record with reason `internal_error` is written, and the process
@@ -145,28 +181,29 @@ pub(crate) fn decide(
 /// connection's own allocation, and the task holds only the pointer. Captured unboxed, the
 /// connection's future would be stored twice (in the task's state and in a box), per idle
 /// tunnel.
-pub(crate) fn spawn_supervised<Fut>(
-    shared: &Arc<Shared>,
+pub(crate) fn spawn_supervised<C, Fut>(
+    ctx: &Arc<C>,
     mode: Mode,
     peer: SocketAddr,
     fut: Pin<Box<Fut>>,
 ) where
+    C: Listening,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let shared2 = shared.clone();
+    let ctx2 = ctx.clone();
     let fut = CatchUnwind(fut);
-    shared.tracker.spawn(async move {
+    ctx.shutdown().spawn(async move {
         let started = Instant::now();
         if let Err(panic) = fut.await {
             let what = panic_message(panic.as_ref());
             tracing::error!(mode = mode.as_str(), %peer, panic = what, "connection task panicked; connection closed, gateway carries on");
-            let policy = shared2.policy.load();
+            let policy = ctx2.policy().load();
             let agent = policy.agent_by_source(peer.ip());
             let mut rec =
                 ConnectionRecord::begin(mode, peer, policy.agent_name(agent), policy.generation());
             rec.reason = Some(Reason::InternalError);
             rec.duration = started.elapsed();
-            shared2.telemetry.record(rec);
+            ctx2.telemetry().record(rec);
         }
     });
 }

@@ -36,8 +36,6 @@ use crate::sys::splice::{PIPE_CHUNK, Pipe, recv_into, send_from};
 const BUF: usize = 16 * 1024;
 /// A read of less than this is copied through the stack, not spliced (see [`move_now`]).
 const SMALL: usize = 16 * 1024;
-/// Largest chunk moved at once for an agent with a daily byte budget (its overshoot bound).
-const BUDGETED_CHUNK: usize = 64 * 1024;
 /// Pipe-fulls moved in one burst before the pipe goes back and the task yields, so one
 /// firehose direction cannot hold a worker (or its pipe) forever.
 const BURST_CHUNKS: usize = 4;
@@ -183,7 +181,7 @@ fn supervise<'a>(
         loop {
             tokio::select! {
                 _ = both.as_mut() => {
-                    return if shaping.budget.as_ref().is_some_and(|b| b.tripped()) {
+                    return if shaping.spent() {
                         RelayEnd::BudgetExceeded
                     } else {
                         RelayEnd::Closed
@@ -302,7 +300,7 @@ impl Now {
 /// the chunk bounds how far a tunnel can overshoot it (a small read is at most `SMALL`).
 fn chunk_for(shaping: &Shaping) -> usize {
     if shaping.budget.is_some() {
-        BUDGETED_CHUNK
+        crate::limits::PIECE
     } else {
         PIPE_CHUNK
     }
@@ -487,9 +485,7 @@ fn delivered(
 ) -> io::Result<()> {
     counter.fetch_add(n as u64, Ordering::Relaxed);
     activity.touch();
-    if let Some(budget) = &shaping.budget
-        && !budget.charge(n as u64)
-    {
+    if !shaping.charge(n) {
         return Err(io::Error::other("daily byte budget exceeded"));
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Turning an explicit-proxy request into the [`Target`] that will be checked, and refusing
 //! every request where the checked name and what the upstream would see could differ
-//! (THREATS A3): Host ≠ absolute-URI authority, duplicate Host, userinfo, non-http schemes.
+//! (docs/threat-model.md, "Host desync"): Host ≠ absolute-URI authority, duplicate Host, userinfo,
+//! non-http schemes.
 //!
 //! Pure: takes the request line and headers, returns a target or a deny reason.
 

@@ -1,15 +1,18 @@
 //! The transparent listener: connections nftables diverted from the agents' TCP 80/443.
 //!
-//! Phases: original destination (redirect or tproxy) → identify by source → peek the TLS
-//! ClientHello (SNI) or HTTP request head (Host) under a deadline and a cap → evaluate →
-//! resolve the *name* ourselves and dial that address, never the agent's original
-//! destination (THREATS A1; a mismatch is logged) → replay the peeked bytes unchanged →
-//! relay. Anything malformed, missing or ambiguous closes the connection (THREATS C8–C12).
-//! A well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
+//! Only target detection lives here: the original destination (redirect or tproxy), the
+//! agent by source, then the TLS ClientHello's SNI (port 443) or each request's `Host`
+//! (port 80), peeked under a deadline and a cap. The rest is the lifecycle
+//! (`proxy::session`): we resolve the *name* ourselves and dial that address, never the
+//! agent's original destination (docs/threat-model.md, "Original destination"; a mismatch
+//! is logged), replay the peeked bytes unchanged, relay. Anything malformed, missing or
+//! ambiguous closes the connection (docs/threat-model.md, "Protocol confusion"). A
+//! well-formed ClientHello refused by policy gets a TLS `access_denied` alert before the
 //! close (`alert`). Port 80 connections are served request by request (hyper), the first
 //! one included: a refused request gets its HTTP refusal (`403` and `X-Portcullis-Reason`
 //! for a policy denial) and the connection is closed; so is a later request naming another
-//! host. Nothing of a refused request reaches an upstream.
+//! host. Nothing of a refused request reaches an upstream. The same per-request serving
+//! carries plain HTTP inside an explicit `CONNECT` tunnel.
 
 use std::convert::Infallible;
 use std::io;
@@ -18,7 +21,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -27,28 +29,28 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::gateway::Shared;
+use crate::limits::Refusal;
 use crate::policy::{AgentId, Host, Policy, Reason, Target};
-use crate::proxy::ConnectionSlot;
 use crate::proxy::alert::{HelloAlert, refuses_hello};
-use crate::proxy::forward::{ForwardTo, ProxyBody, forward, refusal};
+use crate::proxy::forward::{ForwardTo, ProxyBody, forward, limited};
 use crate::proxy::http_head::{HeadParse, parse_request_head};
 use crate::proxy::peek::read_client_hello;
-use crate::proxy::relay::{RelayCounters, relay};
+use crate::proxy::relay::RelayCounters;
+use crate::proxy::session::{self, Attempt, Authorized, relay_tunnel};
 use crate::proxy::target::{domain_of, parse_authority};
-use crate::proxy::upstream;
+use crate::proxy::{ConnectionSlot, ProxyContext};
 use crate::sys::{self, Interception};
-use crate::telemetry::{ConnectionRecord, Mode, TunnelGauge};
+use crate::telemetry::{ConnectionRecord, Mode};
 
 /// Serve one transparent listener until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
     // The connection's future and its relay's are two allocations, each small enough for
     // glibc's fast path (`boxed_small`).
     crate::proxy::accept_loop(
-        shared,
+        ctx,
         listener,
         Mode::Transparent,
-        |shared, stream, peer, slot| crate::proxy::boxed_small(handle(shared, stream, peer, slot)),
+        |ctx, stream, peer, slot| crate::proxy::boxed_small(handle(ctx, stream, peer, slot)),
     )
     .await;
 }
@@ -59,66 +61,58 @@ enum Expect {
     Http,
 }
 
-/// One diverted connection, to its end and its record. A plain `fn` returning an `async
-/// move` block, not an `async fn`, which would store its arguments twice in the state every
-/// idle tunnel keeps (see src/proxy/relay.rs).
+/// One diverted connection, to its end and its record: the target is what the ClientHello
+/// names (port 443) or what each request's `Host` names (port 80); the lifecycle
+/// (`session`) does the rest. A plain `fn` returning an `async move` block, not an `async
+/// fn`, which would store its arguments twice in the state every idle tunnel keeps (see
+/// src/proxy/relay.rs).
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn stores its arguments twice in the state of every idle tunnel"
 )]
 fn handle(
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
     mut stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        let started = Instant::now();
-        let policy = shared.policy.load_full();
+        let policy = ctx.policy.load_full();
         let agent = policy.agent_by_source(peer.ip());
-        let mut rec = ConnectionRecord::begin(
-            Mode::Transparent,
-            peer,
-            policy.agent_name(agent),
-            policy.generation(),
-        );
+        let mut att = Attempt::begin(&ctx, Mode::Transparent, peer, &policy, agent);
         let counters = RelayCounters::default();
-        // Taken before the kill check: a kill from here on cancels it, in every phase (the
-        // hello the agent may hold back for the whole handshake deadline included).
-        let cancel = shared.killswitch.tunnel_token(&rec.agent);
-        let who = rec.agent.clone();
         let outcome = async {
-            let original = sys::original_destination(&stream, shared.config.interception)
+            let original = sys::original_destination(&stream, ctx.settings.interception)
                 .map_err(|_| Reason::Malformed)?;
-            rec.original_destination = Some(original);
-            rec.destination_port = Some(original.port());
+            att.rec().original_destination = Some(original);
+            att.rec().destination_port = Some(original.port());
             if agent.is_none() {
                 return Err(Reason::UnknownAgent);
             }
-            if shared.killswitch.is_killed(&rec.agent) {
-                return Err(Reason::KillSwitch);
-            }
-            let cfg = &shared.config;
-            let expect = if cfg.transparent_tls_ports.contains(&original.port()) {
+            att.check_kill()?;
+            let settings = &ctx.settings;
+            let expect = if settings.transparent_tls_ports.contains(&original.port()) {
                 Expect::Tls
-            } else if cfg.transparent_http_ports.contains(&original.port()) {
+            } else if settings.transparent_http_ports.contains(&original.port()) {
                 Expect::Http
             } else {
                 return Err(Reason::Malformed);
             };
-            let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+            let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
             let mut peeked = Vec::new();
-            let mut held = shared.handshake.account();
+            let mut held = ctx.handshake.account();
             match expect {
                 Expect::Tls => {
-                    // Boxed phases (hello, dial, HTTP): their state is freed before the
+                    // Boxed phases (hello, checks and dial): their state is freed before the
                     // relay, so it does not weigh on every idle tunnel. What the hello tells
                     // is kept; the hello itself is not.
                     let (target, alert) = {
-                        let hello = Box::pin(until_cancelled(
-                            (&shared, &who, &cancel),
-                            read_client_hello(&mut stream, &mut peeked, &mut held, deadline),
-                        ))
+                        let hello = Box::pin(att.until_cancelled(read_client_hello(
+                            &mut stream,
+                            &mut peeked,
+                            &mut held,
+                            deadline,
+                        )))
                         .await;
                         counters
                             .from_agent
@@ -126,55 +120,53 @@ fn handle(
                         let hello = hello?;
                         // A parsed hello: a refusal from here to the dial may get the alert.
                         let alert = HelloAlert::for_hello(&hello);
+                        let rec = att.rec();
                         rec.ech = hello.ech;
                         rec.server_name = hello.server_name;
-                        match check_hello((&policy, agent), hello.ech, original, &mut rec) {
+                        match hello_target((&policy, agent), hello.ech, original, rec) {
                             Ok(target) => (target, alert),
                             Err(reason) => {
-                                return Err(refuse_hello(&shared, stream, alert, reason));
+                                return Err(refuse_hello(&ctx, stream, alert, reason));
                             }
                         }
                     };
-                    // The peeked bytes are replayed as the connection opens, then freed:
-                    // an idle tunnel keeps no bytes.
-                    let (dialled, admission) = match Box::pin(until_cancelled(
-                        (&shared, &who, &cancel),
-                        check_and_dial(
-                            &shared, &policy, agent, &target, original, &peeked, &mut rec,
-                        ),
-                    ))
-                    .await
-                    {
-                        Ok(dialled) => dialled,
-                        Err(reason) => return Err(refuse_hello(&shared, stream, alert, reason)),
+                    // The checks and the dial in a boxed phase; the relay, with what it alone
+                    // needs (the admission, the registration, the upstream), in the tunnel's
+                    // second allocation.
+                    let relay = {
+                        let opened = Box::pin(async {
+                            let mut authorized =
+                                session::authorize(&mut att, &policy, target, Some(original))
+                                    .await
+                                    .map_err(|r| r.reason)?;
+                            let up = authorized.dial(&mut att, &peeked).await?;
+                            Ok::<_, Reason>((authorized.into_live(), up.stream))
+                        })
+                        .await;
+                        let (live, up) = match opened {
+                            Ok(opened) => opened,
+                            Err(reason) => return Err(refuse_hello(&ctx, stream, alert, reason)),
+                        };
+                        let (att, stream, counters) = (&att, &stream, &counters);
+                        crate::proxy::boxed_small(async move {
+                            relay_tunnel(att, &live, (stream, &up), counters).await
+                        })
                     };
-                    let (up, up_addr) = (dialled.stream, dialled.addr.ip());
+                    // The peeked bytes were replayed as the connection opened: freed now,
+                    // and what the hello held of the shared budget goes back with them.
                     drop(std::mem::take(&mut peeked));
-                    // What the hello held of the shared budget goes back with it.
                     drop(held);
-                    let _active = TunnelGauge::open(shared.telemetry.metrics.agent(&rec.agent));
-                    tunnel(
-                        &shared,
-                        (&stream, &up),
-                        &counters,
-                        (&rec.agent, &target, up_addr),
-                        &cancel,
-                        &admission.shaping,
-                    )
-                    .await
+                    relay.await.map(|()| Handover::Done)
                 }
                 Expect::Http => {
-                    let target = Box::pin(until_cancelled(
-                        (&shared, &who, &cancel),
-                        read_http_target(
-                            &mut stream,
-                            &mut peeked,
-                            &mut held,
-                            deadline,
-                            original.port(),
-                            cfg.max_request_head_bytes,
-                        ),
-                    ))
+                    let target = Box::pin(att.until_cancelled(read_http_target(
+                        &mut stream,
+                        &mut peeked,
+                        &mut held,
+                        deadline,
+                        original.port(),
+                        settings.max_request_head_bytes,
+                    )))
                     .await;
                     counters
                         .from_agent
@@ -186,47 +178,33 @@ fn handle(
                         peer,
                         agent,
                         first: target,
-                        original,
-                        cancel: cancel.clone(),
+                        original: Some(original),
+                        mode: Mode::Transparent,
+                        cancel: att.cancel_token().clone(),
+                        first_request: std::sync::Mutex::new(None),
                     };
                     // The head's bytes are bounded by `max_request_head_bytes` from here.
                     drop(held);
-                    Box::pin(serve_http(shared.clone(), stream, peeked, conn)).await;
+                    Box::pin(serve_http(ctx.clone(), Rewind::new(peeked, stream), conn)).await;
                     Ok(Handover::Http)
                 }
             }
         }
         .await;
         drop(slot);
-        let reason = match outcome {
-            Ok(Handover::Http) => return,
-            Ok(Handover::Done) => None,
-            Err(r) => Some(r),
-        };
-        rec.reason = reason;
-        rec.bytes_from_agent = counters.from_agent.load(Ordering::Relaxed);
-        rec.bytes_to_agent = counters.to_agent.load(Ordering::Relaxed);
-        rec.duration = started.elapsed();
-        shared.telemetry.record(rec);
-    }
-}
-
-/// `phase`, unless the connection's token is cancelled first (a kill of the agent or of
-/// all, or shutdown): then it ends at once with the reason. Boxed by its callers with the
-/// phase inside, so the wait adds nothing to the state an idle tunnel keeps.
-async fn until_cancelled<T>(
-    (shared, agent, cancel): (&Shared, &str, &tokio_util::sync::CancellationToken),
-    phase: impl Future<Output = Result<T, Reason>>,
-) -> Result<T, Reason> {
-    tokio::select! {
-        biased;
-        r = phase => r,
-        () = cancel.cancelled() => Err(crate::proxy::explicit::cancelled_reason(shared, agent, false)),
+        match outcome {
+            Ok(Handover::Http) => att.hand_over(),
+            Ok(Handover::Done) => att.count(&counters),
+            Err(reason) => {
+                att.fail(reason);
+                att.count(&counters);
+            }
+        }
     }
 }
 
 enum Handover {
-    /// The connection was relayed and ended; the caller writes its record.
+    /// The connection was relayed and ended; its attempt writes the record.
     Done,
     /// Port 80: requests were served and recorded one by one.
     Http,
@@ -234,7 +212,7 @@ enum Handover {
 
 /// What the parsed hello must pass before any name is resolved: ECH (if the agent denies
 /// it) and an SNI that is a host name. The target it names.
-fn check_hello(
+fn hello_target(
     (policy, agent): (&Policy, Option<AgentId>),
     ech: bool,
     original: SocketAddr,
@@ -262,115 +240,16 @@ fn check_hello(
 /// buffer nothing was written to), the write half shut, and the connection handed to a
 /// short drain ([`HelloAlert::write_and_linger`]) so that its close does not reset the
 /// alert away. Otherwise the connection closes when dropped here.
-fn refuse_hello(shared: &Shared, stream: TcpStream, alert: HelloAlert, reason: Reason) -> Reason {
+fn refuse_hello(
+    ctx: &ProxyContext,
+    stream: TcpStream,
+    alert: HelloAlert,
+    reason: Reason,
+) -> Reason {
     if refuses_hello(reason) {
-        alert.write_and_linger(stream, &shared.tracker);
+        alert.write_and_linger(stream, &ctx.shutdown);
     }
     reason
-}
-
-/// The agent's limits for one more connection (transparent mode closes on refusal; there
-/// is no response to put a `Retry-After` in).
-fn admit(
-    shared: &Shared,
-    policy: &Policy,
-    agent: Option<AgentId>,
-    name: &Arc<str>,
-) -> Result<crate::limits::Admission, Reason> {
-    match agent.and_then(|id| policy.agent(id)) {
-        Some(a) => shared
-            .limiter
-            .admit(name, &a.limits, Instant::now())
-            .map_err(|r| r.reason),
-        None => Ok(crate::limits::Admission::default()),
-    }
-}
-
-/// Decide, then take the agent's limits (a denied attempt spends nothing), resolve the name
-/// ourselves, check the addresses, dial one of them. The upstream and the admission.
-async fn check_and_dial(
-    shared: &Shared,
-    policy: &Policy,
-    agent: Option<AgentId>,
-    target: &Target,
-    original: SocketAddr,
-    first: &[u8],
-    rec: &mut ConnectionRecord,
-) -> Result<(upstream::Upstream, crate::limits::Admission), Reason> {
-    rec.destination_domain = domain_of(target);
-    if let Some(reason) = super::decide(shared, policy, agent, target, rec) {
-        return Err(reason);
-    }
-    let admission = admit(shared, policy, agent, &rec.agent)?;
-    let cfg = &shared.config;
-    let addrs = upstream::resolve_checked(
-        policy,
-        agent,
-        target,
-        shared.resolver.as_ref(),
-        cfg.resolver_timeout,
-    )
-    .await
-    .map_err(|f| {
-        rec.destination_ip = f.addr;
-        f.reason
-    })?;
-    let original_ip = crate::policy::address::canonical(original.ip());
-    if !addrs
-        .iter()
-        .any(|a| crate::policy::address::canonical(*a) == original_ip)
-    {
-        // THREATS A1: the agent aimed elsewhere than the name resolves to; we dial the name.
-        rec.destination_mismatch = true;
-    }
-    // The connection may have waited (the hello, the resolution) on a policy a reload has
-    // since replaced: nothing is sent upstream that the live policy would not allow.
-    let live = shared.policy.load();
-    if live.generation() != policy.generation()
-        && !crate::reload::still_allowed(&live, &rec.agent, target, &addrs)
-    {
-        return Err(Reason::PolicyRevoked);
-    }
-    drop(live);
-    let up = upstream::dial(&addrs, target.port, cfg.connect_timeout, first)
-        .await
-        .map_err(|f| {
-            rec.destination_ip = f.addr;
-            f.reason
-        })?;
-    rec.destination_ip = Some(up.addr.ip());
-    Ok((up, admission))
-}
-
-/// Relay a dialled tunnel, registered for revocation and the kill switch, to its end.
-#[allow(
-    clippy::manual_async_fn,
-    reason = "an async fn stores its arguments twice in the state of every idle tunnel"
-)]
-fn tunnel<'a>(
-    shared: &'a Shared,
-    (agent_io, up): (&'a TcpStream, &'a TcpStream),
-    counters: &'a RelayCounters,
-    (agent, target, addr): (&'a Arc<str>, &'a Target, std::net::IpAddr),
-    cancel: &'a tokio_util::sync::CancellationToken,
-    shaping: &'a crate::limits::Shaping,
-) -> impl Future<Output = Result<Handover, Reason>> + 'a {
-    // The registration and the relay share the tunnel's one allocation.
-    crate::proxy::boxed_small(async move {
-        let registration =
-            shared
-                .tunnels
-                .register(agent.clone(), target.clone(), vec![addr], cancel.clone());
-        // Decided on the policy of the connection's start: a reload since then that no longer
-        // allows it revokes it here (later reloads find it registered).
-        if !crate::reload::still_allowed(&shared.policy.load(), agent, target, &[addr]) {
-            return Err(Reason::PolicyRevoked);
-        }
-        let idle = shared.config.idle_timeout;
-        let end = relay(agent_io, up, idle, cancel, counters, shaping).await;
-        crate::proxy::explicit::relay_outcome(shared, agent, end, &registration)
-            .map(|()| Handover::Done)
-    })
 }
 
 /// Read the first HTTP request head and return the target its Host names. The Host port,
@@ -406,37 +285,42 @@ async fn read_http_target(
     }
 }
 
-/// What every request on one port-80 connection is checked against.
-struct HttpConnection {
-    peer: SocketAddr,
-    agent: Option<AgentId>,
-    /// The target of the first request: every later one must name the same.
-    first: Target,
-    original: SocketAddr,
-    /// Kill switch (agent or all) and shutdown.
-    cancel: tokio_util::sync::CancellationToken,
+/// What every request on one plain-HTTP connection is checked against: a transparent
+/// port-80 connection, or a `CONNECT` tunnel that carries plain HTTP.
+pub(crate) struct HttpConnection {
+    pub(crate) peer: SocketAddr,
+    pub(crate) agent: Option<AgentId>,
+    /// The target every request must name: the first request's (transparent), or the
+    /// `CONNECT` authority.
+    pub(crate) first: Target,
+    /// Where a transparent connection was sent (`None` inside a `CONNECT` tunnel).
+    pub(crate) original: Option<SocketAddr>,
+    pub(crate) mode: Mode,
+    /// Kill switch (agent or all), revocation and shutdown: ends the connection.
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// Inside a `CONNECT` tunnel: the tunnel's own attempt, already decided, admitted and
+    /// resolved, which the first request uses (one decision, one token, one record).
+    pub(crate) first_request: std::sync::Mutex<Option<(Attempt, Authorized)>>,
 }
 
-/// Serve a port-80 connection request by request. Every request must name the same host as
-/// the first; each is checked and forwarded to our own resolution of that host.
-async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, conn: HttpConnection) {
-    let io = Rewind {
-        prefix: peeked,
-        pos: 0,
-        inner: stream,
-    };
+/// Serve a plain-HTTP connection request by request. Every request must name the same host
+/// as the first; each is checked and forwarded to our own resolution of that host.
+pub(crate) async fn serve_http<IO>(ctx: Arc<ProxyContext>, io: IO, conn: HttpConnection)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let cancel = conn.cancel.clone();
     let conn = Arc::new(conn);
-    let svc_shared = shared.clone();
+    let svc_ctx = ctx.clone();
     let service = service_fn(move |req| {
-        let shared = svc_shared.clone();
+        let ctx = svc_ctx.clone();
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(http_request(shared, req, &conn).await) }
+        async move { Ok::<_, Infallible>(http_request(ctx, req, &conn).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
-        .max_buf_size(shared.config.max_request_head_bytes.max(8192))
+        .header_read_timeout(ctx.settings.handshake_timeout)
+        .max_buf_size(ctx.settings.max_request_head_bytes.max(8192))
         .serve_connection(TokioIo::new(io), service);
     tokio::select! {
         _ = served => {}
@@ -444,49 +328,52 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peeked: Vec<u8>, con
     }
 }
 
+/// One request on a plain-HTTP connection: the target is what its `Host` names, which must
+/// be the connection's; the lifecycle does the rest.
 async fn http_request(
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
     req: Request<Incoming>,
     conn: &HttpConnection,
 ) -> Response<ProxyBody> {
-    let HttpConnection {
-        peer,
-        agent,
-        ref first,
-        original,
-        ref cancel,
-    } = *conn;
-    let cut = cancel.clone();
-    let started = Instant::now();
-    let policy = shared.policy.load_full();
-    let mut rec = ConnectionRecord::begin(
-        Mode::Transparent,
-        peer,
-        policy.agent_name(agent),
-        policy.generation(),
-    );
-    rec.original_destination = Some(original);
+    let policy = ctx.policy.load_full();
+    let first_request = conn
+        .first_request
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let (mut att, pre) = match first_request {
+        Some((att, authorized)) => (att, Some(authorized)),
+        None => (
+            Attempt::begin(&ctx, conn.mode, conn.peer, &policy, conn.agent),
+            None,
+        ),
+    };
+    let rec = att.rec();
+    rec.original_destination = conn.original;
     rec.http_method = Some(req.method().as_str().to_owned());
-    rec.destination_port = Some(first.port);
+    rec.destination_port = Some(conn.first.port);
     // Every refusal, the first request's too, is the same: status, reason header, close
     // (a later request would have to name the same refused host).
-    let deny = |mut rec: ConnectionRecord, reason: Reason| {
-        rec.reason = Some(reason);
-        rec.duration = started.elapsed();
-        shared.telemetry.record(rec);
-        let mut response = refusal(reason);
+    let deny = |mut att: Attempt, refused: Refusal| {
+        att.fail(refused.reason);
+        let mut response = limited(refused);
         response.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
         response
     };
-    if shared.killswitch.is_killed(&rec.agent) {
-        return deny(rec, Reason::KillSwitch);
+    let refused = |reason| Refusal {
+        reason,
+        retry_after: None,
+    };
+    if let Err(reason) = att.check_kill() {
+        return deny(att, refused(reason));
     }
+    let first = &conn.first;
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let (Some(host), None) = (hosts.next(), hosts.next()) else {
-        return deny(rec, Reason::Malformed);
+        return deny(att, refused(Reason::Malformed));
     };
     let target = match host
         .to_str()
@@ -494,12 +381,12 @@ async fn http_request(
         .and_then(|h| parse_authority(h.trim(), Some(first.port)))
     {
         Ok(t) => t,
-        Err(r) => return deny(rec, r),
+        Err(r) => return deny(att, refused(r)),
     };
-    rec.destination_domain = domain_of(&target);
+    att.rec().destination_domain = domain_of(&target);
     if target != *first {
-        // A second request to another host on the same connection: refuse and close.
-        return deny(rec, Reason::Malformed);
+        // A request to another host on the same connection: refuse and close.
+        return deny(att, refused(Reason::Malformed));
     }
     if let Some(authority) = req.uri().authority()
         && parse_authority(authority.as_str(), Some(first.port))
@@ -507,65 +394,65 @@ async fn http_request(
             .as_ref()
             != Some(first)
     {
-        return deny(rec, Reason::Malformed);
+        return deny(att, refused(Reason::Malformed));
     }
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    rec.url = Some(format!(
+    att.rec().url = Some(format!(
         "http://{}{}",
         host.to_str().unwrap_or_default(),
         path
     ));
-    let mut rec_for_dial = rec;
-    let who = rec_for_dial.agent.clone();
-    let (up, admission) = match until_cancelled(
-        (&shared, &who, &cut),
-        check_and_dial(
-            &shared,
-            &policy,
-            agent,
-            &target,
-            original,
-            &[],
-            &mut rec_for_dial,
-        ),
-    )
-    .await
-    {
-        Ok(dialled) => dialled,
-        Err(reason) => return deny(rec_for_dial, reason),
+    let mut authorized = match pre {
+        Some(authorized) => authorized,
+        None => match session::authorize(&mut att, &policy, target, conn.original).await {
+            Ok(a) => a,
+            Err(r) => return deny(att, r),
+        },
     };
-    let authority = match (&target.host, target.port) {
+    drop(policy);
+    let upstream = match authorized.dial(&mut att, &[]).await {
+        Ok(u) => u,
+        Err(reason) => return deny(att, refused(reason)),
+    };
+    let authority = match (&first.host, first.port) {
         (h, 80) => h.to_string(),
         (h, p) => format!("{h}:{p}"),
     };
     forward(
-        shared.clone(),
+        ctx.clone(),
         req,
         ForwardTo {
-            upstream: up,
+            upstream,
             authority,
             path,
-            cut,
         },
-        rec_for_dial,
-        started,
-        admission,
+        (att, authorized.into_live()),
     )
     .await
 }
 
 /// An IO that first yields bytes already read from `inner`, then reads `inner`.
-struct Rewind {
+pub(crate) struct Rewind<S> {
     prefix: Vec<u8>,
     pos: usize,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Rewind {
+impl<S> Rewind<S> {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -581,7 +468,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,7 +1,7 @@
-//! Reaching an allowed target: resolve the name ourselves, check every address, dial exactly
-//! an address that was checked (DESIGN §2 step 5, THREATS B5–B6). Never re-resolves and never
-//! dials an address the agent supplied unless `allow_cidrs` covers it (`resolve_cidrs`
-//! admit only addresses a name resolved to).
+//! Reaching an allowed target: resolve the name ourselves, check every address, dial exactly an
+//! address that was checked (docs/architecture.md; docs/threat-model.md, "Reaching private and
+//! internal addresses"). Never re-resolves and never dials an address the agent supplied unless
+//! `allow_cidrs` covers it (`resolve_cidrs` admit only addresses a name resolved to).
 //!
 //! The resolver is injected ([`Resolve`]) so that tests control what names resolve to.
 
@@ -246,8 +246,8 @@ pub async fn resolve_checked(
 }
 
 /// Dial the first of the checked `addrs` that answers, and send it `first` (the agent's
-/// bytes peeked so far, replayed unchanged; may be empty). Never resolves again (THREATS
-/// B6).
+/// bytes peeked so far, replayed unchanged; may be empty). Never resolves again
+/// (docs/threat-model.md, "Rebinding between check and dial").
 pub async fn dial(
     addrs: &[IpAddr],
     port: u16,

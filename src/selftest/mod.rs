@@ -1,8 +1,8 @@
 //! `portcullis selftest`: run on an agent, try every escape path the gateway must close
-//! (THREATS D13–D17, and names through the gateway), and report each as closed / OPEN /
-//! inconclusive, plus two checks that the gateway works at all (an allowed name resolves
-//! and answers). All probes run at once, each bounded by the timeout, so a run takes about
-//! one to three timeouts.
+//! (docs/threat-model.md, "Escaping around the proxy", and names through the gateway), and report
+//! each as closed / OPEN / inconclusive, plus two checks that the gateway works at all (an allowed
+//! name resolves and answers). All probes run at once, each bounded by the timeout, so a run takes
+//! about one to three timeouts.
 //!
 //! `packets` builds the bytes, `probe` is the only module touching sockets, `verdict`
 //! decides what each observation means (pure), `report` renders the table and picks the

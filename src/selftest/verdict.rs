@@ -332,7 +332,7 @@ pub fn outside_dns(seen: &DnsSeen, name: &str, timeout: Duration) -> Finding {
 }
 
 /// A random label under the denied name, asked of the gateway's resolver: it must be
-/// refused without being forwarded (THREATS D13).
+/// refused without being forwarded (docs/threat-model.md, "DNS tunnelling").
 pub fn dns_exfil(seen: &DnsSeen, timeout: Duration) -> Finding {
     let DnsSeen::Reply(r) = seen else {
         return dns_unanswered(seen, timeout, Outcome::Closed);

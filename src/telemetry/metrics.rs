@@ -1,4 +1,4 @@
-//! Prometheus metrics (`prometheus-client`, OpenMetrics text at `/metrics`), DESIGN §7.
+//! Prometheus metrics (`prometheus-client`, OpenMetrics text at `/metrics`), docs/observability.md.
 //!
 //! Labels are bounded: `agent` (from the rules, plus `unknown`), `mode`, `verdict`,
 //! `reason`, `direction`, `result`, `scope` — never a domain or an address. Per-agent handles

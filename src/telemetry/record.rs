@@ -1,5 +1,5 @@
 //! [`ConnectionRecord`]: everything known about one connection when it ends, and its JSON
-//! line with Elastic Common Schema field names (DESIGN §6).
+//! line with Elastic Common Schema field names (docs/observability.md).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -42,7 +42,8 @@ pub struct ConnectionRecord {
     /// Transparent mode: where the agent's packets were addressed.
     pub original_destination: Option<SocketAddr>,
     /// Transparent mode: the original destination is not among the addresses the name
-    /// resolved to (THREATS A1). We dialled the name's address anyway.
+    /// resolved to (docs/threat-model.md, "Original destination"). We dialled the name's address
+    /// anyway.
     pub destination_mismatch: bool,
     pub server_name: Option<String>,
     pub ech: bool,
