@@ -146,7 +146,6 @@ pub async fn start(
     if config.cluster.enabled() && (keys.is_empty() || config.admin_listen.is_none()) {
         return Err(StartError::ClusterWithoutKey);
     }
-    let cluster = crate::cluster::Cluster::load(&config.cluster, &config.state_dir).map(Arc::new);
     let metrics_token = match &config.admin.metrics_token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
@@ -278,7 +277,7 @@ pub async fn start(
         }
     }
     // A cluster node refuses every agent until it has synced with its peers (src/cluster/).
-    proxy.killswitch.hold(cluster.is_some());
+    proxy.killswitch.hold(config.cluster.enabled());
     // The rules watch is registered before any listener serves (see reload::watch).
     let watcher = crate::reload::watch(app.clone(), Duration::from_millis(200));
     shutdown.spawn(watcher);
@@ -312,7 +311,22 @@ pub async fn start(
     shutdown.spawn(crate::reload::on_sighup(app.clone()));
     shutdown.spawn(persist_budgets(proxy.clone()));
     shutdown.spawn(log_summaries(proxy.clone()));
-    if admin.is_some() || control.is_some() || cluster.is_some() {
+    let cluster = crate::cluster::Cluster::load(
+        &config.cluster,
+        &config.state_dir,
+        crate::cluster::Handles {
+            killswitch: proxy.killswitch.clone(),
+            policy: proxy.policy.clone(),
+            telemetry: proxy.telemetry.clone(),
+            nft_agent_networks: config.nft_agent_networks.clone(),
+            shutdown: shutdown.clone(),
+        },
+    )
+    .map(Arc::new);
+    if let Some(c) = &cluster {
+        crate::cluster::start(c);
+    }
+    if admin.is_some() || control.is_some() {
         let ctx = Arc::new(AdminContext {
             policy: proxy.policy.clone(),
             killswitch: proxy.killswitch.clone(),
@@ -325,7 +339,6 @@ pub async fn start(
             control: Arc::new(Reloader(app.clone())),
             cluster,
         });
-        crate::cluster::start(&ctx);
         if let Some(l) = admin {
             shutdown.spawn(crate::admin::serve(ctx.clone(), l, metrics_token));
         }

@@ -163,7 +163,9 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
                 let body = scope_body(&scope, Some(&reason), None);
                 let report = ks.kill(scope, reason, by, now, &policy, nets).await;
                 // Signed with this node's key and relayed to the peers (src/cluster/).
-                crate::cluster::originate(&shared, Action::Kill, body).await;
+                if let Some(c) = &shared.cluster {
+                    crate::cluster::originate(c, Action::Kill, body).await;
+                }
                 let status = if report.state_written { 200 } else { 500 };
                 (status, serde_json::to_value(report).unwrap_or_default())
             }
@@ -177,7 +179,9 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
                 Ok(report) => {
                     // The operator on the gateway decides: relayed, not confirmed first.
                     let body = scope_body(&scope, None, Some(&totp));
-                    crate::cluster::originate(&shared, Action::Revive, body).await;
+                    if let Some(c) = &shared.cluster {
+                        crate::cluster::originate(c, Action::Revive, body).await;
+                    }
                     (200, serde_json::to_value(report).unwrap_or_default())
                 }
                 Err(e) => failed(&e),
@@ -186,7 +190,9 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
         },
         ControlRequest::Status => {
             let mut status = ks.status(now).await;
-            crate::cluster::status_into(&shared, &mut status);
+            if let Some(c) = &shared.cluster {
+                crate::cluster::status_into(c, &mut status);
+            }
             (200, status)
         }
         ControlRequest::UnlockRevive => {

@@ -187,7 +187,9 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Respo
         }
         (Method::GET, "/v1/status") => {
             let mut status = shared.killswitch.status(unix_now()).await;
-            crate::cluster::status_into(shared, &mut status);
+            if let Some(c) = &shared.cluster {
+                crate::cluster::status_into(c, &mut status);
+            }
             json(StatusCode::OK, status)
         }
         (Method::POST, path) if path.starts_with("/v1/cluster/") => {
@@ -334,19 +336,29 @@ async fn cluster_route(
         Ok(b) => b,
         Err(r) => return r,
     };
+    let Some(cluster) = &admin.shared.cluster else {
+        return error(StatusCode::NOT_FOUND, "this node has no [cluster] peers");
+    };
     let action = match path.as_str() {
         "/v1/cluster/kill" => Action::Kill,
         "/v1/cluster/revive" => Action::Revive,
         "/v1/cluster/sync" => {
-            let (status, body) =
-                crate::cluster::sync_answer(&admin.shared, &signed_body.signed(peer)).await;
-            return json(status, body);
+            return match crate::cluster::sync_answer(cluster, &signed_body.signed(peer)).await {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => kill_error(&e),
+            };
         }
         _ => return error(StatusCode::NOT_FOUND, "not found"),
     };
     let event = signed_body.event(action);
-    let (status, body) = crate::cluster::relayed(&admin.shared, event, Some(peer.ip())).await;
-    json(status, body)
+    match crate::cluster::relayed(cluster, event, Some(peer.ip())).await {
+        Ok(outcome) => json(StatusCode::OK, serde_json::json!({ "outcome": outcome })),
+        Err(crate::cluster::ApplyError::Kill(e)) => kill_error(&e),
+        Err(e @ crate::cluster::ApplyError::Body) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ crate::cluster::ApplyError::Task) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+        }
+    }
 }
 
 /// Signature first (401), then the body (400), then the action.
@@ -383,7 +395,10 @@ async fn kill_or_revive(
         crate::cluster::store::Action::Kill
     });
     // A revive over the network reopens nothing until every peer answered it.
-    if revive && let Err(why) = crate::cluster::confirm(shared, &event).await {
+    if revive
+        && let Some(c) = &shared.cluster
+        && let Err(why) = crate::cluster::confirm(c, &event).await
+    {
         return error(StatusCode::SERVICE_UNAVAILABLE, &why);
     }
     // In a task of its own: a client that goes away (or the connection's deadline) drops
@@ -402,7 +417,9 @@ async fn kill_or_revive(
         };
         if done.is_ok() {
             // Remembered and relayed to every peer (a revive was delivered by `confirm`).
-            crate::cluster::accepted(&shared2, event, revive).await;
+            if let Some(c) = &shared2.cluster {
+                crate::cluster::accepted(c, event, revive).await;
+            }
         }
         done
     });

@@ -21,7 +21,6 @@
 //! request), or hold the kill switch's locks.
 
 pub mod client;
-pub mod settings;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,15 +30,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::StatusCode;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::admin::AdminContext as Shared;
+pub use crate::config::{ClusterSettings, Peer};
 use crate::killswitch::peer::{Effect, SignedCode};
 use crate::killswitch::webhook::{self, SignedRequest};
 use crate::killswitch::{self, Accepted, KillError, KillSwitch, Scope, Sender, Signed};
-pub use settings::{ClusterSettings, Peer};
+use crate::policy::Policy;
+use crate::shutdown::Shutdown;
+use crate::telemetry::Telemetry;
+
+/// The node's own handles: what every function here is given.
+type Shared = Cluster;
 use store::{Action, SignedEvent, Store};
 
 /// Informational header on relayed requests: which node relayed it (never trusted).
@@ -74,6 +77,8 @@ pub enum ApplyError {
     Kill(#[from] KillError),
     #[error("the event's body is not base64")]
     Body,
+    #[error("the cluster task failed")]
+    Task,
 }
 
 /// The outcome of applying a signed event.
@@ -88,6 +93,12 @@ pub enum Outcome {
 
 pub struct Cluster {
     settings: ClusterSettings,
+    killswitch: Arc<KillSwitch>,
+    policy: Arc<arc_swap::ArcSwap<Policy>>,
+    telemetry: Telemetry,
+    /// The agents' networks, for the nftables kill sets.
+    nft_agent_networks: Vec<ipnet::IpNet>,
+    shutdown: Shutdown,
     path: PathBuf,
     /// Applied events; the lock is held across verify → apply → record, so a push and a
     /// pull of the same event never both act.
@@ -105,6 +116,15 @@ pub struct Cluster {
     seq: AtomicU64,
 }
 
+/// What a cluster node works with, from the gateway.
+pub struct Handles {
+    pub killswitch: Arc<KillSwitch>,
+    pub policy: Arc<arc_swap::ArcSwap<Policy>>,
+    pub telemetry: Telemetry,
+    pub nft_agent_networks: Vec<ipnet::IpNet>,
+    pub shutdown: Shutdown,
+}
+
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
@@ -115,7 +135,11 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// `None` when no peers are configured.
-    pub fn load(settings: &ClusterSettings, state_dir: &std::path::Path) -> Option<Self> {
+    pub fn load(
+        settings: &ClusterSettings,
+        state_dir: &std::path::Path,
+        handles: Handles,
+    ) -> Option<Self> {
         if !settings.enabled() {
             return None;
         }
@@ -137,8 +161,20 @@ impl Cluster {
             .iter()
             .map(|p| (p.url.clone(), PeerView::default()))
             .collect();
+        let Handles {
+            killswitch,
+            policy,
+            telemetry,
+            nft_agent_networks,
+            shutdown,
+        } = handles;
         Some(Cluster {
             settings: settings.clone(),
+            killswitch,
+            policy,
+            telemetry,
+            nft_agent_networks,
+            shutdown,
             path,
             store: tokio::sync::Mutex::new(store),
             store_unreadable,
@@ -192,14 +228,17 @@ impl Cluster {
     }
 }
 
-fn cluster(shared: &Shared) -> Option<&Arc<Cluster>> {
-    shared.cluster.as_ref()
+/// The clock in unix seconds, as webhook timestamps carry it.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Start the cluster's tasks: hold every agent until the first sync, relay queues, the
 /// periodic pull. Call before any listener serves agents.
 pub fn start(shared: &Arc<Shared>) {
-    let Some(c) = cluster(shared) else { return };
+    let c = shared;
     shared.killswitch.hold(true);
     shared.telemetry.metrics.set_cluster_synced(false);
     // Series that alerts and dashboards query exist from the start.
@@ -235,9 +274,7 @@ pub(crate) async fn apply(
     source: Option<IpAddr>,
     now: i64,
 ) -> Result<Outcome, ApplyError> {
-    let Some(c) = cluster(shared) else {
-        return Err(KillError::BadRequest("this node has no [cluster] peers".into()).into());
-    };
+    let c = shared;
     let mut store = c.store.lock().await;
     if store.knows(&event.id) {
         return Ok(Outcome::Known);
@@ -310,23 +347,13 @@ pub(crate) async fn relayed(
     shared: &Arc<Shared>,
     event: SignedEvent,
     source: Option<IpAddr>,
-) -> (StatusCode, serde_json::Value) {
+) -> Result<Outcome, ApplyError> {
     let s = shared.clone();
     let task = shared.shutdown.spawn(async move {
-        let now = crate::admin::unix_now();
+        let now = unix_now();
         apply(&s, &event, source, now).await
     });
-    match task.await {
-        Ok(Ok(outcome)) => (StatusCode::OK, json!({ "outcome": outcome })),
-        Ok(Err(ApplyError::Kill(e))) => crate::admin::kill_error_parts(&e),
-        Ok(Err(e @ ApplyError::Body)) => {
-            (StatusCode::BAD_REQUEST, json!({ "error": e.to_string() }))
-        }
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({ "error": "the cluster task failed" }),
-        ),
-    }
+    task.await.unwrap_or(Err(ApplyError::Task))
 }
 
 /// `POST /v1/cluster/sync` (signed like a kill): this node's applied events, and its view
@@ -334,34 +361,23 @@ pub(crate) async fn relayed(
 pub(crate) async fn sync_answer(
     shared: &Arc<Shared>,
     request: &Signed<'_>,
-) -> (StatusCode, serde_json::Value) {
-    let now = crate::admin::unix_now();
-    if let Err(e) = shared.killswitch.authenticate("sync", request, now) {
-        return crate::admin::kill_error_parts(&e);
-    }
-    let Some(c) = cluster(shared) else {
-        return (
-            StatusCode::NOT_FOUND,
-            json!({ "error": "this node has no [cluster] peers" }),
-        );
-    };
-    let events = c.store.lock().await.events.clone();
-    (
-        StatusCode::OK,
-        json!({
-            "node": c.settings.node,
-            "events": events,
-            "view": shared.killswitch.status(now).await,
-            "synced": !shared.killswitch.held(),
-        }),
-    )
+) -> Result<serde_json::Value, KillError> {
+    let now = unix_now();
+    shared.killswitch.authenticate("sync", request, now)?;
+    let events = shared.store.lock().await.events.clone();
+    Ok(json!({
+        "node": shared.settings.node,
+        "events": events,
+        "view": shared.killswitch.status(now).await,
+        "synced": !shared.killswitch.held(),
+    }))
 }
 
 /// A kill or revive this node accepted directly: remember it and relay it to every peer
 /// (unless `delivered`: a revive already confirmed by every peer).
 pub(crate) async fn accepted(shared: &Arc<Shared>, event: SignedEvent, delivered: bool) {
-    let Some(c) = cluster(shared) else { return };
-    let now = crate::admin::unix_now();
+    let c = shared;
+    let now = unix_now();
     {
         let mut store = c.store.lock().await;
         store.record(event.clone(), now, c.settings.max_event_age_secs);
@@ -391,8 +407,8 @@ pub(crate) async fn accepted(shared: &Arc<Shared>, event: SignedEvent, delivered
 /// A request made on the control socket: signed with this node's first webhook key so
 /// peers can verify it, then remembered and relayed. Without a key it stays here (logged).
 pub(crate) async fn originate(shared: &Arc<Shared>, action: Action, body: serde_json::Value) {
-    let Some(c) = cluster(shared) else { return };
-    let now = crate::admin::unix_now();
+    let c = shared;
+    let now = unix_now();
     let body = body.to_string();
     let id = c.fresh_id("local");
     let Some(signature) = shared.killswitch.sign_local(&id, now, body.as_bytes()) else {
@@ -411,9 +427,7 @@ pub(crate) async fn originate(shared: &Arc<Shared>, action: Action, body: serde_
 /// out, or a server error): then nothing reopens here. A peer that answered with a refusal
 /// (locked, wrong code) does not block: this node judges the request itself next.
 pub(crate) async fn confirm(shared: &Arc<Shared>, event: &SignedEvent) -> Result<(), String> {
-    let Some(c) = cluster(shared) else {
-        return Ok(());
-    };
+    let c = shared;
     let calls = c.settings.peers.iter().map(|p| {
         let c = c.clone();
         let event = event.clone();
@@ -478,9 +492,7 @@ async fn post_event(
 /// One peer's relay queue: each request is sent until the peer answers it (bounded
 /// back-off); a refusal (4xx) is final (logged; the peer's own pull tries again later).
 async fn relay(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<SignedEvent>) {
-    let Some(c) = cluster(&shared).cloned() else {
-        return;
-    };
+    let c = shared.clone();
     let peer = c.settings.peers[index].clone();
     loop {
         let event = tokio::select! {
@@ -500,7 +512,7 @@ async fn relay(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<SignedE
                         Ok(a) => format!("HTTP {}", a.status),
                         Err(e) => e.to_string(),
                     };
-                    let age = crate::admin::unix_now().saturating_sub(event.signed_at());
+                    let age = unix_now().saturating_sub(event.signed_at());
                     if age > c.settings.max_event_age_secs {
                         tracing::error!(peer = %peer.url, id = %event.id, "gave up relaying a request older than the age bound");
                         break;
@@ -532,7 +544,7 @@ struct SyncAnswer {
 /// Ask one peer for its events (a signed call) and apply those not known here. Returns the
 /// newest signed time among the peer's events that verified here.
 async fn pull(shared: &Arc<Shared>, c: &Arc<Cluster>, peer: &Peer) -> Result<i64, String> {
-    let now = crate::admin::unix_now();
+    let now = unix_now();
     let body = json!({ "node": c.settings.node }).to_string();
     let id = c.fresh_id("sync");
     let signature = shared
@@ -588,14 +600,12 @@ async fn pull(shared: &Arc<Shared>, c: &Arc<Cluster>, peer: &Peer) -> Result<i64
 /// Pull from every peer now, then every `sync_interval`; release the start-up hold once
 /// every peer answered or `sync_timeout` passed (starting killed if that rule says so).
 async fn pull_loop(shared: Arc<Shared>) {
-    let Some(c) = cluster(&shared).cloned() else {
-        return;
-    };
+    let c = shared.clone();
     let started = tokio::time::Instant::now();
     let mut answered = vec![false; c.settings.peers.len()];
     loop {
         for (i, peer) in c.settings.peers.iter().enumerate() {
-            let now = crate::admin::unix_now();
+            let now = unix_now();
             let result = pull(&shared, &c, peer).await;
             let up = result.is_ok();
             shared.telemetry.metrics.set_cluster_peer_up(&peer.url, up);
@@ -669,7 +679,7 @@ async fn release(shared: &Arc<Shared>, c: &Arc<Cluster>, answered: &[bool]) {
         .map(|(p, _)| p.url.as_str())
         .collect();
     if !behind.is_empty() {
-        let now = crate::admin::unix_now();
+        let now = unix_now();
         let policy = shared.policy.load_full();
         let local = Sender::local();
         let why = if c.store_unreadable {
@@ -720,7 +730,7 @@ async fn release(shared: &Arc<Shared>, c: &Arc<Cluster>, answered: &[bool]) {
 
 /// Add `cluster` (this node, and every peer's view as it last answered) to a status answer.
 pub(crate) fn status_into(shared: &Shared, status: &mut serde_json::Value) {
-    let Some(c) = cluster(shared) else { return };
+    let c = shared;
     let peers = c.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let peers: serde_json::Map<String, serde_json::Value> = c
         .settings
