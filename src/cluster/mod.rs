@@ -16,7 +16,8 @@
 //!   then, if a peer could not be asked and had newer events than this node when last
 //!   asked, the node starts killed (fail closed).
 //!
-//! Owns the event store (`store`), the peer client (`client`) and `[cluster]` (`settings`).
+//! Owns the event store (`store`) and the peer client (`client`); `[cluster]` is read by
+//! `config`.
 //! Must not: decide anything about the kill itself (the kill switch does, from the signed
 //! request), or hold the kill switch's locks.
 
