@@ -29,6 +29,7 @@
 
 pub(crate) mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dns;
 pub mod gateway;

@@ -112,6 +112,12 @@ async fn allowed_plain_get_is_forwarded_with_the_checked_host() {
         lines[0]["url.original"],
         format!("http://allowed.test:{port}/path?q=1")
     );
+    // The rule that let the loopback address through is named beside the deciding one.
+    let rule = lines[0]["rule.name"].as_str().unwrap();
+    assert!(
+        rule.contains(" + ") && rule.contains("allow_cidrs"),
+        "{rule}"
+    );
     // Every byte each way is counted, heads included, as a tunnel counts them: the 10-byte
     // body and the response head to the agent, the request head from it.
     let to_agent = lines[0]["destination.bytes"].as_u64().unwrap();

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("dns", 3),
     ("admin", 3),
     ("selftest", 3),
+    ("cluster", 3),
     ("policy", 1),
     ("limits", 2),
     ("killswitch", 2),

@@ -189,12 +189,34 @@ async fn every_metric_the_dashboard_and_alerts_use_exists() {
     let up = http_upstream("x").await;
     let port = up.addr.port();
     let with_budget = agent(port) + "[limits]\ndaily_bytes = \"1 GiB\"\n";
-    let gw = gateway(
+    // A cluster node (its peer never answers), so the per-peer series exist too.
+    let peer: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = gateway_with(
         &[("coder-1", &with_budget)],
         &[],
         localhost_resolver(&["allowed.test"]),
+        |c, _| {
+            c.cluster = portcullis::cluster::ClusterSettings {
+                node: "a".into(),
+                peers: vec![portcullis::cluster::Peer {
+                    url: format!("http://{peer}"),
+                    addr: peer,
+                }],
+                sync_timeout: Duration::ZERO,
+                ..portcullis::cluster::ClusterSettings::default()
+            };
+        },
     )
     .await;
+    // Serving once the (failed) start-up sync is over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scrape(&gw).await.contains("portcullis_cluster_synced 1") {
+        assert!(
+            Instant::now() < deadline,
+            "the node never finished its start-up sync"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Families appear once they have a series: one allowed and one denied connection.
     curl(&[
         "-x",

@@ -79,6 +79,7 @@ files=(
   usr/share/doc/portcullis/docs/selftest.md
   usr/share/doc/portcullis/docs/transparent.md
   usr/share/doc/portcullis/docs/inspect.md
+  usr/share/doc/portcullis/docs/cluster.md
   usr/share/doc/portcullis/portcullis.toml.reference
   usr/share/doc/portcullis/copyright
 )

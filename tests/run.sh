@@ -3,13 +3,13 @@
 # As root on Debian it installs what the tests need (curl, nftables, iproute2, openssl,
 # iputils-ping, python3, prometheus, make for the jemalloc build, and the clients
 # tests/denials_e2e.rs and tests/clients_e2e.rs run: wget, git, node, npm, dig, pip, requests;
-# clients_e2e.rs installs undici from the npm registry).
+# clients_e2e.rs installs undici from the npm registry; keepalived for tests/ha_pair_e2e.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 for pair in curl:curl nft:nftables ip:iproute2 openssl:openssl ping:iputils-ping python3:python3 prometheus:prometheus \
-  make:make wget:wget git:git node:nodejs npm:npm dig:bind9-dnsutils; do
+  make:make wget:wget git:git node:nodejs npm:npm dig:bind9-dnsutils keepalived:keepalived; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::{kill_error_parts, unix_now};
 use crate::admin::AdminContext as Shared;
+use crate::cluster::store::Action;
 use crate::killswitch::{self, Accepted, KillSwitch, Sender};
 
 /// A request line is a few hundred bytes.
@@ -159,20 +160,41 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
         ControlRequest::Kill { agent, reason } => match scope_of(agent) {
             Ok(scope) => {
                 let reason = reason.unwrap_or_else(|| "portcullis kill (control socket)".into());
+                let body = scope_body(&scope, Some(&reason), None);
                 let report = ks.kill(scope, reason, by, now, &policy, nets).await;
+                // Signed with this node's key and relayed to the peers (src/cluster/).
+                if let Some(c) = &shared.cluster {
+                    crate::cluster::originate(c, Action::Kill, body).await;
+                }
                 let status = if report.state_written { 200 } else { 500 };
                 (status, serde_json::to_value(report).unwrap_or_default())
             }
             Err(e) => failed(&e),
         },
         ControlRequest::Revive { agent, totp } => match scope_of(agent) {
-            Ok(scope) => match ks.revive(scope, &totp, by, now, &policy, nets).await {
-                Ok(report) => (200, serde_json::to_value(report).unwrap_or_default()),
+            Ok(scope) => match ks
+                .revive(scope.clone(), &totp, by, now, &policy, nets)
+                .await
+            {
+                Ok(report) => {
+                    // The operator on the gateway decides: relayed, not confirmed first.
+                    let body = scope_body(&scope, None, Some(&totp));
+                    if let Some(c) = &shared.cluster {
+                        crate::cluster::originate(c, Action::Revive, body).await;
+                    }
+                    (200, serde_json::to_value(report).unwrap_or_default())
+                }
                 Err(e) => failed(&e),
             },
             Err(e) => failed(&e),
         },
-        ControlRequest::Status => (200, ks.status(now).await),
+        ControlRequest::Status => {
+            let mut status = ks.status(now).await;
+            if let Some(c) = &shared.cluster {
+                crate::cluster::status_into(c, &mut status);
+            }
+            (200, status)
+        }
         ControlRequest::UnlockRevive => {
             let written = ks.clear_lockout(now).await;
             (
@@ -185,4 +207,23 @@ async fn handle(shared: Arc<Shared>, request: ControlRequest) -> (u16, serde_jso
             Err(e) => (422, serde_json::json!({ "error": e.to_string() })),
         },
     }
+}
+
+/// The body of `/v1/kill` or `/v1/revive` for a request made here, to sign and relay.
+fn scope_body(
+    scope: &killswitch::Scope,
+    reason: Option<&str>,
+    totp: Option<&str>,
+) -> serde_json::Value {
+    let mut body = match scope {
+        killswitch::Scope::All => serde_json::json!({ "scope": "all" }),
+        killswitch::Scope::Agent(a) => serde_json::json!({ "scope": "agent", "agent": a }),
+    };
+    if let Some(r) = reason {
+        body["reason"] = r.into();
+    }
+    if let Some(t) = totp {
+        body["totp"] = t.into();
+    }
+    body
 }

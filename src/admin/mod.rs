@@ -41,6 +41,8 @@ pub struct AdminContext {
     pub shutdown: crate::shutdown::Shutdown,
     /// What only the application can do: reload the rules.
     pub control: Arc<dyn Control>,
+    /// The peers kill state is shared with (`[cluster]`), if any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 type Shared = AdminContext;
@@ -184,7 +186,14 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Respo
             reload_response(task.await.unwrap_or(Err(ReloadError::Task)))
         }
         (Method::GET, "/v1/status") => {
-            json(StatusCode::OK, shared.killswitch.status(unix_now()).await)
+            let mut status = shared.killswitch.status(unix_now()).await;
+            if let Some(c) = &shared.cluster {
+                crate::cluster::status_into(c, &mut status);
+            }
+            json(StatusCode::OK, status)
+        }
+        (Method::POST, path) if path.starts_with("/v1/cluster/") => {
+            cluster_route(admin, req, peer).await
         }
         (Method::POST, "/v1/kill") => kill_or_revive(admin, req, peer, false).await,
         (Method::POST, "/v1/revive") => kill_or_revive(admin, req, peer, true).await,
@@ -268,6 +277,17 @@ impl SignedBody {
         }
     }
 
+    /// The request as the cluster stores and relays it (headers and body unchanged).
+    fn event(&self, action: crate::cluster::store::Action) -> crate::cluster::store::SignedEvent {
+        crate::cluster::store::SignedEvent::new(
+            action,
+            &self.id,
+            &self.timestamp,
+            &self.signature,
+            &self.body,
+        )
+    }
+
     /// The id and timestamp, remembered once the request acted.
     fn accepted<'a>(&'a self, sender: &'a killswitch::Sender, peer: SocketAddr) -> Accepted<'a> {
         Accepted {
@@ -303,6 +323,44 @@ async fn signed_body(
     Ok(signed)
 }
 
+/// `/v1/cluster/{kill,revive,sync}`: what peers send each other, every call signed
+/// (src/cluster/, docs/cluster.md).
+async fn cluster_route(
+    admin: &Admin,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    use crate::cluster::store::Action;
+    let path = req.uri().path().to_owned();
+    let signed_body = match signed_body(admin, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(cluster) = &admin.shared.cluster else {
+        return error(StatusCode::NOT_FOUND, "this node has no [cluster] peers");
+    };
+    let action = match path.as_str() {
+        "/v1/cluster/kill" => Action::Kill,
+        "/v1/cluster/revive" => Action::Revive,
+        "/v1/cluster/sync" => {
+            return match crate::cluster::sync_answer(cluster, &signed_body.signed(peer)).await {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => kill_error(&e),
+            };
+        }
+        _ => return error(StatusCode::NOT_FOUND, "not found"),
+    };
+    let event = signed_body.event(action);
+    match crate::cluster::relayed(cluster, event, Some(peer.ip())).await {
+        Ok(outcome) => json(StatusCode::OK, serde_json::json!({ "outcome": outcome })),
+        Err(crate::cluster::ApplyError::Kill(e)) => kill_error(&e),
+        Err(e @ crate::cluster::ApplyError::Body) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ crate::cluster::ApplyError::Task) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+        }
+    }
+}
+
 /// Signature first (401), then the body (400), then the action.
 async fn kill_or_revive(
     admin: &Admin,
@@ -331,6 +389,18 @@ async fn kill_or_revive(
         Ok(s) => s,
         Err(e) => return kill_error(&e),
     };
+    let event = signed_body.event(if revive {
+        crate::cluster::store::Action::Revive
+    } else {
+        crate::cluster::store::Action::Kill
+    });
+    // A revive over the network reopens nothing until every peer answered it.
+    if revive
+        && let Some(c) = &shared.cluster
+        && let Err(why) = crate::cluster::confirm(c, &event).await
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &why);
+    }
     // In a task of its own: a client that goes away (or the connection's deadline) drops
     // only the answer, never a kill or revive half-way.
     let shared2 = admin.shared.clone();
@@ -338,13 +408,20 @@ async fn kill_or_revive(
         let ks = &shared2.killswitch;
         let nets = &shared2.nft_agent_networks;
         let by = signed_body.accepted(&sender, peer);
-        if revive {
+        let done = if revive {
             let code = request.totp.unwrap_or_default();
             ks.revive(scope, &code, by, now, &policy, nets).await
         } else {
             let reason = request.reason.unwrap_or_default();
             Ok(ks.kill(scope, reason, by, now, &policy, nets).await)
+        };
+        if done.is_ok() {
+            // Remembered and relayed to every peer (a revive was delivered by `confirm`).
+            if let Some(c) = &shared2.cluster {
+                crate::cluster::accepted(c, event, revive).await;
+            }
         }
+        done
     });
     match task.await {
         Ok(Ok(report)) => {

@@ -139,8 +139,15 @@ Examples:
         #[arg(long, default_value = "GET")]
         method: String,
     },
-    /// The inspect CA (docs/inspect.md).
-    #[command(subcommand)]
+    /// The inspect CA (docs/inspect.md): `ca init`, `ca show`.
+    #[command(
+        subcommand,
+        after_help = "\
+Exit status:
+  0  done (the CA created, or printed)
+  1  not done: a CA already exists (init), none exists (show), the config or rules are invalid,
+     or a --permit name is not a domain name"
+    )]
     Ca(CaCommand),
     /// Run on an agent: try every escape path (direct IP, other ports, QUIC, IPv6, outside
     /// DNS, DNS exfiltration, DoH, a denied name) and the gateway itself; print a table.
@@ -846,7 +853,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(commands, 11);
+        assert_eq!(commands, 12);
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub enum StartError {
     Log(#[from] LogWriterError),
     #[error("kill switch: {0}")]
     KillSwitch(String),
+    #[error(
+        "cluster: peers are configured, so kill_switch.webhook_secret_files must name a key (nodes sign their calls to each other with it) and listen.admin must be set (peers call it)"
+    )]
+    ClusterWithoutKey,
     #[error("limits: {0}")]
     Limits(String),
     #[error("inspect: {0}")]
@@ -146,6 +150,9 @@ pub async fn start(
         .map_err(StartError::KillSwitch)?;
     let totp = killswitch::read_totp(config.kill_switch.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
+    if config.cluster.enabled() && (keys.is_empty() || config.admin_listen.is_none()) {
+        return Err(StartError::ClusterWithoutKey);
+    }
     let metrics_token = match &config.admin.metrics_token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
@@ -292,6 +299,8 @@ pub async fn start(
             tracing::error!(%nft, "kill sets not synchronised with the kill state");
         }
     }
+    // A cluster node refuses every agent until it has synced with its peers (src/cluster/).
+    proxy.killswitch.hold(config.cluster.enabled());
     // The rules watch is registered before any listener serves (see reload::watch).
     let watcher = reload::watch(app.clone(), Duration::from_millis(200));
     shutdown.spawn(watcher);
@@ -325,6 +334,21 @@ pub async fn start(
     shutdown.spawn(reload::on_sighup(app.clone()));
     shutdown.spawn(persist_budgets(proxy.clone()));
     shutdown.spawn(log_summaries(proxy.clone()));
+    let cluster = crate::cluster::Cluster::load(
+        &config.cluster,
+        &config.state_dir,
+        crate::cluster::Handles {
+            killswitch: proxy.killswitch.clone(),
+            policy: proxy.policy.clone(),
+            telemetry: proxy.telemetry.clone(),
+            nft_agent_networks: config.nft_agent_networks.clone(),
+            shutdown: shutdown.clone(),
+        },
+    )
+    .map(Arc::new);
+    if let Some(c) = &cluster {
+        crate::cluster::start(c);
+    }
     if admin.is_some() || control.is_some() {
         let ctx = Arc::new(AdminContext {
             policy: proxy.policy.clone(),
@@ -336,6 +360,7 @@ pub async fn start(
             nft_agent_networks: config.nftables.agent_networks.clone(),
             shutdown: shutdown.clone(),
             control: Arc::new(Reloader(app.clone())),
+            cluster,
         });
         if let Some(l) = admin {
             shutdown.spawn(crate::admin::serve(ctx.clone(), l, metrics_token));

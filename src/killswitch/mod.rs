@@ -10,6 +10,7 @@
 //! Must not decide anything about domains; the data path only asks [`KillSwitch::is_killed`].
 
 pub mod attempts;
+pub(crate) mod peer;
 pub mod state;
 pub mod totp;
 pub mod webhook;
@@ -17,6 +18,7 @@ pub mod webhook;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -191,6 +193,9 @@ pub struct KillSwitch {
     /// The last nftables sync's error, for `/healthz`.
     nft_error: Mutex<Option<String>>,
     telemetry: Telemetry,
+    /// Every agent refused while a cluster node has not synced with its peers at start-up
+    /// (src/cluster/).
+    held: AtomicBool,
 }
 
 impl std::fmt::Debug for KillSwitch {
@@ -288,12 +293,13 @@ impl KillSwitch {
             nft,
             nft_error: Mutex::new(None),
             telemetry,
+            held: AtomicBool::new(false),
         }
     }
 
     /// Is `agent` cut off? Called on every new connection and DNS query.
     pub fn is_killed(&self, agent: &str) -> bool {
-        self.view.load().is_killed(agent)
+        self.held.load(Ordering::Relaxed) || self.view.load().is_killed(agent)
     }
 
     /// True when any scope is engaged (or the state is corrupt).
@@ -705,6 +711,12 @@ impl KillSwitch {
     /// Why `/healthz` should say `degraded`, as far as the kill switch knows.
     pub fn health_reasons(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.held.load(Ordering::Relaxed) {
+            out.push(
+                "cluster: start-up sync with the peers not finished, every agent refused"
+                    .to_owned(),
+            );
+        }
         let v = self.view.load();
         if v.corrupt.is_some() {
             out.push("kill_switch: state unreadable, every agent killed".to_owned());

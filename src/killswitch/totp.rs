@@ -72,7 +72,7 @@ impl TotpSecret {
     }
 
     /// The time step a well-formed `code` matches at `now` (±[`SKEW_STEPS`]), if any.
-    fn matching_step(&self, code: &str, now: u64) -> Option<u64> {
+    pub(crate) fn matching_step(&self, code: &str, now: u64) -> Option<u64> {
         // The crate computes `step * 30` for the step after `now`; near u64::MAX that
         // overflows, and no real clock gets there, so refuse instead.
         if now > u64::MAX - 2 * STEP_SECS {

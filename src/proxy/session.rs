@@ -234,6 +234,21 @@ pub(crate) async fn authorize(
             return Err(refuse(f.reason));
         }
     };
+    // The record names the rule that let a special address through beside the deciding one.
+    let origin = match target.host {
+        crate::policy::Host::Ip(_) => crate::policy::AddressOrigin::Literal,
+        crate::policy::Host::Name(_) => crate::policy::AddressOrigin::Resolved,
+    };
+    let decided_by = att.rec().rule.clone();
+    if let Some(rule) = addrs
+        .iter()
+        .filter_map(|ip| {
+            policy.rule_name_for_address(agent, decided_by.as_ref(), *ip, target.port, origin)
+        })
+        .find(|r| Some(r) != decided_by.as_ref())
+    {
+        att.rec().rule = Some(rule);
+    }
     if let Some(original) = original {
         let original_ip = address::canonical(original.ip());
         if !addrs.iter().any(|a| address::canonical(*a) == original_ip) {

@@ -39,7 +39,7 @@ use crate::proxy::relay::RelayCounters;
 use crate::proxy::session::{self, Attempt, Authorized, relay_tunnel};
 use crate::proxy::target::{domain_of, parse_authority};
 use crate::proxy::{ConnectionSlot, ProxyContext};
-use crate::sys::{self, Interception};
+use crate::sys;
 use crate::telemetry::{ConnectionRecord, Mode};
 
 /// Serve one transparent listener until shutdown.
@@ -482,9 +482,4 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// The interception mode's listener: `IP_TRANSPARENT` for tproxy.
-pub fn bind(addr: SocketAddr, interception: Interception) -> io::Result<TcpListener> {
-    sys::bind_listener(addr, interception == Interception::Tproxy, 4096)
 }

@@ -76,6 +76,44 @@ pub const KILL_SWITCH_AUTH_REASONS: [&str; 5] = [
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+/// A cluster node's view of its peers (src/cluster/).
+struct ClusterMetrics {
+    synced: Gauge,
+    peer_up: Family<PeerLabel, Gauge>,
+    relay_pending: Family<PeerLabel, Gauge>,
+}
+
+impl ClusterMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = ClusterMetrics {
+            synced: Gauge::default(),
+            peer_up: Family::default(),
+            relay_pending: Family::default(),
+        };
+        registry.register(
+            "cluster_synced",
+            "1 once this cluster node has synced with its peers after start-up (0 while it refuses agents, waiting)",
+            m.synced.clone(),
+        );
+        registry.register(
+            "cluster_peer_up",
+            "1 while the peer answered this node's last sync call",
+            m.peer_up.clone(),
+        );
+        registry.register(
+            "cluster_relay_pending",
+            "Signed kill and revive requests waiting to be relayed to the peer",
+            m.relay_pending.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
     mode: &'static str,
 }
@@ -174,6 +212,8 @@ pub struct Metrics {
     pub decision_duration: Histogram,
     pub policy_generation: Gauge,
     policy_reloads: Family<ResultLabel, Counter>,
+    policy_reload_failed: Gauge,
+    cluster: ClusterMetrics,
     kill_switch: Family<ScopeLabel, Gauge>,
     kill_switch_auth_failures: Family<ReasonLabel, Counter>,
     pub log_dropped: Counter,
@@ -265,6 +305,13 @@ impl Metrics {
             "Policy reloads by result",
             policy_reloads.clone(),
         );
+        let policy_reload_failed = Gauge::default();
+        registry.register(
+            "policy_reload_failed",
+            "1 while the last policy reload failed (the previous generation still serves)",
+            policy_reload_failed.clone(),
+        );
+        let cluster = ClusterMetrics::register(&mut registry);
         let kill_switch = Family::<ScopeLabel, Gauge>::default();
         registry.register(
             "kill_switch_engaged",
@@ -325,6 +372,8 @@ impl Metrics {
             decision_duration,
             policy_generation,
             policy_reloads,
+            policy_reload_failed,
+            cluster,
             kill_switch,
             kill_switch_auth_failures,
             log_dropped,
@@ -433,6 +482,29 @@ impl Metrics {
                 result: if ok { "success" } else { "failure" },
             })
             .inc();
+        self.policy_reload_failed.set(i64::from(!ok));
+    }
+
+    pub fn set_cluster_synced(&self, synced: bool) {
+        self.cluster.synced.set(i64::from(synced));
+    }
+
+    pub fn set_cluster_peer_up(&self, peer: &str, up: bool) {
+        self.cluster
+            .peer_up
+            .get_or_create(&PeerLabel {
+                peer: peer.to_owned(),
+            })
+            .set(i64::from(up));
+    }
+
+    pub fn set_cluster_pending(&self, peer: &str, pending: usize) {
+        self.cluster
+            .relay_pending
+            .get_or_create(&PeerLabel {
+                peer: peer.to_owned(),
+            })
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// Daily budget and what is left of it, for an agent that has one.
