@@ -73,7 +73,7 @@ async fn node(
         localhost_resolver(&["allowed.test"]),
         |c: &mut Config, d: &Path| {
             with_kill_switch_secrets(c, d);
-            c.admin_listen = Some(admin);
+            c.listen.admin = Some(admin);
             c.cluster = settings(name, peer, sync_timeout);
         },
     )

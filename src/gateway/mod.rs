@@ -150,7 +150,7 @@ pub async fn start(
         .map_err(StartError::KillSwitch)?;
     let totp = killswitch::read_totp(config.kill_switch.totp_secret_file.as_deref())
         .map_err(StartError::KillSwitch)?;
-    if config.cluster.enabled() && (keys.is_empty() || config.admin_listen.is_none()) {
+    if config.cluster.enabled() && (keys.is_empty() || config.listen.admin.is_none()) {
         return Err(StartError::ClusterWithoutKey);
     }
     let metrics_token = match &config.admin.metrics_token_file {
@@ -341,7 +341,7 @@ pub async fn start(
             killswitch: proxy.killswitch.clone(),
             policy: proxy.policy.clone(),
             telemetry: proxy.telemetry.clone(),
-            nft_agent_networks: config.nft_agent_networks.clone(),
+            nft_agent_networks: config.nftables.agent_networks.clone(),
             shutdown: shutdown.clone(),
         },
     )
