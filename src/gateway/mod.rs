@@ -144,6 +144,23 @@ pub async fn start(
     policy: Policy,
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, StartError> {
+    start_with(
+        config,
+        policy,
+        resolver,
+        crate::proxy::kernel_original_destination(),
+    )
+    .await
+}
+
+/// [`start`] with the original-destination lookup injected (tests of transparent mode that
+/// run without root).
+pub async fn start_with(
+    config: Config,
+    policy: Policy,
+    resolver: Arc<dyn Resolve>,
+    original_destination: crate::proxy::OriginalDestination,
+) -> Result<Running, StartError> {
     // Fail closed: the kill state is read before any listener opens.
     let shutdown = Shutdown::new();
     let keys = killswitch::read_keys(&config.kill_switch.webhook_secret_files)
@@ -272,6 +289,7 @@ pub async fn start(
         },
         shutdown: shutdown.clone(),
         inspector,
+        original_destination,
     });
     let app = Arc::new(App {
         proxy: proxy.clone(),

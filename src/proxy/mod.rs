@@ -63,6 +63,19 @@ pub struct ProxyContext {
     /// Inspect mode: the CA's leaves and the upstream trust; `None` without a CA (inspected
     /// destinations are then refused).
     pub inspector: Option<Arc<inspect::engine::Inspector>>,
+    /// Where a diverted connection was headed: the kernel's answer (`sys`) in service,
+    /// injected in tests so transparent mode's logic runs without root.
+    pub original_destination: OriginalDestination,
+}
+
+/// How the transparent listener learns a connection's original destination.
+pub type OriginalDestination =
+    Arc<dyn Fn(&TcpStream, Interception) -> std::io::Result<SocketAddr> + Send + Sync>;
+
+/// The kernel's original destination (`SO_ORIGINAL_DST`, or the local address under
+/// tproxy).
+pub fn kernel_original_destination() -> OriginalDestination {
+    Arc::new(crate::sys::original_destination)
 }
 
 /// The configuration the data path reads.

@@ -39,7 +39,6 @@ use crate::proxy::relay::RelayCounters;
 use crate::proxy::session::{self, Attempt, Authorized, relay_tunnel};
 use crate::proxy::target::{domain_of, parse_authority};
 use crate::proxy::{ConnectionSlot, ProxyContext};
-use crate::sys;
 use crate::telemetry::{ConnectionRecord, Mode};
 
 /// Serve one transparent listener until shutdown.
@@ -82,7 +81,7 @@ fn handle(
         let mut att = Attempt::begin(&ctx, Mode::Transparent, peer, &policy, agent);
         let counters = RelayCounters::default();
         let outcome = async {
-            let original = sys::original_destination(&stream, ctx.settings.interception)
+            let original = (ctx.original_destination)(&stream, ctx.settings.interception)
                 .map_err(|_| Reason::Malformed)?;
             att.rec().original_destination = Some(original);
             att.rec().destination_port = Some(original.port());

@@ -299,6 +299,27 @@ pub async fn gateway(
 }
 
 /// Like [`gateway`], with a chance to adjust the config (given the gateway's directory).
+/// [`gateway_with`], with the transparent listener's original-destination lookup injected
+/// (transparent mode without root).
+pub async fn gateway_with_lookup(
+    agents: &[(&str, &str)],
+    lists: &[(&str, &str)],
+    resolver: impl Resolve,
+    tweak: impl FnOnce(&mut Config, &Path),
+    lookup: portcullis::proxy::OriginalDestination,
+) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, log_path) =
+        start_in_with(dir.path(), agents, lists, resolver, tweak, Some(lookup)).await;
+    TestGateway {
+        proxy: running.explicit_addr.unwrap(),
+        admin: running.admin_addr.unwrap(),
+        running: Some(running),
+        log_path,
+        dir,
+    }
+}
+
 pub async fn gateway_with(
     agents: &[(&str, &str)],
     lists: &[(&str, &str)],
@@ -324,6 +345,18 @@ pub async fn start_in(
     resolver: impl Resolve,
     tweak: impl FnOnce(&mut Config, &Path),
 ) -> (Running, PathBuf) {
+    start_in_with(dir, agents, lists, resolver, tweak, None).await
+}
+
+/// [`start_in`], with the transparent listener's original-destination lookup injected.
+pub async fn start_in_with(
+    dir: &Path,
+    agents: &[(&str, &str)],
+    lists: &[(&str, &str)],
+    resolver: impl Resolve,
+    tweak: impl FnOnce(&mut Config, &Path),
+    lookup: Option<portcullis::proxy::OriginalDestination>,
+) -> (Running, PathBuf) {
     let rules = dir.join("rules");
     std::fs::create_dir_all(rules.join("agents")).unwrap();
     std::fs::create_dir_all(rules.join("lists")).unwrap();
@@ -346,9 +379,11 @@ pub async fn start_in(
     config.kill_switch.webhook_secret_files = vec![dir.join("admin.secret")];
     tweak(&mut config, dir);
     let policy = Policy::load(&rules, &config.default_ports, 1).unwrap();
-    let running = gateway::start(config, policy, Arc::new(resolver))
-        .await
-        .unwrap();
+    let running = match lookup {
+        Some(lookup) => gateway::start_with(config, policy, Arc::new(resolver), lookup).await,
+        None => gateway::start(config, policy, Arc::new(resolver)).await,
+    }
+    .unwrap();
     (running, log_path)
 }
 
