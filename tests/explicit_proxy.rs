@@ -58,9 +58,12 @@ async fn allowed_connect_carries_tls_end_to_end() {
     assert_eq!(line["destination.ip"], "127.0.0.1");
     assert_eq!(line["tls.client.server_name"], "allowed.test");
     assert_eq!(line["http.request.method"], "CONNECT");
+    // The deciding rule, then the one that let the (loopback) address through.
     assert_eq!(
         line["rule.name"],
-        format!("agents/coder-1.toml:allow:allowed.test:{port}")
+        format!(
+            "agents/coder-1.toml:allow:allowed.test:{port} + agents/coder-1.toml:allow_cidrs:127.0.0.1/32:{port}"
+        )
     );
     // The upstream received exactly the bytes the proxy counted from the agent.
     assert_eq!(
