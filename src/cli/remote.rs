@@ -25,7 +25,7 @@ enum RemoteError {
     #[error("{addr}: no HTTP response")]
     NoHttpResponse { addr: std::net::SocketAddr },
     #[error("{0}")]
-    Secrets(String),
+    Secrets(#[from] crate::killswitch::SecretFileError),
     #[error("no kill_switch.webhook_secret_files configured")]
     NoSecret,
     #[error("the system clock is before 1970")]

@@ -88,13 +88,13 @@ pub enum StartError {
     #[error(transparent)]
     Log(#[from] LogWriterError),
     #[error("kill switch: {0}")]
-    KillSwitch(String),
+    KillSwitch(#[from] killswitch::SecretFileError),
     #[error(
         "cluster: peers are configured, so kill_switch.webhook_secret_files must name a key (nodes sign their calls to each other with it) and listen.admin must be set (peers call it)"
     )]
     ClusterWithoutKey,
     #[error("limits: {0}")]
-    Limits(String),
+    Limits(#[from] crate::limits::budget::BudgetError),
     #[error("inspect: {0}")]
     Inspect(#[from] crate::proxy::inspect::engine::InspectError),
     #[error("agents inspect TLS ({0}) but there is no inspect CA: run `portcullis ca init`")]
@@ -163,10 +163,8 @@ pub async fn start_with(
 ) -> Result<Running, StartError> {
     // Fail closed: the kill state is read before any listener opens.
     let shutdown = Shutdown::new();
-    let keys = killswitch::read_keys(&config.kill_switch.webhook_secret_files)
-        .map_err(StartError::KillSwitch)?;
-    let totp = killswitch::read_totp(config.kill_switch.totp_secret_file.as_deref())
-        .map_err(StartError::KillSwitch)?;
+    let keys = killswitch::read_keys(&config.kill_switch.webhook_secret_files)?;
+    let totp = killswitch::read_totp(config.kill_switch.totp_secret_file.as_deref())?;
     if config.cluster.enabled() && (keys.is_empty() || config.listen.admin.is_none()) {
         return Err(StartError::ClusterWithoutKey);
     }
@@ -186,8 +184,7 @@ pub async fn start_with(
         telemetry.clone(),
         crate::admin::unix_now(),
     );
-    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budgets.reset_hour_utc)
-        .map_err(StartError::Limits)?;
+    let limiter = crate::limits::Limiter::load(&config.state_dir, config.budgets.reset_hour_utc)?;
     // The CA is read (and its key's mode checked) whenever it exists; agents that inspect
     // need it.
     let inspector =

@@ -819,30 +819,61 @@ pub(crate) fn killed_macs(state: &KillState, corrupt: bool, policy: &Policy) -> 
     dead.difference(&live).copied().collect()
 }
 
+/// Why a secret file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Webhook {
+        path: PathBuf,
+        #[source]
+        source: webhook::WebhookError,
+    },
+    #[error("{}: {source}", path.display())]
+    Totp {
+        path: PathBuf,
+        #[source]
+        source: totp::TotpError,
+    },
+    #[error(
+        "{}: another webhook secret file has the same name; each key needs its own file name (it names the sender)",
+        path.display()
+    )]
+    DuplicateName { path: PathBuf },
+}
+
 /// Read secrets: each file holds one `whsec_…` secret (several files = rotation).
-pub fn read_secrets(files: &[PathBuf]) -> Result<Vec<Secret>, String> {
+pub fn read_secrets(files: &[PathBuf]) -> Result<Vec<Secret>, SecretFileError> {
     read_keys(files).map(|keys| keys.into_iter().map(|k| k.secret).collect())
 }
 
 /// Read the webhook keys, each named `key:<file name>` (the sender revive attempts are
 /// counted by).
-pub fn read_keys(files: &[PathBuf]) -> Result<Vec<Key>, String> {
+pub fn read_keys(files: &[PathBuf]) -> Result<Vec<Key>, SecretFileError> {
     // Senders are told apart by file name: two keys under one name would share one
     // attempt count, and one key's guesses would lock the other out.
     let mut names = std::collections::BTreeSet::new();
     for f in files {
         if !names.insert(f.file_name()) {
-            return Err(format!(
-                "{}: another webhook secret file has the same name; each key needs its own file name (it names the sender)",
-                f.display()
-            ));
+            return Err(SecretFileError::DuplicateName { path: f.clone() });
         }
     }
     files
         .iter()
         .map(|f| {
-            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            let secret = Secret::parse(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+            let text = std::fs::read_to_string(f).map_err(|source| SecretFileError::Read {
+                path: f.clone(),
+                source,
+            })?;
+            let secret = Secret::parse(&text).map_err(|source| SecretFileError::Webhook {
+                path: f.clone(),
+                source,
+            })?;
             let name = f.file_name().map_or_else(
                 || f.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
@@ -855,12 +886,18 @@ pub fn read_keys(files: &[PathBuf]) -> Result<Vec<Key>, String> {
         .collect()
 }
 
-pub fn read_totp(file: Option<&Path>) -> Result<Option<TotpSecret>, String> {
+pub fn read_totp(file: Option<&Path>) -> Result<Option<TotpSecret>, SecretFileError> {
     let Some(f) = file else { return Ok(None) };
-    let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+    let text = std::fs::read_to_string(f).map_err(|source| SecretFileError::Read {
+        path: f.to_path_buf(),
+        source,
+    })?;
     TotpSecret::from_base32(text.trim())
         .map(Some)
-        .map_err(|e| format!("{}: {e}", f.display()))
+        .map_err(|source| SecretFileError::Totp {
+            path: f.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

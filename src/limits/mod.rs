@@ -138,14 +138,13 @@ pub(crate) fn unix_now() -> i64 {
 impl Limiter {
     /// Load the budget state from `state_dir`. A corrupt or unreadable file must not hand
     /// out a fresh budget: every budgeted agent is exhausted until the next reset.
-    pub fn load(state_dir: &Path, reset_hour_utc: u8) -> Result<Arc<Self>, String> {
+    pub fn load(state_dir: &Path, reset_hour_utc: u8) -> Result<Arc<Self>, budget::BudgetError> {
         let path = state_dir.join(BUDGET_FILE);
         let budgets = match Budgets::load(&path, reset_hour_utc) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "budget state unreadable: budgets exhausted until the next reset");
-                Budgets::exhausted_until_next_period(&path, reset_hour_utc, unix_now())
-                    .map_err(|e| e.to_string())?
+                Budgets::exhausted_until_next_period(&path, reset_hour_utc, unix_now())?
             }
         };
         Ok(Arc::new(Self {
