@@ -41,7 +41,9 @@ const UNKNOWN_PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0
 struct Env {
     // Kept alive: the gateway's tasks run on it.
     _runtime: tokio::runtime::Runtime,
-    running: Running,
+    // Kept alive: its listeners and tasks are the forwarder's context.
+    _running: Running,
+    dns: std::sync::Arc<portcullis::dns::DnsContext>,
     forwarder: Forwarder,
     _state: PathBuf,
 }
@@ -87,9 +89,11 @@ fn env() -> &'static Env {
                 .expect("gateway starts");
             (forwarder, running)
         });
+        let dns = running.dns_context().expect("a dns listener is configured");
         Env {
             _runtime: runtime,
-            running,
+            _running: running,
+            dns,
             forwarder,
             _state: state,
         }
@@ -120,7 +124,7 @@ fn check_reply(data: &[u8], reply: &[u8], transport: Transport) {
 
 fn query_side(data: &[u8]) {
     let env = env();
-    let shared = &env.running.shared;
+    let shared = &*env.dns;
     for (peer, transport) in [
         (AGENT_PEER, Transport::Udp),
         (AGENT_PEER, Transport::Tcp),

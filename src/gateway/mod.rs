@@ -135,6 +135,8 @@ pub struct Running {
     pub transparent_addrs: Vec<SocketAddr>,
     /// Bound DNS forwarder addresses (UDP and TCP on each).
     pub dns_addrs: Vec<SocketAddr>,
+    /// What the DNS listeners share (when any is configured).
+    dns: Option<Arc<DnsContext>>,
     log: Option<LogWriter>,
 }
 
@@ -329,6 +331,7 @@ pub async fn start_with(
         shutdown.spawn(crate::proxy::transparent::serve(proxy.clone(), l));
     }
     let dns_addrs = dns.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let mut dns_context = None;
     if let Some(forwarder) = dns_forwarder {
         let ctx = Arc::new(DnsContext {
             policy: proxy.policy.clone(),
@@ -342,6 +345,7 @@ pub async fn start_with(
         for l in dns {
             crate::dns::spawn(ctx.clone(), forwarder.clone(), l);
         }
+        dns_context = Some(ctx);
     }
     if let Some(l) = explicit {
         shutdown.spawn(crate::proxy::explicit::serve(proxy.clone(), l));
@@ -390,6 +394,7 @@ pub async fn start_with(
         admin_addr,
         transparent_addrs,
         dns_addrs,
+        dns: dns_context,
         log: Some(log),
     })
 }
@@ -398,6 +403,12 @@ impl Running {
     /// The generation of the policy now serving.
     pub fn policy_generation(&self) -> u64 {
         self.app.proxy().policy.load().generation()
+    }
+
+    /// What the DNS listeners share, for driving a `dns::Forwarder` directly (the fuzz
+    /// target); `None` without a `listen.dns` address.
+    pub fn dns_context(&self) -> Option<Arc<DnsContext>> {
+        self.dns.clone()
     }
 
     /// Connections holding a slot now (every listener's).
