@@ -4,8 +4,8 @@
 //! `//`, dot segments, double encoding, non-ASCII).
 #![no_main]
 
-use portcullis::policy::path::normalize;
 use portcullis::policy::http::PathPattern;
+use portcullis::policy::path::normalize;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -17,7 +17,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     let s = normal.as_str();
-    assert_eq!(normalize(s).as_ref(), Ok(&normal), "not a fixed point: {path:?}");
+    assert_eq!(
+        normalize(s).as_ref(),
+        Ok(&normal),
+        "not a fixed point: {path:?}"
+    );
     assert!(s.is_ascii() && s.starts_with('/'));
     assert!(!s.contains("//") && !s.contains(';') && !s.contains('\\'));
     assert!(s.split('/').all(|seg| seg != "." && seg != ".."));
