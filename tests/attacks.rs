@@ -1,7 +1,10 @@
 //! Attacks an adversarial review of the kill switch and the races found to work, kept as
 //! regressions: a corrupt (= killed) state file that a failed revive rewrote as "nothing
 //! killed"; kills lost while queued behind a wedged `nft` and cancelled with their client's
-//! deadline; a plain-HTTP request killed during its dial that still reached the upstream.
+//! deadline; a plain-HTTP request killed during its dial that still reached the upstream;
+//! a shaped plain-HTTP response that kept trickling to the agent after the kill; a kept-alive
+//! plain-HTTP connection whose later requests ran as whichever agent a reload put at its
+//! agent's old index.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -345,4 +348,164 @@ async fn a_plain_http_request_killed_during_its_dial_never_reaches_the_upstream(
         leaked, 0,
         "{leaked}/{N} requests of a killed agent reached the upstream"
     );
+}
+
+/// An upstream that answers any request with `chunks` chunks of 64 KiB, as fast as it can.
+async fn firehose_upstream(chunks: usize) -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..chunks {
+                    if s.write_all(b"10000\r\n").await.is_err()
+                        || s.write_all(&chunk).await.is_err()
+                        || s.write_all(b"\r\n").await.is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain-HTTP response shaped to the agent's bandwidth held a 64 KiB piece (and hyper's
+/// buffer) and kept handing it out at the shaped rate after the kill answered: the kill cut
+/// the upstream, not the body. Now the body ends with an error at the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_ends_a_shaped_plain_http_response_at_once() {
+    use tokio::io::AsyncReadExt;
+    let up = firehose_upstream(64).await;
+    let port = up.port();
+    let text = format!(
+        "name = \"coder-1\"\nsources = [\"127.0.0.0/8\"]\nallow = [\"allowed.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32:{port}\"]\n[limits]\nbandwidth = \"16 KiB/s\"\n"
+    );
+    let gw = gateway_with(
+        &[("coder-1", &text)],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+        with_kill_switch_secrets,
+    )
+    .await;
+    let mut client = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let req =
+        format!("GET http://allowed.test:{port}/big HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    client.write_all(req.as_bytes()).await.unwrap();
+    // Read until the shaped body is flowing.
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < 8 * 1024 {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the response ended early");
+        got += n;
+    }
+    let body = r#"{"scope":"agent","agent":"coder-1","reason":"mid-body"}"#;
+    let (code, resp) = admin_request(
+        gw.admin,
+        "POST",
+        "/v1/kill",
+        &signed_headers(WHSEC, "mid-body", now(), body),
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{resp}");
+    // From the kill's answer on: the connection ends at once (EOF or reset), with at most
+    // what was already in flight (one 16 KiB-per-second slice).
+    let mut after = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => after += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the response kept flowing after the kill ({after} bytes in 2 s)"
+    );
+    assert!(
+        after <= 32 * 1024,
+        "{after} bytes reached the agent after the kill"
+    );
+    let lines = gw.log_lines(1).await;
+    assert_eq!(lines[0]["event.reason"], "kill_switch", "{lines:?}");
+    gw.stop().await;
+}
+
+/// A kept-alive plain-HTTP connection (here inside a CONNECT to an HTTP port) remembered its
+/// agent by index; a reload that removed an earlier agent file moved another agent to that
+/// index, and the connection's next request was decided, limited and logged as that agent.
+/// Now each request finds its agent by name in the policy of its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_hands_a_kept_alive_connection_to_another_agent() {
+    use tokio::io::AsyncReadExt;
+    let up = http_upstream("plain body").await;
+    let port = up.addr.port();
+    let coder = agent("coder-1", port);
+    let other = |name: &str| {
+        format!("name = \"{name}\"\nsources = [\"10.9.9.9/32\"]\nallow = [\"elsewhere.test\"]\n")
+    };
+    let gw = gateway_with(
+        &[("aaa", &other("aaa")), ("coder-1", &coder)],
+        &[],
+        localhost_resolver(&["allowed.test"]),
+        |c, _| c.transparent.http_ports = vec![port],
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let connect =
+        format!("CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    s.write_all(connect.as_bytes()).await.unwrap();
+    let get = format!("GET /one HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    s.write_all(get.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(s);
+    // The CONNECT's answer, then the first response (10-byte body).
+    let mut seen = String::new();
+    while seen.matches("plain body").count() < 1 {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {seen}");
+        seen.push_str(&line);
+        if line == "\r\n" && seen.to_ascii_lowercase().contains("content-length: 10") {
+            let mut body = [0u8; 10];
+            reader.read_exact(&mut body).await.unwrap();
+            seen.push_str(&String::from_utf8_lossy(&body));
+        }
+    }
+    // The reload: the first agent file goes, another agent takes coder-1's old index.
+    let rules = gw.dir.path().join("rules/agents");
+    std::fs::remove_file(rules.join("aaa.toml")).unwrap();
+    std::fs::write(rules.join("zzz.toml"), other("zzz")).unwrap();
+    let (code, body) = signed_reload(gw.admin).await;
+    assert_eq!(code, 200, "{body}");
+    let get = format!("GET /two HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    reader.get_mut().write_all(get.as_bytes()).await.unwrap();
+    let mut head = String::new();
+    reader.read_line(&mut head).await.unwrap();
+    let lines = gw.log_lines(2).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head} {lines:?}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["agent.name"], "coder-1", "{l}");
+        assert_eq!(l["event.action"], "allow", "{l}");
+    }
+    gw.stop().await;
 }

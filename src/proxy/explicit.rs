@@ -90,7 +90,9 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let policy = ctx.policy.load_full();
     // Credentials when given (then they alone identify), else the source address.
-    let identified = match proxy_basic_credentials(req.headers()) {
+    let credentials = proxy_basic_credentials(req.headers());
+    let by_source = credentials.is_none();
+    let identified = match credentials {
         Some((user, password)) => ctx
             .auth
             .authenticate(&policy, peer.ip(), &user, &password, &session)
@@ -159,6 +161,7 @@ async fn handle(
             let checks = HelloChecks {
                 deny_ech: agent.is_some_and(|a| a.deny_ech),
                 allow_missing_sni: agent.is_some_and(|a| a.allow_missing_sni),
+                by_source,
             };
             drop(policy);
             let fut = tunnel(ctx.clone(), req, (att, authorized), checks, slot);
@@ -191,10 +194,12 @@ async fn handle(
     }
 }
 
-/// What a CONNECT tunnel's ClientHello must pass beyond naming the CONNECT host.
+/// What a CONNECT tunnel's ClientHello must pass beyond naming the CONNECT host (and how
+/// its agent was identified, for plain HTTP inside it).
 struct HelloChecks {
     deny_ech: bool,
     allow_missing_sni: bool,
+    by_source: bool,
 }
 
 /// Check the ClientHello inside the tunnel against the CONNECT host. A CONNECT to an
@@ -304,12 +309,14 @@ async fn tunnel(
                 drop(held);
                 let conn = HttpConnection {
                     peer: att.rec().source,
-                    agent: att.agent(),
+                    agent: att.agent_name(),
+                    by_source: checks.by_source,
                     first: authorized.target.clone(),
                     original: None,
                     mode: Mode::Explicit,
                     cancel: cancel.clone(),
                     first_request: std::sync::Mutex::new(Some((att, authorized))),
+                    served: std::sync::atomic::AtomicBool::new(false),
                 };
                 Box::pin(serve_http(ctx, Rewind::new(peeked, agent_io), conn)).await;
                 return;

@@ -24,7 +24,10 @@ use crate::proxy::relay::RelayCounters;
 use crate::proxy::session::{Attempt, Live};
 use crate::proxy::upstream::Upstream;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Why a body stopped short: the upstream's or the agent's error, or the attempt's cut.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
 
 /// Header naming the deny reason on every refusal.
 pub const REASON_HEADER: &str = "x-portcullis-reason";
@@ -54,17 +57,24 @@ pub(crate) async fn forward(
     let cut = att.cancel_token().clone();
     let counters = Arc::new(RelayCounters::default());
     let shaping = live.admission.shaping.clone();
-    let finish = RecordOnDrop {
-        att,
-        live,
-        counters: counters.clone(),
-    };
+    // Shared by both bodies and this function: the record is written, and the agent's
+    // permit and registration released, when the last of them is done (an upload that goes
+    // on after the response ended stays counted, limited and revocable).
+    let finish = Arc::new(RecordOnDrop {
+        guard: std::sync::Mutex::new(Guard {
+            att,
+            live,
+            counters: counters.clone(),
+        }),
+    });
     let (parts, body) = req.into_parts();
-    // The request head's bytes count as the agent's, as a tunnel counts every byte.
-    counters.from_agent.fetch_add(
-        head_len(&parts.method, &parts.uri, &parts.headers),
-        Ordering::Relaxed,
-    );
+    // The request head's bytes count as the agent's, as a tunnel counts every byte, and
+    // are charged to its budget like a body's.
+    let head = head_len(&parts.method, &parts.uri, &parts.headers);
+    counters.from_agent.fetch_add(head, Ordering::Relaxed);
+    if !shaping.charge(usize::try_from(head).unwrap_or(usize::MAX)) {
+        return finish.fail(Reason::BudgetExceeded);
+    }
     let mut out = Request::builder().method(parts.method).uri(path);
     if let Some(h) = out.headers_mut() {
         copy_end_to_end_headers(&parts.headers, h);
@@ -76,8 +86,9 @@ pub(crate) async fn forward(
         inner: body,
         counters: counters.clone(),
         upstream_direction: true,
-        finish: None,
+        finish: Some(finish.clone()),
         meter: Meter::new(shaping.clone()),
+        cut: Box::pin(cut.clone().cancelled_owned()),
     };
     let Ok(out) = out.body(body) else {
         return finish.fail(Reason::Malformed);
@@ -88,21 +99,22 @@ pub(crate) async fn forward(
     };
     // Killed or revoked since the decision: nothing of the request leaves.
     if cut.is_cancelled() {
-        let reason = finish.att.cancelled_reason(finish.live.revoked());
-        return finish.fail(reason);
+        return finish.fail_cut();
     }
     // Cut by the kill switch (of this agent or all), a revoking reload and shutdown, the
     // cut first.
+    let conn_cut = cut.clone();
     ctx.shutdown.spawn(async move {
         tokio::select! {
             biased;
-            () = cut.cancelled() => {}
+            () = conn_cut.cancelled() => {}
             _ = conn => {}
         }
     });
     let response =
         match tokio::time::timeout(ctx.settings.idle_timeout, sender.send_request(out)).await {
             Ok(Ok(r)) => r,
+            Ok(Err(_)) if cut.is_cancelled() => return finish.fail_cut(),
             Ok(Err(_)) => return finish.fail(Reason::UpstreamFailed),
             Err(_) => return finish.fail(Reason::Timeout),
         };
@@ -110,16 +122,18 @@ pub(crate) async fn forward(
     let mut headers = HeaderMap::new();
     copy_end_to_end_headers(&parts.headers, &mut headers);
     parts.headers = headers;
-    counters.to_agent.fetch_add(
-        response_head_len(parts.status, &parts.headers),
-        Ordering::Relaxed,
-    );
+    let head = response_head_len(parts.status, &parts.headers);
+    counters.to_agent.fetch_add(head, Ordering::Relaxed);
+    if !shaping.charge(usize::try_from(head).unwrap_or(usize::MAX)) {
+        return finish.fail(Reason::BudgetExceeded);
+    }
     let body = Counted {
         inner: body,
         counters,
         upstream_direction: false,
         finish: Some(finish),
         meter: Meter::new(shaping),
+        cut: Box::pin(cut.cancelled_owned()),
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -144,9 +158,14 @@ fn headers_len(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-/// The attempt of a forwarded request, finished exactly once when dropped: its byte counts,
-/// and `budget_exceeded` if its bodies spent the agent's budget.
+/// The attempt of a forwarded request, finished exactly once, when the last of its holders
+/// (the two bodies, the forwarding itself) lets go: its byte counts, and why it ended short
+/// (a spent budget, a cut) if it did.
 struct RecordOnDrop {
+    guard: std::sync::Mutex<Guard>,
+}
+
+struct Guard {
     att: Attempt,
     /// Holds the agent's concurrency slot and the tunnel registration for the request.
     live: Live,
@@ -154,18 +173,44 @@ struct RecordOnDrop {
 }
 
 impl RecordOnDrop {
-    fn fail(mut self, reason: Reason) -> Response<ProxyBody> {
-        self.att.fail(reason);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Guard> {
+        self.guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// End the attempt with `reason` (unless it already has one) and answer the refusal.
+    fn fail(&self, reason: Reason) -> Response<ProxyBody> {
+        let mut g = self.lock();
+        let reason = *g.att.rec().reason.get_or_insert(reason);
         refusal(reason)
+    }
+
+    /// The attempt's token fired: the kill switch, a revoking reload, or shutdown.
+    fn fail_cut(&self) -> Response<ProxyBody> {
+        let reason = {
+            let g = self.lock();
+            g.att.cancelled_reason(g.live.revoked())
+        };
+        self.fail(reason)
     }
 }
 
 impl Drop for RecordOnDrop {
     fn drop(&mut self) {
-        self.att.count(&self.counters);
-        // The bodies charged the budget as their bytes moved (`Meter`).
-        if self.att.rec().reason.is_none() && self.live.admission.shaping.spent() {
-            self.att.fail(Reason::BudgetExceeded);
+        let g = self
+            .guard
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.att.count(&g.counters);
+        if g.att.rec().reason.is_none() {
+            if g.live.admission.shaping.spent() {
+                // The bodies charged the budget as their bytes moved (`Meter`).
+                g.att.fail(Reason::BudgetExceeded);
+            } else if g.att.cancel_token().is_cancelled() {
+                let reason = g.att.cancelled_reason(g.live.revoked());
+                g.att.fail(reason);
+            }
         }
     }
 }
@@ -247,18 +292,27 @@ struct Counted {
     inner: Incoming,
     counters: Arc<RelayCounters>,
     upstream_direction: bool,
-    finish: Option<RecordOnDrop>,
+    finish: Option<Arc<RecordOnDrop>>,
     meter: Meter,
+    /// The attempt's token: a kill, a revoking reload or shutdown ends the body with an
+    /// error at once (never a silently short body), whatever it was waiting for.
+    cut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.cut.as_mut().poll(cx).is_ready() {
+            self.finish.take();
+            return Poll::Ready(Some(Err(
+                "cut by the kill switch, a reload or shutdown".into()
+            )));
+        }
         loop {
             if self.meter.spent {
                 // The budget is spent: the body ends here, short, and the record says why.
@@ -291,7 +345,7 @@ impl Body for Counted {
                     self.finish.take();
                     return Poll::Ready(None);
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
             }
         }
     }

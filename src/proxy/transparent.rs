@@ -175,17 +175,25 @@ fn handle(
                     // decided and recorded on its own: a refused one gets its HTTP refusal.
                     let conn = HttpConnection {
                         peer,
-                        agent,
+                        agent: att.agent_name(),
+                        by_source: true,
                         first: target,
                         original: Some(original),
                         mode: Mode::Transparent,
                         cancel: att.cancel_token().clone(),
                         first_request: std::sync::Mutex::new(None),
+                        served: std::sync::atomic::AtomicBool::new(false),
                     };
                     // The head's bytes are bounded by `max_request_head_bytes` from here.
                     drop(held);
-                    Box::pin(serve_http(ctx.clone(), Rewind::new(peeked, stream), conn)).await;
-                    Ok(Handover::Http)
+                    let served =
+                        Box::pin(serve_http(ctx.clone(), Rewind::new(peeked, stream), conn)).await;
+                    if served {
+                        Ok(Handover::Http)
+                    } else {
+                        // hyper refused the first head our peek accepted: recorded here.
+                        Err(Reason::Malformed)
+                    }
                 }
             }
         }
@@ -288,7 +296,12 @@ async fn read_http_target(
 /// port-80 connection, or a `CONNECT` tunnel that carries plain HTTP.
 pub(crate) struct HttpConnection {
     pub(crate) peer: SocketAddr,
-    pub(crate) agent: Option<AgentId>,
+    /// Whose connection it is, by name: each request finds the agent again in the policy
+    /// of its time (an `AgentId` is a position, which a reload may give to another agent).
+    pub(crate) agent: Arc<str>,
+    /// Identified by its source address (not by credentials): each request's source must
+    /// still belong to that agent.
+    pub(crate) by_source: bool,
     /// The target every request must name: the first request's (transparent), or the
     /// `CONNECT` authority.
     pub(crate) first: Target,
@@ -300,16 +313,34 @@ pub(crate) struct HttpConnection {
     /// Inside a `CONNECT` tunnel: the tunnel's own attempt, already decided, admitted and
     /// resolved, which the first request uses (one decision, one token, one record).
     pub(crate) first_request: std::sync::Mutex<Option<(Attempt, Authorized)>>,
+    /// A request reached the checks.
+    pub(crate) served: std::sync::atomic::AtomicBool,
+}
+
+impl HttpConnection {
+    /// The connection's agent in `policy`: `None` (refused as an unknown agent) once a
+    /// reload removed it, or gave its source to another agent.
+    fn agent_in(&self, policy: &Policy) -> Option<AgentId> {
+        let agent = policy.agent_by_name(&self.agent)?;
+        if self.by_source && policy.agent_by_source(self.peer.ip()) != Some(agent) {
+            return None;
+        }
+        Some(agent)
+    }
 }
 
 /// Serve a plain-HTTP connection request by request. Every request must name the same host
 /// as the first; each is checked and forwarded to our own resolution of that host.
-pub(crate) async fn serve_http<IO>(ctx: Arc<ProxyContext>, io: IO, conn: HttpConnection)
+/// Returns whether any request reached the checks: a connection hyper refused before its
+/// first request (a head it would not parse) is the caller's to record. A `CONNECT`'s own
+/// attempt that no request used is ended `malformed`.
+pub(crate) async fn serve_http<IO>(ctx: Arc<ProxyContext>, io: IO, conn: HttpConnection) -> bool
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cancel = conn.cancel.clone();
     let conn = Arc::new(conn);
+    let kept = conn.clone();
     let svc_ctx = ctx.clone();
     let service = service_fn(move |req| {
         let ctx = svc_ctx.clone();
@@ -325,6 +356,20 @@ where
         _ = served => {}
         () = cancel.cancelled() => {}
     }
+    let unused = kept
+        .first_request
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some((mut att, authorized)) = unused {
+        let reason = if cancel.is_cancelled() {
+            att.cancelled_reason(authorized.revoked())
+        } else {
+            Reason::Malformed
+        };
+        att.fail(reason);
+    }
+    kept.served.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// One request on a plain-HTTP connection: the target is what its `Host` names, which must
@@ -334,6 +379,8 @@ async fn http_request(
     req: Request<Incoming>,
     conn: &HttpConnection,
 ) -> Response<ProxyBody> {
+    conn.served
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let policy = ctx.policy.load_full();
     let first_request = conn
         .first_request
@@ -343,7 +390,7 @@ async fn http_request(
     let (mut att, pre) = match first_request {
         Some((att, authorized)) => (att, Some(authorized)),
         None => (
-            Attempt::begin(&ctx, conn.mode, conn.peer, &policy, conn.agent),
+            Attempt::begin(&ctx, conn.mode, conn.peer, &policy, conn.agent_in(&policy)),
             None,
         ),
     };
