@@ -8,8 +8,8 @@
 //! the peers' events come back at the next sync.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -134,42 +134,14 @@ pub fn load(path: &Path) -> Result<Store, String> {
 
 /// Write atomically and durably.
 pub fn save(path: &Path, store: &Store) -> Result<(), StoreError> {
-    let io_err = |op: &'static str, p: &Path| {
-        let path = p.to_path_buf();
-        move |source| StoreError::Io { op, path, source }
-    };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
     let json = serde_json::to_vec(store)?;
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("removing stale", &tmp)(e)),
-    }
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let written = options
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()))
-        .map_err(io_err("writing", &tmp))
-        .and_then(|()| fs::rename(&tmp, path).map_err(io_err("renaming over", path)));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing directory", parent))
+    crate::sys::durable::replace(path, Path::new(&tmp), &json).map_err(|e| StoreError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 //! read the clock, or ever report "not killed" for a file it could not fully understand.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -220,54 +220,11 @@ pub fn store(path: &Path, state: &KillState) -> Result<(), StateError> {
     })?;
     json.push(b'\n');
 
-    let io_err = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| StateError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
-
-    // A stale temp file from a crash would make create_new fail forever.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("removing stale", &tmp)(e)),
-    }
-
-    let written = write_synced(&tmp, &json)
-        .map_err(io_err("writing", &tmp))
-        .and_then(|()| fs::rename(&tmp, path).map_err(io_err("renaming over", path)));
-    if let Err(e) = written {
-        // Best effort: the error being returned matters more than a failed cleanup.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-
-    // The rename is only durable once the directory entry itself is on disk.
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_err("syncing directory", parent))
-}
-
-fn write_synced(tmp: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut options = OpenOptions::new();
-    // create_new: never follow a symlink or reuse a file someone else planted.
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // The state names agents and reasons; nobody else needs to read it.
-        options.mode(0o600);
-    }
-    let mut file = options.open(tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+    crate::sys::durable::replace(path, &tmp, &json).map_err(|e| StateError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

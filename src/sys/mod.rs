@@ -8,6 +8,7 @@
 //! no `unsafe` (socket2 wraps the getsockopt calls, rustix pipe2/splice, std the AF_UNIX
 //! datagrams); if some ever becomes necessary, it goes here, with its reasons.
 
+pub mod durable;
 pub mod notify;
 pub mod splice;
 
