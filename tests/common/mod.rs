@@ -410,6 +410,19 @@ pub async fn open_tunnel(
     host: &str,
     port: u16,
 ) -> Result<tokio::net::TcpStream, String> {
+    let mut s = connect_only(proxy, host, port).await?;
+    s.write_all(&client_hello(host))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// A CONNECT answered 200, nothing sent into the tunnel yet; else the answer's head.
+pub async fn connect_only(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+) -> Result<tokio::net::TcpStream, String> {
     let mut s = tokio::net::TcpStream::connect(proxy)
         .await
         .map_err(|e| e.to_string())?;
@@ -434,9 +447,6 @@ pub async fn open_tunnel(
     if !head.starts_with("HTTP/1.1 200") {
         return Err(head);
     }
-    s.write_all(&client_hello(host))
-        .await
-        .map_err(|e| e.to_string())?;
     Ok(s)
 }
 
